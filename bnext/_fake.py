@@ -1,0 +1,106 @@
+"""Fake (meta) kernels for every bnext op: shapes, dtypes and strides, no data.
+
+They let torch.compile, torch.export and meta tensors run bnext ops without touching data. Each
+mirrors its C++ kernel: outputs keep the input's suggested memory format, per-channel outputs are
+1-D tensors of the accumulation dtype (float32 for float16/bfloat16/float32, float64 for float64).
+"""
+import torch
+from torch._prims_common import suggest_memory_format
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_input(input, op):
+    torch._check(input.dim() >= 2, lambda: f"{op}: input must have at least 2 dimensions (N, C, ...), got {input.dim()}D input")
+    torch._check_type(
+        input.dtype in _SUPPORTED,
+        lambda: f"{op}: input must be a floating-point tensor (float16, bfloat16, float32 or float64), got {input.dtype}",
+    )
+
+
+def _check_channel(t, name, input, op):
+    if t is None:
+        return
+    C = input.shape[1]
+    torch._check(
+        t.dim() == 1 and t.shape[0] == C,
+        lambda: f"{op}: {name} must be a 1-D tensor with {C} elements (num_features, the input's size(1)), got shape {tuple(t.shape)}",
+    )
+    torch._check_type(
+        t.dtype in (input.dtype, acc_dtype(input.dtype)),
+        lambda: f"{op}: {name} must have dtype {input.dtype} or {acc_dtype(input.dtype)}, got {t.dtype}",
+    )
+
+
+def _check_like_input(t, name, input, op):
+    torch._check(
+        t.shape == input.shape,
+        lambda: f"{op}: {name} must have the input's shape {tuple(input.shape)}, got {tuple(t.shape)}",
+    )
+    torch._check_type(t.dtype == input.dtype, lambda: f"{op}: {name} must have the input's dtype {input.dtype}, got {t.dtype}")
+
+
+def _like_input(input):
+    return torch.empty_like(input, memory_format=suggest_memory_format(input))
+
+
+def _channel(input):
+    return input.new_empty((input.shape[1],), dtype=acc_dtype(input.dtype))
+
+
+@torch.library.register_fake("bnext::batch_norm_stats")
+def _stats_fake(input):
+    _check_input(input, "bnext.batch_norm_stats")
+    return _channel(input), _channel(input)
+
+
+@torch.library.register_fake("bnext::batch_norm_elemt")
+def _elemt_fake(input, weight, bias, mean, invstd):
+    op = "bnext.batch_norm_elemt"
+    _check_input(input, op)
+    for t, name in ((weight, "weight"), (bias, "bias"), (mean, "mean"), (invstd, "invstd")):
+        _check_channel(t, name, input, op)
+    return _like_input(input)
+
+
+@torch.library.register_fake("bnext::batch_norm_forward")
+def _forward_fake(input, weight, bias, eps):
+    op = "bnext.batch_norm_forward"
+    _check_input(input, op)
+    _check_channel(weight, "weight", input, op)
+    _check_channel(bias, "bias", input, op)
+    return _like_input(input), _channel(input), _channel(input), _channel(input)
+
+
+@torch.library.register_fake("bnext::batch_norm_backward_reduce")
+def _backward_reduce_fake(grad_out, input, mean, invstd):
+    op = "bnext.batch_norm_backward_reduce"
+    _check_input(input, op)
+    _check_like_input(grad_out, "grad_out", input, op)
+    _check_channel(mean, "mean", input, op)
+    _check_channel(invstd, "invstd", input, op)
+    return _channel(input), _channel(input)
+
+
+@torch.library.register_fake("bnext::batch_norm_backward_elemt")
+def _backward_elemt_fake(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xmu):
+    op = "bnext.batch_norm_backward_elemt"
+    _check_input(input, op)
+    _check_like_input(grad_out, "grad_out", input, op)
+    for t, name in ((mean, "mean"), (invstd, "invstd"), (weight, "weight"), (mean_dy, "mean_dy"), (mean_dy_xmu, "mean_dy_xmu")):
+        _check_channel(t, name, input, op)
+    return _like_input(input)
+
+
+@torch.library.register_fake("bnext::batch_norm_backward")
+def _backward_fake(grad_out, input, weight, save_mean, save_invstd):
+    op = "bnext.batch_norm_backward"
+    _check_input(input, op)
+    _check_like_input(grad_out, "grad_out", input, op)
+    for t, name in ((weight, "weight"), (save_mean, "save_mean"), (save_invstd, "save_invstd")):
+        _check_channel(t, name, input, op)
+    return _like_input(input), _channel(input), _channel(input)

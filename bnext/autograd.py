@@ -1,0 +1,66 @@
+"""BatchNormFunction: the single-device training and eval path on the fused bnext ops."""
+import torch
+
+ops = torch.ops.bnext
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """Batch norm with the closed-form backward.
+
+    training=True: forward(input, weight, bias, None, None, True, eps) -> (output, save_mean, save_var)
+    returns the batch statistics (save_var biased), non-differentiable, for the running-stat update.
+    training=False: forward(input, weight, bias, mean, invstd, False, eps) -> output
+    normalizes with the given per-channel `mean` and `invstd`, which are treated as constants (as
+    torch treats running statistics).
+
+    First-order backward runs the fused kernels and computes only the gradients asked for. Under
+    create_graph=True it recomputes the statistics with the differentiable bnext ops, so second
+    derivatives flow through mean and invstd (gradgradcheck holds).
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, mean, invstd, training, eps):
+        if training:
+            output, save_mean, save_invstd, save_var = ops.batch_norm_forward(input, weight, bias, eps)
+        else:
+            output = ops.batch_norm_elemt(input, weight, bias, mean, invstd)
+            save_mean, save_invstd = mean, invstd
+        ctx.training = training
+        ctx.eps = eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(input, weight, save_mean, save_invstd)
+        if not training:
+            return output
+        ctx.mark_non_differentiable(save_mean, save_var)
+        return output, save_mean, save_var
+
+    @staticmethod
+    def backward(ctx, grad_out, *_grad_stats):
+        input, weight, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_input = grad_weight = grad_bias = None
+        if grad_out is None or not (need_x or need_w or need_b):
+            return None, None, None, None, None, None, None
+        grad_out = grad_out.to(input.dtype)
+        sum_dy = sum_dy_xmu = None
+        if ctx.training:
+            if torch.is_grad_enabled():
+                mean, var = ops.batch_norm_stats(input)
+                invstd = torch.rsqrt(var + ctx.eps)
+            if need_x:
+                grad_input, sum_dy, sum_dy_xmu = ops.batch_norm_backward(grad_out, input, weight, mean, invstd)
+            else:
+                sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(grad_out, input, mean, invstd)
+        else:
+            if need_x:
+                # Eval: dx = weight * invstd * dy, a per-channel scale of dy.
+                scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+                grad_input = ops.batch_norm_elemt(grad_out, None, None, torch.zeros_like(invstd), scale)
+            if need_w or need_b:
+                sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(grad_out, input, mean, invstd)
+        if need_w:
+            grad_weight = (sum_dy_xmu * invstd).to(weight.dtype)
+        if need_b:
+            grad_bias = sum_dy.to(ctx.bias_dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+

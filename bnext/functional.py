@@ -1,0 +1,137 @@
+"""bnext.batch_norm: torch.nn.functional.batch_norm on bnext's kernels."""
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (registers the ops)
+from ._fake import acc_dtype
+from .autograd import BatchNormFunction
+
+_NAME = "bnext.batch_norm"
+
+
+def _verify_batch_size(size):
+    size_prods = size[0]
+    for i in range(len(size) - 2):
+        size_prods *= size[i + 2]
+    if size_prods == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def check_device(input: Tensor, name: str = "input", op: str = _NAME) -> None:
+    """A CUDA tensor needs the CUDA kernels; say so instead of a dispatcher error."""
+    if input.device.type == "cuda" and not _C.build_info()["cuda"]:
+        raise RuntimeError(
+            f"bnext was built without CUDA kernels; {op} got a CUDA {name}. Rebuild with a CUDA toolkit "
+            "(BNEXT_CUDA=1 make install) or move the tensors to the CPU."
+        )
+
+
+def _check_args(input, running_mean, running_var, weight, bias):
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{_NAME}: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(f"{_NAME}: input must have at least 2 dimensions (N, C, ...), got {input.dim()}D input")
+    if not input.is_floating_point():
+        raise TypeError(
+            f"{_NAME}: input must be a floating-point tensor (float16, bfloat16, float32 or float64), got {input.dtype}"
+        )
+    check_device(input)
+    C = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{_NAME}: {name} must be a Tensor or None, got {type(t).__name__}")
+        if t.dim() != 1 or t.shape[0] != C:
+            raise RuntimeError(
+                f"{_NAME}: {name} must be a 1-D tensor with {C} elements (num_features, the input's size(1)), "
+                f"got shape {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{_NAME}: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != input.device:
+            raise RuntimeError(f"{_NAME}: {name} must be on the input's device {input.device}, got {t.device}")
+
+
+def _update_running_stats(running_mean, running_var, mean, var, count, momentum):
+    """running = (1 - momentum) * running + momentum * batch, unbiased variance, as torch does.
+
+    `momentum` may be a 0-d tensor (cumulative average, momentum=None) so no Python float is taken
+    from a tensor and torch.compile(fullgraph=True) keeps one graph.
+    """
+    with torch.no_grad():
+        if running_mean is not None:
+            m = mean.to(running_mean.dtype)
+            running_mean.copy_(momentum * m + (1 - momentum) * running_mean)
+        if running_var is not None:
+            unbiased = var * (count / max(count - 1, 1)) if count > 1 else var
+            v = unbiased.to(running_var.dtype)
+            running_var.copy_(momentum * v + (1 - momentum) * running_var)
+
+
+def _empty_batch(input, weight, bias):
+    # torch returns a graph-connected empty output; there is nothing to normalize or reduce.
+    out = input.clone()
+    if weight is not None:
+        out = out * weight.reshape((1, -1) + (1,) * (input.dim() - 2)).to(input.dtype)
+    if bias is not None:
+        out = out + bias.reshape((1, -1) + (1,) * (input.dim() - 2)).to(input.dtype)
+    return out
+
+
+def batch_norm_impl(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: Union[float, Tensor],
+    eps: float,
+) -> Tensor:
+    """bnext.batch_norm, also taking a 0-d tensor momentum (the modules' momentum=None)."""
+    if training:
+        _verify_batch_size(input.size())
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    _check_args(input, running_mean, running_var, weight, bias)
+    if not training and (running_mean is None or running_var is None):
+        raise RuntimeError(
+            f"{_NAME}: running_mean and running_var must be defined in evaluation mode (training=False)"
+        )
+    if input.numel() == 0:
+        return _empty_batch(input, weight, bias)
+    if training:
+        out, mean, var = BatchNormFunction.apply(input, weight, bias, None, None, True, eps)
+        if running_mean is not None or running_var is not None:
+            _update_running_stats(running_mean, running_var, mean, var, input.numel() // input.shape[1], momentum)
+        return out
+    acc = acc_dtype(input.dtype)
+    with torch.no_grad():
+        mean = running_mean.detach().to(acc)
+        invstd = torch.rsqrt(running_var.detach().to(acc) + eps)
+    return BatchNormFunction.apply(input, weight, bias, mean, invstd, False, eps)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Drop-in for torch.nn.functional.batch_norm (same signature, same semantics).
+
+    In training, normalizes with the batch statistics and, when running_mean/running_var are
+    given, updates them in place: running = (1 - momentum) * running + momentum * batch (unbiased
+    variance). In eval, normalizes with running_mean/running_var. Arguments are checked before
+    anything is computed, so a call that raises leaves the running statistics unchanged.
+    """
+    return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps)

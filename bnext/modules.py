@@ -1,0 +1,78 @@
+"""bnext.BatchNorm1d/2d/3d: drop-in subclasses of torch.nn.BatchNorm1d/2d/3d."""
+import torch
+from torch import Tensor, nn
+
+from .functional import batch_norm_impl
+
+
+class _BatchNormMixin:
+    """forward() of torch's _BatchNorm on bnext's kernels.
+
+    Differences from torch, all on purpose:
+    * num_batches_tracked is incremented only after the batch was normalized, so a call that
+      raises leaves every buffer unchanged;
+    * momentum=None computes its factor 1 / num_batches_tracked with tensor ops, so
+      torch.compile(fullgraph=True) keeps one graph.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        track = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        if self.momentum is None:
+            if track:
+                # Cumulative moving average over the batches seen, this one included.
+                factor = 1.0 / (self.num_batches_tracked + 1).to(torch.float64)
+            else:
+                factor = 0.0
+        else:
+            factor = self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        pass_buffers = not self.training or self.track_running_stats
+        out = batch_norm_impl(
+            input,
+            self.running_mean if pass_buffers else None,
+            self.running_var if pass_buffers else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+        if track:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+        return out
+
+
+class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
+    """Drop-in for torch.nn.BatchNorm1d on bnext's kernels: (N, C) or (N, C, L) input."""
+
+
+class BatchNorm2d(_BatchNormMixin, nn.BatchNorm2d):
+    """Drop-in for torch.nn.BatchNorm2d on bnext's kernels: (N, C, H, W) input."""
+
+
+class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
+    """Drop-in for torch.nn.BatchNorm3d on bnext's kernels: (N, C, D, H, W) input."""
+
+
+# torch class -> bnext class, exact types only (subclasses may change behaviour we cannot see).
+BNEXT_TWIN = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+}
+
+
+def convert_model(module: nn.Module) -> nn.Module:
+    """Replace every nn.BatchNorm1d/2d/3d inside `module` by its bnext twin, in place.
+
+    The modules themselves are kept (their class is switched), so parameters, buffers, hooks,
+    the training flag, device, dtype, requires_grad and any optimizer holding the parameters stay
+    as they were. Returns `module`.
+    """
+    for m in module.modules():
+        twin = BNEXT_TWIN.get(type(m))
+        if twin is not None:
+            m.__class__ = twin
+    return module

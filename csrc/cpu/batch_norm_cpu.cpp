@@ -1,0 +1,226 @@
+// CPU entries of every bnext op: argument checks, memory format, allocation, dtype dispatch.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../common/checks.h"
+#include "../common/layout.h"
+#include "batch_norm_kernel.h"
+
+namespace bnext {
+namespace {
+
+using at::Tensor;
+
+// A tensor contiguous in the input's suggested memory format, plus its (N, C, HxW) view.
+// Inputs that are already contiguous in that format are used as they are (no copy).
+struct Prepared {
+  Tensor x;
+  at::MemoryFormat fmt;
+  Layout layout;
+};
+
+Prepared prepare(const Tensor& input) {
+  Prepared p;
+  p.fmt = layout_format(input);
+  p.x = input.contiguous(p.fmt);
+  p.layout = make_layout(p.x, p.fmt);
+  return p;
+}
+
+// A per-channel vector as a contiguous tensor of the accumulation type; `fill` when absent.
+Tensor channel_vector(const c10::optional<Tensor>& t, const Tensor& input, double fill) {
+  const auto acc = acc_dtype(input.scalar_type());
+  if (t.has_value() && t->defined()) {
+    return t->to(acc).contiguous();
+  }
+  return at::full({input.size(1)}, fill, input.options().dtype(acc));
+}
+
+Tensor acc_vector(const Tensor& t, const Tensor& input) {
+  return t.to(acc_dtype(input.scalar_type())).contiguous();
+}
+
+#define BNEXT_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
+  const char* op = "bnext.batch_norm_stats";
+  check_input(input, op);
+  const auto p = prepare(input);
+  const auto opts = input.options().dtype(acc_dtype(input.scalar_type()));
+  Tensor mean = at::empty({p.layout.C}, opts);
+  Tensor var = at::empty({p.layout.C}, opts);
+  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_stats_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    cpu::stats_kernel<scalar_t, acc_t>(
+        p.x.const_data_ptr<scalar_t>(), p.layout, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
+  });
+  return {mean, var};
+}
+
+Tensor batch_norm_elemt_cpu(
+    const Tensor& input,
+    const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias,
+    const Tensor& mean,
+    const Tensor& invstd) {
+  const char* op = "bnext.batch_norm_elemt";
+  check_input(input, op);
+  check_optional_channel_vector(weight, "weight", input, op);
+  check_optional_channel_vector(bias, "bias", input, op);
+  check_channel_vector(mean, "mean", input, op);
+  check_channel_vector(invstd, "invstd", input, op);
+  const auto p = prepare(input);
+  Tensor out = at::empty_like(p.x, p.fmt);
+  const Tensor w = channel_vector(weight, input, 1.0), b = channel_vector(bias, input, 0.0);
+  const Tensor m = acc_vector(mean, input), s = acc_vector(invstd, input);
+  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_elemt_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const int64_t C = p.layout.C;
+    std::vector<acc_t> scale(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const auto k = normalize_coeffs(
+          m.const_data_ptr<acc_t>()[c], s.const_data_ptr<acc_t>()[c], w.const_data_ptr<acc_t>()[c],
+          b.const_data_ptr<acc_t>()[c]);
+      scale[c] = k.scale;
+      shift[c] = k.shift;
+    }
+    cpu::affine_kernel<scalar_t, acc_t>(
+        p.x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), p.layout, scale.data(), shift.data());
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward_cpu(
+    const Tensor& input,
+    const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias,
+    double eps) {
+  const char* op = "bnext.batch_norm_forward";
+  check_input(input, op);
+  check_optional_channel_vector(weight, "weight", input, op);
+  check_optional_channel_vector(bias, "bias", input, op);
+  check_eps(eps, op);
+  const auto p = prepare(input);
+  const auto opts = input.options().dtype(acc_dtype(input.scalar_type()));
+  Tensor out = at::empty_like(p.x, p.fmt);
+  Tensor mean = at::empty({p.layout.C}, opts);
+  Tensor invstd = at::empty({p.layout.C}, opts);
+  Tensor var = at::empty({p.layout.C}, opts);
+  const Tensor w = channel_vector(weight, input, 1.0), b = channel_vector(bias, input, 0.0);
+  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_forward_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    cpu::forward_kernel<scalar_t, acc_t>(
+        p.x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), p.layout, w.const_data_ptr<acc_t>(),
+        b.const_data_ptr<acc_t>(), eps, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
+        var.data_ptr<acc_t>());
+  });
+  return {out, mean, invstd, var};
+}
+
+std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cpu(
+    const Tensor& grad_out,
+    const Tensor& input,
+    const Tensor& mean,
+    const Tensor& invstd) {
+  const char* op = "bnext.batch_norm_backward_reduce";
+  check_input(input, op);
+  check_like_input(grad_out, "grad_out", input, op);
+  check_channel_vector(mean, "mean", input, op);
+  check_channel_vector(invstd, "invstd", input, op);
+  const auto p = prepare(input);
+  const Tensor dy = grad_out.contiguous(p.fmt);
+  const auto opts = input.options().dtype(acc_dtype(input.scalar_type()));
+  Tensor sum_dy = at::empty({p.layout.C}, opts);
+  Tensor sum_dy_xmu = at::empty({p.layout.C}, opts);
+  const Tensor m = acc_vector(mean, input);
+  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_backward_reduce_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    cpu::backward_reduce_kernel<scalar_t, acc_t>(
+        dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), p.layout, m.const_data_ptr<acc_t>(),
+        sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>());
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+Tensor batch_norm_backward_elemt_cpu(
+    const Tensor& grad_out,
+    const Tensor& input,
+    const Tensor& mean,
+    const Tensor& invstd,
+    const c10::optional<Tensor>& weight,
+    const Tensor& mean_dy,
+    const Tensor& mean_dy_xmu) {
+  const char* op = "bnext.batch_norm_backward_elemt";
+  check_input(input, op);
+  check_like_input(grad_out, "grad_out", input, op);
+  check_channel_vector(mean, "mean", input, op);
+  check_channel_vector(invstd, "invstd", input, op);
+  check_optional_channel_vector(weight, "weight", input, op);
+  check_channel_vector(mean_dy, "mean_dy", input, op);
+  check_channel_vector(mean_dy_xmu, "mean_dy_xmu", input, op);
+  const auto p = prepare(input);
+  const Tensor dy = grad_out.contiguous(p.fmt);
+  Tensor dx = at::empty_like(p.x, p.fmt);
+  const Tensor w = channel_vector(weight, input, 1.0);
+  const Tensor m = acc_vector(mean, input), s = acc_vector(invstd, input);
+  const Tensor mdy = acc_vector(mean_dy, input), mdxm = acc_vector(mean_dy_xmu, input);
+  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_backward_elemt_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const int64_t C = p.layout.C;
+    std::vector<BackwardCoeffs<acc_t>> coeffs(C);
+    for (int64_t c = 0; c < C; ++c) {
+      coeffs[c] = backward_coeffs(
+          m.const_data_ptr<acc_t>()[c], s.const_data_ptr<acc_t>()[c], w.const_data_ptr<acc_t>()[c],
+          mdy.const_data_ptr<acc_t>()[c], mdxm.const_data_ptr<acc_t>()[c]);
+    }
+    cpu::backward_elemt_kernel<scalar_t, acc_t>(
+        dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), p.layout,
+        coeffs.data());
+  });
+  return dx;
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
+    const Tensor& grad_out,
+    const Tensor& input,
+    const c10::optional<Tensor>& weight,
+    const Tensor& save_mean,
+    const Tensor& save_invstd) {
+  const char* op = "bnext.batch_norm_backward";
+  check_input(input, op);
+  check_like_input(grad_out, "grad_out", input, op);
+  check_optional_channel_vector(weight, "weight", input, op);
+  check_channel_vector(save_mean, "save_mean", input, op);
+  check_channel_vector(save_invstd, "save_invstd", input, op);
+  const auto p = prepare(input);
+  const Tensor dy = grad_out.contiguous(p.fmt);
+  const auto opts = input.options().dtype(acc_dtype(input.scalar_type()));
+  Tensor dx = at::empty_like(p.x, p.fmt);
+  Tensor sum_dy = at::empty({p.layout.C}, opts);
+  Tensor sum_dy_xmu = at::empty({p.layout.C}, opts);
+  const Tensor w = channel_vector(weight, input, 1.0);
+  const Tensor m = acc_vector(save_mean, input), s = acc_vector(save_invstd, input);
+  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_backward_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    cpu::backward_kernel<scalar_t, acc_t>(
+        dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), p.layout,
+        w.const_data_ptr<acc_t>(), m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(),
+        sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>());
+  });
+  return {dx, sum_dy, sum_dy_xmu};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnext, CPU, m) {
+  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
+  m.impl("batch_norm_elemt", &batch_norm_elemt_cpu);
+  m.impl("batch_norm_forward", &batch_norm_forward_cpu);
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cpu);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cpu);
+  m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+}
+
+}  // namespace bnext

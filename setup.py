@@ -1,0 +1,154 @@
+"""Build bnext's extension: `python setup.py build_ext --inplace` (what `make install` runs).
+
+Environment:
+  BNEXT_CUDA=0|1         force the CPU-only build (0) or the CUDA build (1); default: CUDA when torch
+                         has CUDA and a CUDA toolkit is found.
+  CUDA_HOME              the CUDA toolkit; otherwise resolved from the `nvcc` on PATH (following
+                         wrapper scripts) or /usr/local/cuda.
+  TORCH_CUDA_ARCH_LIST   GPU architectures; default "7.5;8.0;9.0" when no GPU is visible.
+  MAX_JOBS               parallel compile jobs (ninja).
+"""
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "7.5;8.0;9.0"
+
+
+def _is_toolkit(home):
+    return bool(home) and os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(home, "include", "cuda_runtime.h")
+    )
+
+
+def find_cuda_home():
+    """The real CUDA toolkit: CUDA_HOME, else the one behind `nvcc` on PATH, else /usr/local/cuda.
+
+    The `nvcc` on PATH may be a wrapper script outside any toolkit (torch's own guess, the wrapper's
+    parent directory, then lacks libcudart and linking fails), so follow symlinks and look inside
+    small scripts for the nvcc they exec.
+    """
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if env:
+        if not _is_toolkit(env):
+            sys.exit(f"bnext setup: CUDA_HOME={env} is not a CUDA toolkit (no bin/nvcc or include/cuda_runtime.h)")
+        return env
+    nvcc = shutil.which("nvcc")
+    seen = set()
+    while nvcc and nvcc not in seen:
+        seen.add(nvcc)
+        real = os.path.realpath(nvcc)
+        home = os.path.dirname(os.path.dirname(real))
+        if _is_toolkit(home):
+            return home
+        try:
+            with open(real, "rb") as f:
+                head = f.read(4096)
+        except OSError:
+            break
+        if not head.startswith(b"#!"):
+            break
+        m = re.search(rb"(/[^\s\"']+/bin/nvcc)\b", head)
+        nvcc = m.group(1).decode() if m else None
+    for home in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+        if _is_toolkit(home):
+            return home
+    return None
+
+
+def want_cuda():
+    flag = os.environ.get("BNEXT_CUDA")
+    import torch
+
+    if flag == "0":
+        return None
+    home = find_cuda_home()
+    if flag == "1":
+        if torch.version.cuda is None:
+            sys.exit("bnext setup: BNEXT_CUDA=1 but this torch has no CUDA support")
+        if home is None:
+            sys.exit("bnext setup: BNEXT_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
+        return home
+    if torch.version.cuda is None or home is None:
+        return None
+    return home
+
+
+CUDA_HOME = want_cuda()
+if CUDA_HOME:
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+
+from torch.utils import cpp_extension  # noqa: E402
+
+if CUDA_HOME:
+    cpp_extension.CUDA_HOME = CUDA_HOME
+
+
+def rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+CXX_FLAGS = ["-O3", "-fopenmp-simd", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+
+
+def main_extension():
+    sources = rel(
+        glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    )
+    define_macros = []
+    if CUDA_HOME:
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+        define_macros += [("BNEXT_WITH_CUDA", None), ("BNEXT_CUDA_ARCHS", '"' + archs + '"')]
+        return cpp_extension.CUDAExtension(
+            "bnext._C",
+            sources,
+            define_macros=define_macros,
+            extra_compile_args={
+                "cxx": CXX_FLAGS,
+                "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
+            },
+        )
+    return cpp_extension.CppExtension(
+        "bnext._C", sources, define_macros=define_macros, extra_compile_args={"cxx": CXX_FLAGS}
+    )
+
+
+def extensions():
+    exts = [main_extension()]
+    # The CUDA kernels compiled as host C++ over the SIMT emulation layer (csrc/simt), when present.
+    simt_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "simt", "*.cpp")))
+    if simt_sources:
+        exts.append(
+            cpp_extension.CppExtension(
+                "bnext._simt",
+                simt_sources,
+                extra_compile_args={"cxx": ["-O2", "-pthread"]},
+                extra_link_args=["-pthread"],
+            )
+        )
+    return exts
+
+
+setup(
+    name="bnext",
+    version="0.1.0",
+    description="Fused BatchNorm kernels for PyTorch (CPU and CUDA), drop-in for nn.BatchNorm*d",
+    packages=find_packages(include=["bnext", "bnext.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6"],
+)
