@@ -52,13 +52,11 @@ def _channel(input):
     return input.new_empty((input.shape[1],), dtype=acc_dtype(input.dtype))
 
 
-@torch.library.register_fake("bnext::batch_norm_stats")
 def _stats_fake(input):
     _check_input(input, "bnext.batch_norm_stats")
     return _channel(input), _channel(input)
 
 
-@torch.library.register_fake("bnext::batch_norm_elemt")
 def _elemt_fake(input, weight, bias, mean, invstd):
     op = "bnext.batch_norm_elemt"
     _check_input(input, op)
@@ -67,7 +65,6 @@ def _elemt_fake(input, weight, bias, mean, invstd):
     return _like_input(input)
 
 
-@torch.library.register_fake("bnext::batch_norm_forward")
 def _forward_fake(input, weight, bias, eps):
     op = "bnext.batch_norm_forward"
     _check_input(input, op)
@@ -76,7 +73,6 @@ def _forward_fake(input, weight, bias, eps):
     return _like_input(input), _channel(input), _channel(input), _channel(input)
 
 
-@torch.library.register_fake("bnext::batch_norm_backward_reduce")
 def _backward_reduce_fake(grad_out, input, mean, invstd):
     op = "bnext.batch_norm_backward_reduce"
     _check_input(input, op)
@@ -86,7 +82,6 @@ def _backward_reduce_fake(grad_out, input, mean, invstd):
     return _channel(input), _channel(input)
 
 
-@torch.library.register_fake("bnext::batch_norm_backward_elemt")
 def _backward_elemt_fake(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xmu):
     op = "bnext.batch_norm_backward_elemt"
     _check_input(input, op)
@@ -96,7 +91,6 @@ def _backward_elemt_fake(grad_out, input, mean, invstd, weight, mean_dy, mean_dy
     return _like_input(input)
 
 
-@torch.library.register_fake("bnext::batch_norm_backward")
 def _backward_fake(grad_out, input, weight, save_mean, save_invstd):
     op = "bnext.batch_norm_backward"
     _check_input(input, op)
@@ -104,3 +98,22 @@ def _backward_fake(grad_out, input, weight, save_mean, save_invstd):
     for t, name in ((weight, "weight"), (save_mean, "save_mean"), (save_invstd, "save_invstd")):
         _check_channel(t, name, input, op)
     return _like_input(input), _channel(input), _channel(input)
+
+
+_FAKES = {
+    "batch_norm_stats": _stats_fake,
+    "batch_norm_elemt": _elemt_fake,
+    "batch_norm_forward": _forward_fake,
+    "batch_norm_backward_reduce": _backward_reduce_fake,
+    "batch_norm_backward_elemt": _backward_elemt_fake,
+    "batch_norm_backward": _backward_fake,
+}
+
+
+def register_fakes(namespace: str) -> None:
+    """Register the fake kernels for every op of `namespace` (bnext, or bnext_simt when emulating)."""
+    for name, fn in _FAKES.items():
+        torch.library.register_fake(f"{namespace}::{name}", fn)
+
+
+register_fakes("bnext")

@@ -11,8 +11,6 @@ import torch
 
 from ._fake import acc_dtype
 
-ops = torch.ops.bnext
-
 
 def _bc(v, like):
     return v.reshape((1, -1) + (1,) * (like.dim() - 2))
@@ -116,8 +114,6 @@ def _stats_backward(ctx, g_mean, g_var):
 
 def _elemt_setup(ctx, inputs, output):
     x, weight, bias, mean, invstd = inputs
-    ctx.has_weight = weight is not None
-    ctx.has_bias = bias is not None
     ctx.dtypes = tuple(None if t is None else t.dtype for t in inputs)
     ctx.save_for_backward(x, weight, mean, invstd)
 
@@ -259,9 +255,20 @@ def _bwd_backward(ctx, G, g_sum_dy, g_sum_dy_xmu):
     )
 
 
-torch.library.register_autograd("bnext::batch_norm_stats", _stats_backward, setup_context=_stats_setup)
-torch.library.register_autograd("bnext::batch_norm_elemt", _elemt_backward, setup_context=_elemt_setup)
-torch.library.register_autograd("bnext::batch_norm_forward", _forward_backward, setup_context=_forward_setup)
-torch.library.register_autograd("bnext::batch_norm_backward_reduce", _reduce_backward, setup_context=_reduce_setup)
-torch.library.register_autograd("bnext::batch_norm_backward_elemt", _belemt_backward, setup_context=_belemt_setup)
-torch.library.register_autograd("bnext::batch_norm_backward", _bwd_backward, setup_context=_bwd_setup)
+_FORMULAS = {
+    "batch_norm_stats": (_stats_backward, _stats_setup),
+    "batch_norm_elemt": (_elemt_backward, _elemt_setup),
+    "batch_norm_forward": (_forward_backward, _forward_setup),
+    "batch_norm_backward_reduce": (_reduce_backward, _reduce_setup),
+    "batch_norm_backward_elemt": (_belemt_backward, _belemt_setup),
+    "batch_norm_backward": (_bwd_backward, _bwd_setup),
+}
+
+
+def register_autograd(namespace: str) -> None:
+    """Register the formulas for every op of `namespace` (bnext, or bnext_simt when emulating)."""
+    for name, (backward, setup) in _FORMULAS.items():
+        torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup)
+
+
+register_autograd("bnext")

@@ -1,7 +1,7 @@
 """BatchNormFunction: the single-device training and eval path on the fused bnext ops."""
 import torch
 
-ops = torch.ops.bnext
+from ._ops import ops
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -21,9 +21,9 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, mean, invstd, training, eps):
         if training:
-            output, save_mean, save_invstd, save_var = ops.batch_norm_forward(input, weight, bias, eps)
+            output, save_mean, save_invstd, save_var = ops().batch_norm_forward(input, weight, bias, eps)
         else:
-            output = ops.batch_norm_elemt(input, weight, bias, mean, invstd)
+            output = ops().batch_norm_elemt(input, weight, bias, mean, invstd)
             save_mean, save_invstd = mean, invstd
         ctx.training = training
         ctx.eps = eps
@@ -45,19 +45,19 @@ class BatchNormFunction(torch.autograd.Function):
         sum_dy = sum_dy_xmu = None
         if ctx.training:
             if torch.is_grad_enabled():
-                mean, var = ops.batch_norm_stats(input)
+                mean, var = ops().batch_norm_stats(input)
                 invstd = torch.rsqrt(var + ctx.eps)
             if need_x:
-                grad_input, sum_dy, sum_dy_xmu = ops.batch_norm_backward(grad_out, input, weight, mean, invstd)
+                grad_input, sum_dy, sum_dy_xmu = ops().batch_norm_backward(grad_out, input, weight, mean, invstd)
             else:
-                sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(grad_out, input, mean, invstd)
+                sum_dy, sum_dy_xmu = ops().batch_norm_backward_reduce(grad_out, input, mean, invstd)
         else:
             if need_x:
                 # Eval: dx = weight * invstd * dy, a per-channel scale of dy.
                 scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
-                grad_input = ops.batch_norm_elemt(grad_out, None, None, torch.zeros_like(invstd), scale)
+                grad_input = ops().batch_norm_elemt(grad_out, None, None, torch.zeros_like(invstd), scale)
             if need_w or need_b:
-                sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(grad_out, input, mean, invstd)
+                sum_dy, sum_dy_xmu = ops().batch_norm_backward_reduce(grad_out, input, mean, invstd)
         if need_w:
             grad_weight = (sum_dy_xmu * invstd).to(weight.dtype)
         if need_b:

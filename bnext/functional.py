@@ -111,9 +111,9 @@ def batch_norm_impl(
             _update_running_stats(running_mean, running_var, mean, var, input.numel() // input.shape[1], momentum)
         return out
     acc = acc_dtype(input.dtype)
-    with torch.no_grad():
-        mean = running_mean.detach().to(acc)
-        invstd = torch.rsqrt(running_var.detach().to(acc) + eps)
+    # Running statistics are constants of the graph (torch does not differentiate through them).
+    mean = running_mean.detach().to(acc)
+    invstd = torch.rsqrt(running_var.detach().to(acc) + eps)
     return BatchNormFunction.apply(input, weight, bias, mean, invstd, False, eps)
 
 
