@@ -78,16 +78,13 @@ Tensor batch_norm_elemt_cpu(
   BNEXT_DISPATCH(input.scalar_type(), "batch_norm_elemt_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const int64_t C = p.layout.C;
-    std::vector<acc_t> scale(C), shift(C);
+    cpu::NormalizeArrays<acc_t> k(C);
     for (int64_t c = 0; c < C; ++c) {
-      const auto k = normalize_coeffs(
+      k.set(c, normalize_coeffs(
           m.const_data_ptr<acc_t>()[c], s.const_data_ptr<acc_t>()[c], w.const_data_ptr<acc_t>()[c],
-          b.const_data_ptr<acc_t>()[c]);
-      scale[c] = k.scale;
-      shift[c] = k.shift;
+          b.const_data_ptr<acc_t>()[c]));
     }
-    cpu::affine_kernel<scalar_t, acc_t>(
-        p.x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), p.layout, scale.data(), shift.data());
+    cpu::affine_kernel<scalar_t, acc_t>(p.x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), p.layout, k);
   });
   return out;
 }

@@ -30,42 +30,64 @@ constexpr int64_t kGrainElems = 32768;
 
 template <typename acc_t>
 using Welford = WelfordData<acc_t, int64_t>;
+// Partials (runs, row chunks) are merged in double: with float merges every Chan step rounds the
+// running mean, and a channel of many short runs accumulates several ulps of error.
+using merge_t = double;
 
+// Statistics are taken of x - pivot, with a per-channel pivot taken from the data (the channel's
+// first value): with a large offset and a small spread (mean 1e4, std 1e-2 in float32) running
+// means of raw values lose their low digits, shifted ones do not. The shifted mean is kept
+// unrounded for the normalization (normalize_coeffs_shifted).
+
+// Mean and M2 of x - pivot over a contiguous run, two passes (the run is at most kRunBlock long and
+// stays in L1). Each term is divided by len before summing so that values near the float limit
+// cannot overflow the sum.
 template <typename scalar_t, typename acc_t = acc_type_t<scalar_t>>
-inline Welford<acc_t> run_stats(const scalar_t* p, int64_t len) {
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
+inline Welford<acc_t> run_stats(const scalar_t* p, int64_t len, acc_t pivot) {
+  const acc_t inv_len = acc_t(1) / static_cast<acc_t>(len);
+  acc_t mean = 0;
+#pragma omp simd reduction(+ : mean)
   for (int64_t i = 0; i < len; ++i) {
-    sum += static_cast<acc_t>(p[i]);
+    mean += (static_cast<acc_t>(p[i]) - pivot) * inv_len;
   }
-  const acc_t mean = sum / static_cast<acc_t>(len);
   acc_t m2 = 0;
 #pragma omp simd reduction(+ : m2)
   for (int64_t i = 0; i < len; ++i) {
-    const acc_t d = static_cast<acc_t>(p[i]) - mean;
+    const acc_t d = static_cast<acc_t>(p[i]) - pivot - mean;
     m2 += d * d;
   }
   return {mean, m2, len};
 }
 
-// Statistics of channel c of an NCHW tensor: N runs of HxW values.
 template <typename scalar_t, typename acc_t = acc_type_t<scalar_t>>
-inline Welford<acc_t> channel_stats_nchw(const scalar_t* x, const Layout& l, int64_t c) {
-  Welford<acc_t> w{0, 0, 0};
+inline acc_t channel_pivot_nchw(const scalar_t* x, const Layout& l, int64_t c) {
+  return l.N > 0 && l.HxW > 0 ? static_cast<acc_t>(x[c * l.HxW]) : acc_t(0);
+}
+
+// Statistics of x - pivot over channel c of an NCHW tensor: N runs of HxW values.
+template <typename scalar_t, typename acc_t = acc_type_t<scalar_t>>
+inline Welford<merge_t> channel_stats_nchw(const scalar_t* x, const Layout& l, int64_t c, acc_t pivot) {
+  Welford<merge_t> w{0, 0, 0};
   for (int64_t n = 0; n < l.N; ++n) {
     const scalar_t* p = x + (n * l.C + c) * l.HxW;
     for (int64_t b = 0; b < l.HxW; b += kRunBlock) {
-      w = welford_combine(w, run_stats<scalar_t, acc_t>(p + b, std::min(kRunBlock, l.HxW - b)));
+      const auto r = run_stats<scalar_t, acc_t>(p + b, std::min(kRunBlock, l.HxW - b), pivot);
+      w = welford_combine(w, Welford<merge_t>{r.mean, r.m2, r.n});
     }
   }
   return w;
 }
 
-// Statistics of every channel of a channels-last tensor (R rows of C values).
+// Statistics of every channel of a channels-last tensor (R rows of C values), relative to the
+// first row (pivot_out, C values). mean_out receives the shifted means.
 template <typename scalar_t, typename acc_t = acc_type_t<scalar_t>>
-void rows_stats(const scalar_t* x, const Layout& l, acc_t* mean_out, acc_t* var_out) {
+void rows_stats(const scalar_t* x, const Layout& l, acc_t* pivot_out, acc_t* mean_out, acc_t* var_out) {
   const int64_t R = l.rows(), C = l.C;
   const int64_t nchunks = (R + kRowChunk - 1) / kRowChunk;
+  for (int64_t c = 0; c < C; ++c) {
+    pivot_out[c] = R > 0 ? static_cast<acc_t>(x[c]) : acc_t(0);
+  }
+  const acc_t* pivot = pivot_out;
   std::vector<acc_t> pmean(nchunks * C), pm2(nchunks * C);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
@@ -80,7 +102,7 @@ void rows_stats(const scalar_t* x, const Layout& l, acc_t* mean_out, acc_t* var_
         const scalar_t* row = x + r * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t v = static_cast<acc_t>(row[c]);
+          const acc_t v = static_cast<acc_t>(row[c]) - pivot[c];
           const acc_t d = v - m[c];
           m[c] += d * inv;
           m2[c] += d * (v - m[c]);
@@ -91,13 +113,13 @@ void rows_stats(const scalar_t* x, const Layout& l, acc_t* mean_out, acc_t* var_
   at::parallel_for(0, C, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, nchunks)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      Welford<acc_t> w{0, 0, 0};
+      Welford<merge_t> w{0, 0, 0};
       for (int64_t k = 0; k < nchunks; ++k) {
         const int64_t len = std::min(R, (k + 1) * kRowChunk) - k * kRowChunk;
-        w = welford_combine(w, Welford<acc_t>{pmean[k * C + c], pm2[k * C + c], len});
+        w = welford_combine(w, Welford<merge_t>{pmean[k * C + c], pm2[k * C + c], len});
       }
-      mean_out[c] = w.mean;
-      var_out[c] = welford_var(w);
+      mean_out[c] = static_cast<acc_t>(w.mean);
+      var_out[c] = static_cast<acc_t>(welford_var(w));
     }
   });
 }
@@ -105,44 +127,61 @@ void rows_stats(const scalar_t* x, const Layout& l, acc_t* mean_out, acc_t* var_
 template <typename scalar_t, typename acc_t = acc_type_t<scalar_t>>
 void stats_kernel(const scalar_t* x, const Layout& l, acc_t* mean_out, acc_t* var_out) {
   if (l.channels_last) {
-    rows_stats<scalar_t, acc_t>(x, l, mean_out, var_out);
+    std::vector<acc_t> pivot(l.C);
+    rows_stats<scalar_t, acc_t>(x, l, pivot.data(), mean_out, var_out);
+    for (int64_t c = 0; c < l.C; ++c) {
+      mean_out[c] += pivot[c];
+    }
     return;
   }
   at::parallel_for(0, l.C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      const Welford<acc_t> w = channel_stats_nchw<scalar_t, acc_t>(x, l, c);
-      mean_out[c] = w.mean;
-      var_out[c] = welford_var(w);
+      const acc_t pivot = channel_pivot_nchw<scalar_t, acc_t>(x, l, c);
+      const auto w = channel_stats_nchw<scalar_t, acc_t>(x, l, c, pivot);
+      mean_out[c] = static_cast<acc_t>(pivot + w.mean);
+      var_out[c] = static_cast<acc_t>(welford_var(w));
     }
   });
 }
 
-// y = x * scale + shift over one contiguous run with a single channel's coefficients.
+// Per-channel normalization coefficients, one array each so channels-last rows vectorize.
+template <typename acc_t>
+struct NormalizeArrays {
+  std::vector<acc_t> pivot, scale, shift;
+  explicit NormalizeArrays(int64_t C) : pivot(C), scale(C), shift(C) {}
+  void set(int64_t c, const NormalizeCoeffs<acc_t>& k) {
+    pivot[c] = k.pivot;
+    scale[c] = k.scale;
+    shift[c] = k.shift;
+  }
+};
+
+// y = (x - pivot) * scale + shift over one contiguous run with a single channel's coefficients.
 template <typename scalar_t, typename acc_t>
-inline void affine_run(const scalar_t* x, scalar_t* y, int64_t len, acc_t scale, acc_t shift) {
+inline void affine_run(const scalar_t* x, scalar_t* y, int64_t len, const NormalizeCoeffs<acc_t>& k) {
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
-    y[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * scale + shift);
+    y[i] = static_cast<scalar_t>(normalize(static_cast<acc_t>(x[i]), k.pivot, k.scale, k.shift));
   }
 }
 
-// y = x * scale[c] + shift[c] over one row of C channels.
+// The same over one row of C channels.
 template <typename scalar_t, typename acc_t>
-inline void affine_row(const scalar_t* x, scalar_t* y, int64_t C, const acc_t* scale, const acc_t* shift) {
+inline void affine_row(const scalar_t* x, scalar_t* y, int64_t C, const acc_t* pivot, const acc_t* scale, const acc_t* shift) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    y[c] = static_cast<scalar_t>(static_cast<acc_t>(x[c]) * scale[c] + shift[c]);
+    y[c] = static_cast<scalar_t>(normalize(static_cast<acc_t>(x[c]), pivot[c], scale[c], shift[c]));
   }
 }
 
-// y = x * scale[c] + shift[c] over the whole tensor.
+// y = (x - pivot[c]) * scale[c] + shift[c] over the whole tensor.
 template <typename scalar_t, typename acc_t>
-void affine_kernel(const scalar_t* x, scalar_t* y, const Layout& l, const acc_t* scale, const acc_t* shift) {
+void affine_kernel(const scalar_t* x, scalar_t* y, const Layout& l, const NormalizeArrays<acc_t>& k) {
   if (l.channels_last) {
     const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, l.C));
     at::parallel_for(0, l.rows(), grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        affine_row(x + r * l.C, y + r * l.C, l.C, scale, shift);
+        affine_row(x + r * l.C, y + r * l.C, l.C, k.pivot.data(), k.scale.data(), k.shift.data());
       }
     });
     return;
@@ -151,7 +190,7 @@ void affine_kernel(const scalar_t* x, scalar_t* y, const Layout& l, const acc_t*
   at::parallel_for(0, l.N * l.C, grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t c = p % l.C;
-      affine_run(x + p * l.HxW, y + p * l.HxW, l.HxW, scale[c], shift[c]);
+      affine_run(x + p * l.HxW, y + p * l.HxW, l.HxW, NormalizeCoeffs<acc_t>{k.pivot[c], k.scale[c], k.shift[c]});
     }
   });
 }
@@ -170,29 +209,30 @@ void forward_kernel(
     acc_t* invstd_out,
     acc_t* var_out) {
   if (l.channels_last) {
-    rows_stats<scalar_t, acc_t>(x, l, mean_out, var_out);
-    std::vector<acc_t> scale(l.C), shift(l.C);
+    std::vector<acc_t> pivot(l.C);
+    rows_stats<scalar_t, acc_t>(x, l, pivot.data(), mean_out, var_out);
+    NormalizeArrays<acc_t> k(l.C);
     for (int64_t c = 0; c < l.C; ++c) {
       invstd_out[c] = invstd_from_var(var_out[c], eps);
-      const auto k = normalize_coeffs(mean_out[c], invstd_out[c], weight[c], bias[c]);
-      scale[c] = k.scale;
-      shift[c] = k.shift;
+      k.set(c, normalize_coeffs_shifted(pivot[c], mean_out[c], invstd_out[c], weight[c], bias[c]));
+      mean_out[c] += pivot[c];
     }
-    affine_kernel(x, y, l, scale.data(), shift.data());
+    affine_kernel(x, y, l, k);
     return;
   }
   at::parallel_for(0, l.C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      const Welford<acc_t> w = channel_stats_nchw<scalar_t, acc_t>(x, l, c);
-      const acc_t var = welford_var(w);
+      const acc_t pivot = channel_pivot_nchw<scalar_t, acc_t>(x, l, c);
+      const auto w = channel_stats_nchw<scalar_t, acc_t>(x, l, c, pivot);
+      const acc_t var = static_cast<acc_t>(welford_var(w));
       const acc_t invstd = invstd_from_var(var, eps);
-      mean_out[c] = w.mean;
+      mean_out[c] = static_cast<acc_t>(pivot + w.mean);
       var_out[c] = var;
       invstd_out[c] = invstd;
-      const auto k = normalize_coeffs(w.mean, invstd, weight[c], bias[c]);
+      const auto k = normalize_coeffs_shifted(pivot, static_cast<acc_t>(w.mean), invstd, weight[c], bias[c]);
       for (int64_t n = 0; n < l.N; ++n) {
         const int64_t off = (n * l.C + c) * l.HxW;
-        affine_run(x + off, y + off, l.HxW, k.scale, k.shift);
+        affine_run(x + off, y + off, l.HxW, k);
       }
     }
   });
@@ -279,12 +319,13 @@ void backward_reduce_kernel(const scalar_t* dy, const scalar_t* x, const Layout&
   });
 }
 
-// dx = a * dy + b * x + d over one contiguous run with a single channel's coefficients.
+// dx = a * dy + b * (x - mean) + d over one contiguous run with a single channel's coefficients.
 template <typename scalar_t, typename acc_t>
 inline void backward_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len, const BackwardCoeffs<acc_t>& k) {
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
-    dx[i] = static_cast<scalar_t>(k.a * static_cast<acc_t>(dy[i]) + k.b * static_cast<acc_t>(x[i]) + k.d);
+    dx[i] = static_cast<scalar_t>(
+        backward_elemt(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), k.mean, k.a, k.b, k.d));
   }
 }
 
@@ -297,8 +338,9 @@ void backward_elemt_kernel(
     const BackwardCoeffs<acc_t>* coeffs) {
   if (l.channels_last) {
     const int64_t C = l.C;
-    std::vector<acc_t> a(C), b(C), d(C);
+    std::vector<acc_t> m(C), a(C), b(C), d(C);
     for (int64_t c = 0; c < C; ++c) {
+      m[c] = coeffs[c].mean;
       a[c] = coeffs[c].a;
       b[c] = coeffs[c].b;
       d[c] = coeffs[c].d;
@@ -311,7 +353,8 @@ void backward_elemt_kernel(
         scalar_t* o = dx + r * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          o[c] = static_cast<scalar_t>(a[c] * static_cast<acc_t>(g[c]) + b[c] * static_cast<acc_t>(v[c]) + d[c]);
+          o[c] = static_cast<scalar_t>(
+              backward_elemt(static_cast<acc_t>(g[c]), static_cast<acc_t>(v[c]), m[c], a[c], b[c], d[c]));
         }
       }
     });
