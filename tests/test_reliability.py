@@ -302,3 +302,15 @@ def test_kernels_release_the_gil():
     t.join()
     # With the GIL held for the whole kernel the spinner could run only between the three calls.
     assert n1 - n0 > 1000
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 2**25 + 3), (2**25 + 3, 2)], ids=["ncl", "rows"])
+def test_sums_over_more_than_2_24_values_per_channel(shape):
+    """A float32 running sum stops growing at 2**24 ones; reductions keep their block sums in double."""
+    x = torch.randn(shape).bfloat16()
+    dy = torch.ones_like(x)
+    sum_dy, _ = torch.ops.bnext.batch_norm_backward_reduce(dy, x, torch.zeros(2), torch.ones(2))
+    assert torch.equal(sum_dy, torch.full((2,), float(2**25 + 3)))
+    mean, var = torch.ops.bnext.batch_norm_stats(x + 5)
+    torch.testing.assert_close(mean, torch.full((2,), 5.0), rtol=0, atol=2e-3)
+    torch.testing.assert_close(var, torch.ones(2), rtol=0, atol=2e-3)

@@ -238,18 +238,23 @@ void forward_kernel(
   });
 }
 
-// sum(dy) and sum(dy * (x - mean)) over one contiguous run of one channel.
+// sum(dy) and sum(dy * (x - mean)) over one contiguous run of one channel, added to s_dy and
+// s_dyxmu. Blocks of kRunBlock are summed in acc_t and the block sums in merge_t: a float32
+// running sum stops growing at 2**24 ones, a channel of a large batch has far more values.
 template <typename scalar_t, typename acc_t>
-inline void reduce_run(const scalar_t* dy, const scalar_t* x, int64_t len, acc_t mean, acc_t& s_dy, acc_t& s_dyxmu) {
-  acc_t a = 0, b = 0;
+inline void reduce_run(const scalar_t* dy, const scalar_t* x, int64_t len, acc_t mean, merge_t& s_dy, merge_t& s_dyxmu) {
+  for (int64_t b0 = 0; b0 < len; b0 += kRunBlock) {
+    const int64_t b1 = std::min(len, b0 + kRunBlock);
+    acc_t a = 0, b = 0;
 #pragma omp simd reduction(+ : a, b)
-  for (int64_t i = 0; i < len; ++i) {
-    const acc_t g = static_cast<acc_t>(dy[i]);
-    a += g;
-    b += g * (static_cast<acc_t>(x[i]) - mean);
+    for (int64_t i = b0; i < b1; ++i) {
+      const acc_t g = static_cast<acc_t>(dy[i]);
+      a += g;
+      b += g * (static_cast<acc_t>(x[i]) - mean);
+    }
+    s_dy += a;
+    s_dyxmu += b;
   }
-  s_dy += a;
-  s_dyxmu += b;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -259,14 +264,15 @@ inline void channel_reduce_nchw(
     const Layout& l,
     int64_t c,
     acc_t mean,
-    acc_t& s_dy,
-    acc_t& s_dyxmu) {
-  s_dy = 0;
-  s_dyxmu = 0;
+    acc_t& sum_dy,
+    acc_t& sum_dy_xmu) {
+  merge_t s_dy = 0, s_dyxmu = 0;
   for (int64_t n = 0; n < l.N; ++n) {
     const int64_t off = (n * l.C + c) * l.HxW;
     reduce_run(dy + off, x + off, l.HxW, mean, s_dy, s_dyxmu);
   }
+  sum_dy = static_cast<acc_t>(s_dy);
+  sum_dy_xmu = static_cast<acc_t>(s_dyxmu);
 }
 
 template <typename scalar_t, typename acc_t = acc_type_t<scalar_t>>
@@ -293,16 +299,17 @@ void rows_reduce(const scalar_t* dy, const scalar_t* x, const Layout& l, const a
       }
     }
   });
-  for (int64_t c = 0; c < C; ++c) {
-    sum_dy[c] = 0;
-    sum_dy_xmu[c] = 0;
-  }
+  std::vector<merge_t> sa(C, 0), sb(C, 0);
   for (int64_t k = 0; k < nchunks; ++k) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      sum_dy[c] += pa[k * C + c];
-      sum_dy_xmu[c] += pb[k * C + c];
+      sa[c] += pa[k * C + c];
+      sb[c] += pb[k * C + c];
     }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    sum_dy[c] = static_cast<acc_t>(sa[c]);
+    sum_dy_xmu[c] = static_cast<acc_t>(sb[c]);
   }
 }
 
