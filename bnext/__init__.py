@@ -10,6 +10,7 @@ from . import _op_autograd  # noqa: F401  (autograd formulas of every op)
 from .autograd import BatchNormFunction
 from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+from .sync import SyncBatchNorm
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormFunction",
+    "SyncBatchNorm",
     "batch_norm",
     "build_info",
     "convert_model",
