@@ -1,4 +1,5 @@
-"""`python -m bnext.demo --quick` end to end, as `make demo` runs it: exit status, picture, and the checks it reports."""
+"""`python -m bnext.demo --quick` end to end, as `make demo` runs it: exit status, picture, and the checks
+it reports."""
 import json
 import os
 import subprocess
@@ -18,9 +19,11 @@ def quick_run(tmp_path_factory):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
-    assert proc.returncode == 0, f"demo exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (
+        f"demo exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    )
     with open(out / "results.json") as f:
         return out, proc.stdout, json.load(f)
 
