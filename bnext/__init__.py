@@ -4,6 +4,8 @@
     model = bnext.convert_model(model)      # or use bnext.BatchNorm2d directly
     y = bnext.batch_norm(x, running_mean, running_var, weight, bias, training=True)
 """
+import torch  # noqa: F401  (loads libc10/libtorch, which the CUDA build of _C links against)
+
 from . import _C  # noqa: F401  (loads the extension: registers torch.ops.bnext.*)
 from . import _fake  # noqa: F401  (fake kernels: torch.compile, export, meta tensors)
 from . import _op_autograd  # noqa: F401  (autograd formulas of every op)

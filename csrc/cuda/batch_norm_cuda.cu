@@ -85,11 +85,7 @@ Tensor batch_norm_elemt_cuda(
     const Tensor& mean,
     const Tensor& invstd) {
   const char* op = "bnext.batch_norm_elemt";
-  check_input(input, op);
-  check_optional_channel_vector(weight, "weight", input, op);
-  check_optional_channel_vector(bias, "bias", input, op);
-  check_channel_vector(mean, "mean", input, op);
-  check_channel_vector(invstd, "invstd", input, op);
+  check_elemt_args(input, weight, bias, mean, invstd, op);
   const DeviceGuard guard(input.device());
   const auto p = prepare(input);
   Tensor out = at::empty_like(p.x, p.fmt);
@@ -122,10 +118,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward_cuda(
     const c10::optional<Tensor>& bias,
     double eps) {
   const char* op = "bnext.batch_norm_forward";
-  check_input(input, op);
-  check_optional_channel_vector(weight, "weight", input, op);
-  check_optional_channel_vector(bias, "bias", input, op);
-  check_eps(eps, op);
+  check_forward_args(input, weight, bias, eps, op);
   const DeviceGuard guard(input.device());
   const auto p = prepare(input);
   const int64_t C = p.layout.C;
@@ -164,10 +157,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(
     const Tensor& mean,
     const Tensor& invstd) {
   const char* op = "bnext.batch_norm_backward_reduce";
-  check_input(input, op);
-  check_like_input(grad_out, "grad_out", input, op);
-  check_channel_vector(mean, "mean", input, op);
-  check_channel_vector(invstd, "invstd", input, op);
+  check_backward_common(grad_out, input, mean, "mean", invstd, "invstd", op);
   const DeviceGuard guard(input.device());
   const auto p = prepare(input);
   Tensor sum_dy = at::empty({p.layout.C}, acc_options(input));
@@ -199,13 +189,7 @@ Tensor batch_norm_backward_elemt_cuda(
     const Tensor& mean_dy,
     const Tensor& mean_dy_xmu) {
   const char* op = "bnext.batch_norm_backward_elemt";
-  check_input(input, op);
-  check_like_input(grad_out, "grad_out", input, op);
-  check_channel_vector(mean, "mean", input, op);
-  check_channel_vector(invstd, "invstd", input, op);
-  check_optional_channel_vector(weight, "weight", input, op);
-  check_channel_vector(mean_dy, "mean_dy", input, op);
-  check_channel_vector(mean_dy_xmu, "mean_dy_xmu", input, op);
+  check_backward_elemt_args(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xmu, op);
   const DeviceGuard guard(input.device());
   const auto p = prepare(input);
   Tensor dx = at::empty_like(p.x, p.fmt);
@@ -242,11 +226,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
     const Tensor& save_mean,
     const Tensor& save_invstd) {
   const char* op = "bnext.batch_norm_backward";
-  check_input(input, op);
-  check_like_input(grad_out, "grad_out", input, op);
+  check_backward_common(grad_out, input, save_mean, "save_mean", save_invstd, "save_invstd", op);
   check_optional_channel_vector(weight, "weight", input, op);
-  check_channel_vector(save_mean, "save_mean", input, op);
-  check_channel_vector(save_invstd, "save_invstd", input, op);
   const DeviceGuard guard(input.device());
   const auto p = prepare(input);
   const int64_t C = p.layout.C;

@@ -435,9 +435,10 @@ BNEXT_DEVICE void elementwise_one(
   out[i] = static_cast<scalar_t>(op(a, b, (i / S) % C));
 }
 
-// Vectorized: `head` scalar elements bring every pointer to a 16-byte boundary (the launcher only
-// picks this kernel when all pointers share their misalignment), then 16-byte vectors, then a
-// scalar tail. A vector may straddle channels; the channel is tracked per element.
+// Vectorized: 16-byte vectors, then a scalar tail of fewer than V elements. The launcher picks
+// this kernel only when every pointer is 16-byte aligned; outputs are fresh allocations, so an
+// input that is not aligned could not share a vector boundary with them and takes the scalar
+// kernel. A vector may straddle channels; the channel is tracked per element.
 template <class Op, typename scalar_t, typename index_t>
 __global__ void elementwise_vec_kernel(
     Op op,
@@ -446,19 +447,15 @@ __global__ void elementwise_vec_kernel(
     scalar_t* out,
     index_t numel,
     index_t S,
-    index_t C,
-    index_t head) {
+    index_t C) {
   using acc_t = acc_type_t<scalar_t>;
   constexpr int V = kVectorBytes / sizeof(scalar_t);
   using VecT = Vec<scalar_t, V>;
   const index_t tid = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
-  if (tid < head) {
-    elementwise_one(op, in0, in1, out, tid, S, C);
-  }
-  const index_t nvec = (numel - head) / V;
+  const index_t nvec = numel / V;
   for (index_t v = tid; v < nvec; v += stride) {
-    const index_t i = head + v * V;
+    const index_t i = v * V;
     const VecT a = *reinterpret_cast<const VecT*>(in0 + i);
     VecT b;
     if constexpr (Op::kInputs > 1) {
@@ -467,7 +464,7 @@ __global__ void elementwise_vec_kernel(
     VecT y;
     index_t c = (i / S) % C;
     index_t s = i % S;
-BNEXT_UNROLL
+    BNEXT_UNROLL
     for (int k = 0; k < V; ++k) {
       acc_t bk = acc_t(0);
       if constexpr (Op::kInputs > 1) {
@@ -481,7 +478,7 @@ BNEXT_UNROLL
     }
     *reinterpret_cast<VecT*>(out + i) = y;
   }
-  for (index_t i = head + nvec * V + tid; i < numel; i += stride) {
+  for (index_t i = nvec * V + tid; i < numel; i += stride) {
     elementwise_one(op, in0, in1, out, i, S, C);
   }
 }
@@ -515,16 +512,13 @@ void launch_elementwise(
   const int64_t numel = l.N * l.C * l.HxW;
   const int64_t S = l.channels_last ? 1 : l.HxW;
   const int64_t max_blocks = static_cast<int64_t>(multiprocessor_count()) * kBlocksPerSM * 2;
-  const auto misalign = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % kVectorBytes; };
-  const uintptr_t m = misalign(in0);
-  const bool same = misalign(out) == m && (in1 == nullptr || misalign(in1) == m) && m % sizeof(scalar_t) == 0;
-  if (same && numel >= 2 * V) {
-    const int64_t head = m == 0 ? 0 : (kVectorBytes - m) / sizeof(scalar_t);
-    const int64_t blocks = std::min(ceil_div(ceil_div(numel - head, V), kElementwiseThreads), max_blocks);
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0; };
+  if (aligned(in0) && aligned(out) && (in1 == nullptr || aligned(in1)) && numel >= V) {
+    const int64_t blocks = std::min(ceil_div(ceil_div(numel, V), kElementwiseThreads), max_blocks);
     launch(
         BNEXT_KERNEL(elementwise_vec_kernel, Op, scalar_t, index_t), dim3(static_cast<unsigned>(blocks)),
         dim3(kElementwiseThreads), 0, stream, op, in0, in1, out, static_cast<index_t>(numel),
-        static_cast<index_t>(S), static_cast<index_t>(l.C), static_cast<index_t>(head));
+        static_cast<index_t>(S), static_cast<index_t>(l.C));
     return;
   }
   const int64_t blocks = std::min(ceil_div(numel, kElementwiseThreads), max_blocks);

@@ -21,12 +21,10 @@ namespace bnext {
 namespace simt {
 namespace {
 
-// The kernels keep little on the stack; ASan's redzones need more.
-#ifdef BNEXT_SIMT_ASAN
-constexpr size_t kStackBytes = 512 * 1024;
-#else
+// The kernels keep little on the stack. Under ASan every swapcontext clears the shadow of the
+// target stack; at 128 KiB that is a 16 KiB memset, larger stacks make ASan unmap and remap shadow
+// pages on every switch (a system call each, minutes of system time for the ASan matrix).
 constexpr size_t kStackBytes = 128 * 1024;
-#endif
 constexpr int kWarp = 32;
 // Driver limits of every architecture bnext targets (sm_75 .. sm_90).
 constexpr unsigned kMaxThreadsPerBlock = 1024;
