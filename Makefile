@@ -47,7 +47,7 @@ $(ASAN_BIN): $(STAMP) $(ASAN_SOURCES)
 		-L$(TORCH_DIR)/lib -Wl,-rpath,$(TORCH_DIR)/lib -ltorch -ltorch_cpu -lc10
 
 asan: $(ASAN_BIN)
-	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 OMP_NUM_THREADS=1 $(ASAN_BIN)
+	ASAN_OPTIONS=abort_on_error=1 OMP_NUM_THREADS=1 $(ASAN_BIN)
 
 demo: build
 	$(PY) -m bnext.demo $(DEMO_ARGS)
