@@ -34,14 +34,16 @@ void dispatch_index(int64_t numel, F&& f) {
   }
 }
 
-// Zeroed scratch memory (per-block partials, tickets) on the input's device. The tensors are
+// Scratch memory (per-block partials, zeroed tickets) on the input's device. The tensors are
 // released when the entry returns; the caching allocator orders reuse after the kernels already
 // queued on the stream.
 struct Scratch {
   at::TensorOptions opts;
   std::vector<Tensor> keep;
-  void* operator()(size_t bytes) {
-    keep.push_back(at::zeros({static_cast<int64_t>(bytes)}, opts.dtype(at::kByte)));
+  void* operator()(size_t bytes, bool zeroed) {
+    const auto byte_opts = opts.dtype(at::kByte);
+    const int64_t n = static_cast<int64_t>(bytes);
+    keep.push_back(zeroed ? at::zeros({n}, byte_opts) : at::empty({n}, byte_opts));
     return keep.back().data_ptr();
   }
 };

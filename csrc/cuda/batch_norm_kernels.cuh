@@ -306,7 +306,8 @@ __global__ void reduce_channels_last_kernel(
 }
 
 // Launches the reduction of `layout` with reducer `r`. Partials and tickets come from `alloc`,
-// called only for multi-block reductions: alloc(bytes) returns zeroed device memory.
+// called only for multi-block reductions: alloc(bytes, zeroed) returns device memory, zero-filled
+// when `zeroed` (the tickets; every partial is written before it is read).
 template <class R, typename index_t, class Alloc>
 void launch_reduce(const R& r, const Layout& l, Stream stream, Alloc&& alloc) {
   using State = typename R::State;
@@ -322,8 +323,8 @@ void launch_reduce(const R& r, const Layout& l, Stream stream, Alloc&& alloc) {
     State* partials = nullptr;
     int* tickets = nullptr;
     if (grid.x > 1) {
-      partials = static_cast<State*>(alloc(sizeof(State) * l.C * grid.x));
-      tickets = static_cast<int*>(alloc(sizeof(int) * l.C));
+      partials = static_cast<State*>(alloc(sizeof(State) * l.C * grid.x, false));
+      tickets = static_cast<int*>(alloc(sizeof(int) * l.C, true));
     }
     launch(
         BNEXT_KERNEL(reduce_nchw_kernel, R, index_t), grid, dim3(bx, by), 0, stream, r,
@@ -342,8 +343,8 @@ void launch_reduce(const R& r, const Layout& l, Stream stream, Alloc&& alloc) {
   State* partials = nullptr;
   int* tickets = nullptr;
   if (grid.y > 1) {
-    partials = static_cast<State*>(alloc(sizeof(State) * l.C * grid.y));
-    tickets = static_cast<int*>(alloc(sizeof(int) * tiles));
+    partials = static_cast<State*>(alloc(sizeof(State) * l.C * grid.y, false));
+    tickets = static_cast<int*>(alloc(sizeof(int) * tiles, true));
   }
   launch(
       BNEXT_KERNEL(reduce_channels_last_kernel, R, index_t), grid, dim3(bx, by), sizeof(State) * bx * by,
