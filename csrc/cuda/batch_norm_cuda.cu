@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../common/checks.h"
@@ -74,7 +75,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input) {
         p.x.const_data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), nullptr, nullptr,
         nullptr, nullptr, nullptr, 0.0};
     dispatch_index(p.x.numel(), [&](auto index) {
-      launch_reduce<decltype(r), decltype(index)>(r, p.layout, current_stream(), scratch);
+      launch_reduce<std::remove_const_t<decltype(r)>, decltype(index)>(r, p.layout, current_stream(), scratch);
     });
   });
   return {mean, var};
@@ -145,7 +146,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward_cuda(
         eps};
     const NormalizeOp<acc_t> norm{scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>()};
     dispatch_index(p.x.numel(), [&](auto index) {
-      launch_reduce<decltype(r), decltype(index)>(r, p.layout, stream, scratch);
+      launch_reduce<std::remove_const_t<decltype(r)>, decltype(index)>(r, p.layout, stream, scratch);
       launch_elementwise<NormalizeOp<acc_t>, scalar_t, decltype(index)>(
           norm, p.x.const_data_ptr<scalar_t>(), nullptr, out.data_ptr<scalar_t>(), p.layout, stream);
     });
@@ -176,7 +177,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(
         dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), m.const_data_ptr<acc_t>(),
         sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(), nullptr, nullptr, nullptr, acc_t(0)};
     dispatch_index(p.x.numel(), [&](auto index) {
-      launch_reduce<decltype(r), decltype(index)>(r, p.layout, current_stream(), scratch);
+      launch_reduce<std::remove_const_t<decltype(r)>, decltype(index)>(r, p.layout, current_stream(), scratch);
     });
   });
   return {sum_dy, sum_dy_xmu};
@@ -254,7 +255,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
         w.const_data_ptr<acc_t>(), k, static_cast<acc_t>(1.0 / static_cast<double>(p.layout.rows()))};
     const BackwardElemtOp<acc_t> bw{k};
     dispatch_index(p.x.numel(), [&](auto index) {
-      launch_reduce<decltype(r), decltype(index)>(r, p.layout, stream, scratch);
+      launch_reduce<std::remove_const_t<decltype(r)>, decltype(index)>(r, p.layout, stream, scratch);
       launch_elementwise<BackwardElemtOp<acc_t>, scalar_t, decltype(index)>(
           bw, dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), p.layout,
           stream);

@@ -20,8 +20,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <memory>
 #include <mutex>
-#include <vector>
 #endif
 
 #define BNEXT_DEVICE __device__ __forceinline__
@@ -75,15 +76,15 @@ inline Stream current_stream() {
 inline int multiprocessor_count() {
   // Queried once per device: cudaDeviceGetAttribute is cheap but not free on every op call.
   static std::once_flag once;
-  static std::vector<int> counts;
-  std::call_once(once, [] { counts.assign(c10::cuda::device_count(), 0); });
+  static std::unique_ptr<std::atomic<int>[]> counts;
+  std::call_once(once, [] { counts.reset(new std::atomic<int>[c10::cuda::device_count()]()); });
   const int dev = c10::cuda::current_device();
-  if (counts[dev] == 0) {
-    int n = 0;
+  int n = counts[dev].load(std::memory_order_relaxed);
+  if (n == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    counts[dev] = n;
+    counts[dev].store(n, std::memory_order_relaxed);
   }
-  return counts[dev];
+  return n;
 }
 #endif
 
