@@ -118,7 +118,8 @@ def main_extension():
             define_macros=define_macros,
             extra_compile_args={
                 "cxx": CXX_FLAGS,
-                "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
+                # bnext's own CUDA sources compile warning-free; keep them so.
+                "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Werror", "all-warnings"],
             },
         )
     return cpp_extension.CppExtension(
@@ -135,7 +136,8 @@ def extensions():
             cpp_extension.CppExtension(
                 "bnext._simt",
                 simt_sources,
-                extra_compile_args={"cxx": ["-O2", "-pthread"]},
+                # The same kernel sources as csrc/cuda, as host C++: warnings are errors here too.
+                extra_compile_args={"cxx": ["-O2", "-pthread", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror"]},
                 extra_link_args=["-pthread"],
             )
         )

@@ -1,30 +1,11 @@
-// Every bnext schema, in one place. Kernels live in csrc/cpu (CPU key) and csrc/cuda (CUDA key);
-// fake kernels and autograd formulas are registered from Python (bnext/_fake.py, bnext/_autograd_ops.py).
-//
-// All ops are functional: none mutates an argument, so each can carry an autograd formula and be
-// traced by torch.compile. Running statistics are updated by the Python modules.
-//
-// Statistics are returned in the accumulation type: float32 for float16/bfloat16/float32 input,
-// float64 for float64 input. `var` is the biased variance. `sum_dy_xmu` is sum(dy * (x - mean)).
+// Every bnext schema is defined by bnext::define_schemas (csrc/common/schemas.h), shared with the
+// emulated CUDA build (namespace bnext_simt). Kernels live in csrc/cpu (CPU key) and csrc/cuda
+// (CUDA key); fake kernels and autograd formulas are registered from Python (bnext/_fake.py,
+// bnext/_op_autograd.py).
 #include <torch/library.h>
 
+#include "common/schemas.h"
+
 TORCH_LIBRARY(bnext, m) {
-  // Split ops (multi-process training composes these with collectives in between).
-  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
-  m.def(
-      "batch_norm_elemt(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd)"
-      " -> Tensor");
-  m.def(
-      "batch_norm_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd)"
-      " -> (Tensor sum_dy, Tensor sum_dy_xmu)");
-  m.def(
-      "batch_norm_backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd,"
-      " Tensor? weight, Tensor mean_dy, Tensor mean_dy_xmu) -> Tensor");
-  // Fused single-device ops: statistics and normalization (or reduction and elementwise) in one call.
-  m.def(
-      "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, float eps)"
-      " -> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor save_var)");
-  m.def(
-      "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean,"
-      " Tensor save_invstd) -> (Tensor grad_input, Tensor sum_dy, Tensor sum_dy_xmu)");
+  bnext::define_schemas(m);
 }

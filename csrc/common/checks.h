@@ -87,4 +87,61 @@ inline void check_eps(double eps, const char* op) {
   TORCH_CHECK_VALUE(eps >= 0.0, op, ": eps must be non-negative, got ", eps);
 }
 
+// All checks of one op's arguments, shared by its CPU and CUDA entries.
+inline void check_elemt_args(
+    const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const char* op) {
+  check_input(input, op);
+  check_optional_channel_vector(weight, "weight", input, op);
+  check_optional_channel_vector(bias, "bias", input, op);
+  check_channel_vector(mean, "mean", input, op);
+  check_channel_vector(invstd, "invstd", input, op);
+}
+
+inline void check_forward_args(
+    const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias,
+    double eps,
+    const char* op) {
+  check_input(input, op);
+  check_optional_channel_vector(weight, "weight", input, op);
+  check_optional_channel_vector(bias, "bias", input, op);
+  check_eps(eps, op);
+}
+
+// grad_out and input of the backward ops, plus the per-channel tensors every backward op takes.
+inline void check_backward_common(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const char* mean_name,
+    const at::Tensor& invstd,
+    const char* invstd_name,
+    const char* op) {
+  check_input(input, op);
+  check_like_input(grad_out, "grad_out", input, op);
+  check_channel_vector(mean, mean_name, input, op);
+  check_channel_vector(invstd, invstd_name, input, op);
+}
+
+inline void check_backward_elemt_args(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const c10::optional<at::Tensor>& weight,
+    const at::Tensor& mean_dy,
+    const at::Tensor& mean_dy_xmu,
+    const char* op) {
+  check_backward_common(grad_out, input, mean, "mean", invstd, "invstd", op);
+  check_optional_channel_vector(weight, "weight", input, op);
+  check_channel_vector(mean_dy, "mean_dy", input, op);
+  check_channel_vector(mean_dy_xmu, "mean_dy_xmu", input, op);
+}
+
 }  // namespace bnext

@@ -62,6 +62,15 @@ BNEXT_HOST_DEVICE WelfordData<acc_t, count_t> welford_combine(
   return out;
 }
 
+// Welford (1962) update with one value: the per-thread step of the GPU reductions.
+template <typename acc_t, typename count_t>
+BNEXT_HOST_DEVICE void welford_push(WelfordData<acc_t, count_t>& w, acc_t x) {
+  w.n += 1;
+  const acc_t delta = x - w.mean;
+  w.mean += delta / static_cast<acc_t>(w.n);
+  w.m2 += delta * (x - w.mean);
+}
+
 // Biased variance of a merged state; 0 for an empty one (as for mean), never NaN from 0/0.
 template <typename acc_t, typename count_t>
 BNEXT_HOST_DEVICE acc_t welford_var(const WelfordData<acc_t, count_t>& w) {

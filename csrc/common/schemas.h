@@ -1,0 +1,36 @@
+// Every bnext schema, as one function, so the real library (csrc/ops.cpp, namespace bnext) and the
+// emulated CUDA build (csrc/simt, namespace bnext_simt) define identical schemas that cannot drift.
+//
+// All ops are functional: none mutates an argument, so each can carry an autograd formula and be
+// traced by torch.compile. Running statistics are updated by the Python modules.
+//
+// Statistics are returned in the accumulation type: float32 for float16/bfloat16/float32 input,
+// float64 for float64 input. `var` is the biased variance. `sum_dy_xmu` is sum(dy * (x - mean)).
+#pragma once
+
+#include <torch/library.h>
+
+namespace bnext {
+
+inline void define_schemas(torch::Library& m) {
+  // Split ops (multi-process training composes these with collectives in between).
+  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  m.def(
+      "batch_norm_elemt(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd)"
+      " -> Tensor");
+  m.def(
+      "batch_norm_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd)"
+      " -> (Tensor sum_dy, Tensor sum_dy_xmu)");
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd,"
+      " Tensor? weight, Tensor mean_dy, Tensor mean_dy_xmu) -> Tensor");
+  // Fused single-device ops: statistics and normalization (or reduction and elementwise) in one call.
+  m.def(
+      "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, float eps)"
+      " -> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor save_var)");
+  m.def(
+      "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean,"
+      " Tensor save_invstd) -> (Tensor grad_input, Tensor sum_dy, Tensor sum_dy_xmu)");
+}
+
+}  // namespace bnext

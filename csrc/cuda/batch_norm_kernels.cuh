@@ -1,0 +1,538 @@
+// CUDA kernels of every bnext op and their templated launchers. Three layers (as in
+// mapillary/inplace_abn): `__global__ *_kernel`, a launcher templated on the reduction or
+// elementwise op and the index type, and the entries in batch_norm_cuda.cu that check arguments,
+// dispatch the dtype and pick 32/64-bit indexing.
+//
+// Two kernel families cover the six ops:
+//  * per-channel reductions (statistics, backward reduce), one NCHW and one channels-last kernel,
+//    parametrized by a Reducer (per-element step, merge, per-channel epilogue);
+//  * elementwise kernels (normalize, backward elementwise), parametrized by an op that reads
+//    per-channel coefficients computed once per channel (by the reduction's epilogue in the fused
+//    ops, by a small coefficient kernel in the split ops).
+//
+// Determinism: every reduction is a fixed tree. A thread's values are visited in a fixed order,
+// warps and blocks merge by lane and warp number, and multi-block reductions write per-block
+// partials that the last block to finish merges in block order; no floating-point atomics. The
+// only atomic is an integer ticket that elects the merging block, and which block merges does not
+// change the merge order, so results are bitwise identical from run to run.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../common/layout.h"
+#include "../common/math.h"
+#include "device.cuh"
+
+namespace bnext {
+namespace cuda {
+
+// Threads per block of the reductions: 8 warps per block, enough loads in flight per SM with a
+// few blocks resident, and a block merge of only 8 warp partials.
+constexpr int kReduceThreads = 256;
+// Threads per block of the elementwise kernels.
+constexpr int kElementwiseThreads = 256;
+// Blocks per SM the launchers aim for: enough to hide memory latency without making the
+// multi-block merge of the reductions long.
+constexpr int kBlocksPerSM = 4;
+
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Smallest power of two >= n (n >= 1), at most `cap`.
+inline int pow2_at_least(int64_t n, int cap) {
+  int p = 1;
+  while (p < n && p < cap) {
+    p <<= 1;
+  }
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reducers: what a per-channel reduction accumulates and what it writes at the end.
+
+template <typename acc_t>
+using Welford = WelfordData<acc_t, int64_t>;
+
+// Statistics: Welford per thread, Chan merges above. The epilogue writes mean and biased var and,
+// in the fused forward, invstd and the normalize coefficients (pivot, scale, shift) of the channel.
+template <typename scalar_t, typename acc_t_>
+struct StatsReducer {
+  using acc_t = acc_t_;
+  using State = Welford<acc_t>;
+  struct Channel {};
+
+  const scalar_t* x;
+  acc_t* mean;
+  acc_t* var;
+  // Fused forward only (nullptr otherwise).
+  acc_t* invstd;
+  const acc_t* weight;
+  const acc_t* bias;
+  acc_t* pivot;
+  acc_t* scale;
+  acc_t* shift;
+  double eps;
+
+  BNEXT_DEVICE static State identity() {
+    return State{acc_t(0), acc_t(0), 0};
+  }
+  template <typename index_t>
+  BNEXT_DEVICE Channel channel(index_t) const {
+    return Channel{};
+  }
+  template <typename index_t>
+  BNEXT_DEVICE void push(State& s, const Channel&, index_t i) const {
+    welford_push(s, static_cast<acc_t>(x[i]));
+  }
+  BNEXT_DEVICE static State combine(const State& a, const State& b) {
+    return welford_combine(a, b);
+  }
+  BNEXT_DEVICE static State shfl_down(const State& s, int delta) {
+    return State{cuda::shfl_down(s.mean, delta), cuda::shfl_down(s.m2, delta), cuda::shfl_down(s.n, delta)};
+  }
+  BNEXT_DEVICE static State load_partial(const State* p) {
+    return State{ldcg(&p->mean), ldcg(&p->m2), ldcg(&p->n)};
+  }
+  template <typename index_t>
+  BNEXT_DEVICE void finalize(index_t c, const State& s) const {
+    const acc_t v = welford_var(s);
+    mean[c] = s.mean;
+    var[c] = v;
+    if (invstd != nullptr) {
+      const acc_t is = invstd_from_var(v, eps);
+      invstd[c] = is;
+      const auto k = normalize_coeffs(s.mean, is, weight[c], bias[c]);
+      pivot[c] = k.pivot;
+      scale[c] = k.scale;
+      shift[c] = k.shift;
+    }
+  }
+};
+
+template <typename acc_t>
+struct GradState {
+  acc_t sum_dy;
+  acc_t sum_dy_xmu;
+};
+
+// Backward reduce: sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)). In the fused backward the
+// epilogue also folds the channel's backward coefficients (dx = a * dy + b * (x - mean) + d).
+template <typename scalar_t, typename acc_t_>
+struct GradReducer {
+  using acc_t = acc_t_;
+  using State = GradState<acc_t>;
+  struct Channel {
+    acc_t mean;
+  };
+
+  const scalar_t* dy;
+  const scalar_t* x;
+  const acc_t* mean;
+  acc_t* sum_dy;
+  acc_t* sum_dy_xmu;
+  // Fused backward only (nullptr otherwise).
+  const acc_t* invstd;
+  const acc_t* weight;
+  BackwardCoeffs<acc_t>* coeffs;
+  acc_t inv_count;
+
+  BNEXT_DEVICE static State identity() {
+    return State{acc_t(0), acc_t(0)};
+  }
+  template <typename index_t>
+  BNEXT_DEVICE Channel channel(index_t c) const {
+    return Channel{ldg(mean + c)};
+  }
+  template <typename index_t>
+  BNEXT_DEVICE void push(State& s, const Channel& ch, index_t i) const {
+    const acc_t g = static_cast<acc_t>(dy[i]);
+    s.sum_dy += g;
+    s.sum_dy_xmu += g * (static_cast<acc_t>(x[i]) - ch.mean);
+  }
+  BNEXT_DEVICE static State combine(const State& a, const State& b) {
+    return State{a.sum_dy + b.sum_dy, a.sum_dy_xmu + b.sum_dy_xmu};
+  }
+  BNEXT_DEVICE static State shfl_down(const State& s, int delta) {
+    return State{cuda::shfl_down(s.sum_dy, delta), cuda::shfl_down(s.sum_dy_xmu, delta)};
+  }
+  BNEXT_DEVICE static State load_partial(const State* p) {
+    return State{ldcg(&p->sum_dy), ldcg(&p->sum_dy_xmu)};
+  }
+  template <typename index_t>
+  BNEXT_DEVICE void finalize(index_t c, const State& s) const {
+    sum_dy[c] = s.sum_dy;
+    sum_dy_xmu[c] = s.sum_dy_xmu;
+    if (coeffs != nullptr) {
+      coeffs[c] = backward_coeffs(mean[c], invstd[c], weight[c], s.sum_dy * inv_count, s.sum_dy_xmu * inv_count);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Reduction kernels.
+
+// NCHW: channel c is N runs of HxW values. threadIdx.x walks a run, threadIdx.y walks n. A
+// channel is split over gridDim.x blocks: hw_splits tiles of a run times gridDim.x / hw_splits
+// groups of n. Channels loop with stride gridDim.y (any C under the grid limit).
+template <class R, typename index_t>
+__global__ void reduce_nchw_kernel(
+    R r,
+    index_t N,
+    index_t C,
+    index_t HxW,
+    int hw_splits,
+    typename R::State* partials,
+    int* tickets) {
+  using State = typename R::State;
+  __shared__ State warp_states[kMaxWarps];
+  __shared__ bool is_last;
+  const int tid = linear_thread();
+  const int nthreads = blockDim.x * blockDim.y;
+  const int n_splits = gridDim.x / hw_splits;
+  const index_t hw0 = static_cast<index_t>(blockIdx.x % hw_splits) * blockDim.x + threadIdx.x;
+  const index_t hw_step = static_cast<index_t>(hw_splits) * blockDim.x;
+  const index_t n0 = static_cast<index_t>(blockIdx.x / hw_splits) * blockDim.y + threadIdx.y;
+  const index_t n_step = static_cast<index_t>(n_splits) * blockDim.y;
+  for (index_t c = blockIdx.y; c < C; c += gridDim.y) {
+    const auto ch = r.channel(c);
+    State s = R::identity();
+    for (index_t n = n0; n < N; n += n_step) {
+      const index_t base = (n * C + c) * HxW;
+      for (index_t hw = hw0; hw < HxW; hw += hw_step) {
+        r.push(s, ch, base + hw);
+      }
+    }
+    s = block_reduce<R>(s, warp_states);
+    if (gridDim.x == 1) {
+      if (tid == 0) {
+        r.finalize(c, s);
+      }
+      continue;
+    }
+    if (tid == 0) {
+      partials[static_cast<int64_t>(c) * gridDim.x + blockIdx.x] = s;
+      __threadfence();
+      is_last = atomicAdd(&tickets[c], 1) == static_cast<int>(gridDim.x) - 1;
+    }
+    __syncthreads();
+    if (is_last) {
+      __threadfence();
+      State t = R::identity();
+      for (int b = tid; b < static_cast<int>(gridDim.x); b += nthreads) {
+        t = R::combine(t, R::load_partial(&partials[static_cast<int64_t>(c) * gridDim.x + b]));
+      }
+      t = block_reduce<R>(t, warp_states);
+      if (tid == 0) {
+        r.finalize(c, t);
+      }
+    }
+  }
+}
+
+// Column tree over threadIdx.y of a (blockDim.y x blockDim.x) tile of states in shared memory;
+// blockDim.y is a power of two. Row 0 holds the result. Ends with a barrier.
+template <class R, class State>
+BNEXT_DEVICE void column_reduce(State* tile) {
+  for (int off = blockDim.y / 2; off > 0; off >>= 1) {
+    if (static_cast<int>(threadIdx.y) < off) {
+      State& mine = tile[threadIdx.y * blockDim.x + threadIdx.x];
+      mine = R::combine(mine, tile[(threadIdx.y + off) * blockDim.x + threadIdx.x]);
+    }
+    __syncthreads();
+  }
+}
+
+// Channels-last: R rows of C adjacent channels. threadIdx.x walks channels (coalesced across a
+// warp), threadIdx.y walks rows; gridDim.y splits the rows, channel tiles of blockDim.x loop with
+// stride gridDim.x.
+template <class R, typename index_t>
+__global__ void reduce_channels_last_kernel(
+    R r,
+    index_t rows,
+    index_t C,
+    typename R::State* partials,
+    int* tickets) {
+  using State = typename R::State;
+  BNEXT_DYNAMIC_SHARED(State, tile);
+  __shared__ bool is_last;
+  const int tid = linear_thread();
+  for (index_t c0 = static_cast<index_t>(blockIdx.x) * blockDim.x; c0 < C;
+       c0 += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t c = c0 + threadIdx.x;
+    State s = R::identity();
+    if (c < C) {
+      const auto ch = r.channel(c);
+      for (index_t row = static_cast<index_t>(blockIdx.y) * blockDim.y + threadIdx.y; row < rows;
+           row += static_cast<index_t>(gridDim.y) * blockDim.y) {
+        r.push(s, ch, row * C + c);
+      }
+    }
+    tile[tid] = s;
+    __syncthreads();
+    column_reduce<R>(tile);
+    if (gridDim.y == 1) {
+      if (threadIdx.y == 0 && c < C) {
+        r.finalize(c, tile[threadIdx.x]);
+      }
+      __syncthreads();
+      continue;
+    }
+    if (threadIdx.y == 0 && c < C) {
+      partials[static_cast<int64_t>(blockIdx.y) * C + c] = tile[threadIdx.x];
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+      is_last = atomicAdd(&tickets[c0 / blockDim.x], 1) == static_cast<int>(gridDim.y) - 1;
+    }
+    __syncthreads();
+    if (is_last) {
+      __threadfence();
+      State t = R::identity();
+      if (c < C) {
+        for (int b = threadIdx.y; b < static_cast<int>(gridDim.y); b += blockDim.y) {
+          t = R::combine(t, R::load_partial(&partials[static_cast<int64_t>(b) * C + c]));
+        }
+      }
+      tile[tid] = t;
+      __syncthreads();
+      column_reduce<R>(tile);
+      if (threadIdx.y == 0 && c < C) {
+        r.finalize(c, tile[threadIdx.x]);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Launches the reduction of `layout` with reducer `r`. Partials and tickets come from `alloc`,
+// called only for multi-block reductions: alloc(bytes, zeroed) returns device memory, zero-filled
+// when `zeroed` (the tickets; every partial is written before it is read).
+template <class R, typename index_t, class Alloc>
+void launch_reduce(const R& r, const Layout& l, Stream stream, Alloc&& alloc) {
+  using State = typename R::State;
+  const int64_t target_blocks = static_cast<int64_t>(multiprocessor_count()) * kBlocksPerSM;
+  if (!l.channels_last) {
+    const int bx = pow2_at_least(l.HxW, kReduceThreads);
+    const int by = kReduceThreads / bx;
+    const int64_t channel_blocks = std::min(l.C, kMaxChannelBlocks);
+    const int64_t splits = std::max<int64_t>(1, target_blocks / channel_blocks);
+    const int64_t hw_splits = std::min(ceil_div(l.HxW, bx), splits);
+    const int64_t n_splits = std::min(ceil_div(l.N, by), std::max<int64_t>(1, splits / hw_splits));
+    const dim3 grid(static_cast<unsigned>(hw_splits * n_splits), static_cast<unsigned>(channel_blocks));
+    State* partials = nullptr;
+    int* tickets = nullptr;
+    if (grid.x > 1) {
+      partials = static_cast<State*>(alloc(sizeof(State) * l.C * grid.x, false));
+      tickets = static_cast<int*>(alloc(sizeof(int) * l.C, true));
+    }
+    launch(
+        BNEXT_KERNEL(reduce_nchw_kernel, R, index_t), grid, dim3(bx, by), 0, stream, r,
+        static_cast<index_t>(l.N), static_cast<index_t>(l.C), static_cast<index_t>(l.HxW),
+        static_cast<int>(hw_splits), partials, tickets);
+    return;
+  }
+  const int64_t rows = l.rows();
+  const int bx = std::min(pow2_at_least(l.C, kWarpSize), kWarpSize);
+  const int by = kReduceThreads / bx;
+  const int64_t tiles = ceil_div(l.C, bx);
+  const int64_t tile_blocks = std::min(tiles, kMaxChannelBlocks);
+  const int64_t row_splits =
+      std::min({ceil_div(rows, by), std::max<int64_t>(1, target_blocks / tile_blocks), kMaxChannelBlocks});
+  const dim3 grid(static_cast<unsigned>(tile_blocks), static_cast<unsigned>(row_splits));
+  State* partials = nullptr;
+  int* tickets = nullptr;
+  if (grid.y > 1) {
+    partials = static_cast<State*>(alloc(sizeof(State) * l.C * grid.y, false));
+    tickets = static_cast<int*>(alloc(sizeof(int) * tiles, true));
+  }
+  launch(
+      BNEXT_KERNEL(reduce_channels_last_kernel, R, index_t), grid, dim3(bx, by), sizeof(State) * bx * by,
+      stream, r, static_cast<index_t>(rows), static_cast<index_t>(l.C), partials, tickets);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-channel coefficients of the split ops.
+
+template <typename acc_t>
+__global__ void normalize_coeffs_kernel(
+    const acc_t* mean,
+    const acc_t* invstd,
+    const acc_t* weight,
+    const acc_t* bias,
+    acc_t* pivot,
+    acc_t* scale,
+    acc_t* shift,
+    int64_t C) {
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const auto k = normalize_coeffs(mean[c], invstd[c], weight[c], bias[c]);
+    pivot[c] = k.pivot;
+    scale[c] = k.scale;
+    shift[c] = k.shift;
+  }
+}
+
+template <typename acc_t>
+__global__ void backward_coeffs_kernel(
+    const acc_t* mean,
+    const acc_t* invstd,
+    const acc_t* weight,
+    const acc_t* mean_dy,
+    const acc_t* mean_dy_xmu,
+    BackwardCoeffs<acc_t>* coeffs,
+    int64_t C) {
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    coeffs[c] = backward_coeffs(mean[c], invstd[c], weight[c], mean_dy[c], mean_dy_xmu[c]);
+  }
+}
+
+inline dim3 channel_grid(int64_t C) {
+  return dim3(static_cast<unsigned>(std::min(ceil_div(C, kElementwiseThreads), kMaxChannelBlocks)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise kernels over the whole tensor, flat. Element i belongs to channel (i / S) % C with
+// S = HxW for NCHW and S = 1 for channels-last, so one kernel serves both layouts and any shape.
+
+// y = (x - pivot[c]) * scale[c] + shift[c] (see normalize() in common/math.h)
+template <typename acc_t>
+struct NormalizeOp {
+  static constexpr int kInputs = 1;
+  const acc_t* pivot;
+  const acc_t* scale;
+  const acc_t* shift;
+  template <typename index_t>
+  BNEXT_DEVICE acc_t operator()(acc_t x, acc_t, index_t c) const {
+    return normalize(x, ldg(pivot + c), ldg(scale + c), ldg(shift + c));
+  }
+};
+
+// dx = a[c] * dy + b[c] * (x - mean[c]) + d[c]
+template <typename acc_t>
+struct BackwardElemtOp {
+  static constexpr int kInputs = 2;
+  const BackwardCoeffs<acc_t>* coeffs;
+  template <typename index_t>
+  BNEXT_DEVICE acc_t operator()(acc_t dy, acc_t x, index_t c) const {
+    const BackwardCoeffs<acc_t>* k = coeffs + c;
+    return backward_elemt(dy, x, ldg(&k->mean), ldg(&k->a), ldg(&k->b), ldg(&k->d));
+  }
+};
+
+template <class Op, typename scalar_t, typename index_t>
+BNEXT_DEVICE void elementwise_one(
+    const Op& op,
+    const scalar_t* in0,
+    const scalar_t* in1,
+    scalar_t* out,
+    index_t i,
+    index_t S,
+    index_t C) {
+  using acc_t = acc_type_t<scalar_t>;
+  const acc_t a = static_cast<acc_t>(in0[i]);
+  acc_t b = acc_t(0);
+  if constexpr (Op::kInputs > 1) {
+    b = static_cast<acc_t>(in1[i]);
+  }
+  out[i] = static_cast<scalar_t>(op(a, b, (i / S) % C));
+}
+
+// Vectorized: 16-byte vectors, then a scalar tail of fewer than V elements. The launcher picks
+// this kernel only when every pointer is 16-byte aligned; outputs are fresh allocations, so an
+// input that is not aligned could not share a vector boundary with them and takes the scalar
+// kernel. A vector may straddle channels; the channel is tracked per element.
+template <class Op, typename scalar_t, typename index_t>
+__global__ void elementwise_vec_kernel(
+    Op op,
+    const scalar_t* in0,
+    const scalar_t* in1,
+    scalar_t* out,
+    index_t numel,
+    index_t S,
+    index_t C) {
+  using acc_t = acc_type_t<scalar_t>;
+  constexpr int V = kVectorBytes / sizeof(scalar_t);
+  using VecT = Vec<scalar_t, V>;
+  const index_t tid = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
+  const index_t nvec = numel / V;
+  for (index_t v = tid; v < nvec; v += stride) {
+    const index_t i = v * V;
+    const VecT a = *reinterpret_cast<const VecT*>(in0 + i);
+    VecT b;
+    if constexpr (Op::kInputs > 1) {
+      b = *reinterpret_cast<const VecT*>(in1 + i);
+    }
+    VecT y;
+    index_t c = (i / S) % C;
+    index_t s = i % S;
+    BNEXT_UNROLL
+    for (int k = 0; k < V; ++k) {
+      acc_t bk = acc_t(0);
+      if constexpr (Op::kInputs > 1) {
+        bk = static_cast<acc_t>(b.val[k]);
+      }
+      y.val[k] = static_cast<scalar_t>(op(static_cast<acc_t>(a.val[k]), bk, c));
+      if (++s == S) {
+        s = 0;
+        c = c + 1 == C ? 0 : c + 1;
+      }
+    }
+    *reinterpret_cast<VecT*>(out + i) = y;
+  }
+  for (index_t i = nvec * V + tid; i < numel; i += stride) {
+    elementwise_one(op, in0, in1, out, i, S, C);
+  }
+}
+
+// Any alignment: one element per step.
+template <class Op, typename scalar_t, typename index_t>
+__global__ void elementwise_scalar_kernel(
+    Op op,
+    const scalar_t* in0,
+    const scalar_t* in1,
+    scalar_t* out,
+    index_t numel,
+    index_t S,
+    index_t C) {
+  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
+    elementwise_one(op, in0, in1, out, i, S, C);
+  }
+}
+
+// Runs `op` over the tensor described by `l`; in1 may be nullptr for one-input ops.
+template <class Op, typename scalar_t, typename index_t>
+void launch_elementwise(
+    const Op& op,
+    const scalar_t* in0,
+    const scalar_t* in1,
+    scalar_t* out,
+    const Layout& l,
+    Stream stream) {
+  constexpr int V = kVectorBytes / sizeof(scalar_t);
+  const int64_t numel = l.N * l.C * l.HxW;
+  const int64_t S = l.channels_last ? 1 : l.HxW;
+  const int64_t max_blocks = static_cast<int64_t>(multiprocessor_count()) * kBlocksPerSM * 2;
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0; };
+  if (aligned(in0) && aligned(out) && (in1 == nullptr || aligned(in1)) && numel >= V) {
+    const int64_t blocks = std::min(ceil_div(ceil_div(numel, V), kElementwiseThreads), max_blocks);
+    launch(
+        BNEXT_KERNEL(elementwise_vec_kernel, Op, scalar_t, index_t), dim3(static_cast<unsigned>(blocks)),
+        dim3(kElementwiseThreads), 0, stream, op, in0, in1, out, static_cast<index_t>(numel),
+        static_cast<index_t>(S), static_cast<index_t>(l.C));
+    return;
+  }
+  const int64_t blocks = std::min(ceil_div(numel, kElementwiseThreads), max_blocks);
+  launch(
+      BNEXT_KERNEL(elementwise_scalar_kernel, Op, scalar_t, index_t), dim3(static_cast<unsigned>(blocks)),
+      dim3(kElementwiseThreads), 0, stream, op, in0, in1, out, static_cast<index_t>(numel),
+      static_cast<index_t>(S), static_cast<index_t>(l.C));
+}
+
+}  // namespace cuda
+}  // namespace bnext
