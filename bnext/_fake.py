@@ -44,8 +44,19 @@ def _check_like_input(t, name, input, op):
     torch._check_type(t.dtype == input.dtype, lambda: f"{op}: {name} must have the input's dtype {input.dtype}, got {t.dtype}")
 
 
+def layout_format(input):
+    """The output memory format of every bnext op: csrc/common/layout.h layout_format()."""
+    if input.is_contiguous():
+        return torch.contiguous_format
+    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return suggest_memory_format(input)
+
+
 def _like_input(input):
-    return torch.empty_like(input, memory_format=suggest_memory_format(input))
+    return torch.empty_like(input, memory_format=layout_format(input))
 
 
 def _channel(input):

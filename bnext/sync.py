@@ -19,9 +19,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch._prims_common import suggest_memory_format
 
-from ._fake import acc_dtype
+from ._fake import acc_dtype, layout_format
 from ._ops import ops
 from .functional import _check_args, _empty_batch, _update_running_stats, batch_norm_impl
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormMixin
@@ -134,7 +133,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         mean, var = _merge_stats(gathered, counts, total, stats_dtype)
         invstd = torch.rsqrt(var + eps)
         if empty:
-            output = torch.empty_like(input, memory_format=suggest_memory_format(input))
+            output = torch.empty_like(input, memory_format=layout_format(input))
         else:
             output = ops().batch_norm_elemt(input, weight, bias, mean, invstd)
         ctx.save_for_backward(input, weight, mean, invstd)
@@ -167,7 +166,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             combined = torch.cat([sum_dy, sum_dy_xmu])
             dist.all_reduce(combined, op=dist.ReduceOp.SUM, group=ctx.group)
             if empty:
-                grad_input = torch.empty_like(input, memory_format=suggest_memory_format(input))
+                grad_input = torch.empty_like(input, memory_format=layout_format(input))
             else:
                 mean_dy, mean_dy_xmu = (combined / ctx.total).split(C)
                 grad_input = ops().batch_norm_backward_elemt(

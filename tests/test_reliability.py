@@ -314,3 +314,20 @@ def test_sums_over_more_than_2_24_values_per_channel(shape):
     mean, var = torch.ops.bnext.batch_norm_stats(x + 5)
     torch.testing.assert_close(mean, torch.full((2,), 5.0), rtol=0, atol=2e-3)
     torch.testing.assert_close(var, torch.ones(2), rtol=0, atol=2e-3)
+
+
+def test_ambiguous_channels_last_strides_backward_is_exact():
+    """(1, 2, 2, 1) with strides (4, 1, 2, 1) is channels_last-contiguous only through its size-1
+    dimensions. torch's CPU backward is wrong there (it returns +5.8e-4 where the exact value is
+    -5.3e-3); bnext matches a float64 composite, and keeps torch's output format."""
+    x = torch.empty_strided((1, 2, 2, 1), (4, 1, 2, 1))
+    x.copy_(torch.tensor([-0.43851518, -0.19327068, 0.19331294, 1.36407304]).view(1, 2, 2, 1))
+    g = torch.tensor([-0.85667461, 1.10060418, -1.07118738, 0.12270124]).view(1, 2, 2, 1)
+    xd = x.double().requires_grad_()
+    m, v = xd.mean((0, 2, 3), keepdim=True), xd.var((0, 2, 3), unbiased=False, keepdim=True)
+    ((xd - m) / torch.sqrt(v + 1e-5)).backward(g.double())
+    xo = x.clone().requires_grad_()
+    y = bnext.batch_norm(xo, None, None, training=True)
+    y.backward(g)
+    torch.testing.assert_close(xo.grad.double(), xd.grad, rtol=1e-3, atol=1e-6)
+    assert y.stride() == F.batch_norm(x, None, None, training=True).stride()

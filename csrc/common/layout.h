@@ -18,8 +18,20 @@ struct Layout {
   }
 };
 
-// The memory format bnext keeps: the input's suggested one (the one torch's own BN keeps).
+// The memory format bnext keeps, chosen as torch's own BN chooses it: contiguous inputs stay
+// contiguous, inputs contiguous in channels_last(_3d) stay so (also when size-1 dimensions make
+// suggest_memory_format() call them contiguous, e.g. (1, C, H, 1) with C-stride 1), any other
+// strides go to the suggested format.
 inline at::MemoryFormat layout_format(const at::Tensor& input) {
+  if (input.is_contiguous()) {
+    return at::MemoryFormat::Contiguous;
+  }
+  if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+    return at::MemoryFormat::ChannelsLast3d;
+  }
   return input.suggest_memory_format();
 }
 
