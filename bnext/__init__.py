@@ -4,12 +4,15 @@
     model = bnext.convert_model(model)      # or use bnext.BatchNorm2d directly
     y = bnext.batch_norm(x, running_mean, running_var, weight, bias, training=True)
 """
+import torch  # noqa: F401  (loads libtorch/libc10, which the extension links against)
+
 from . import _C  # noqa: F401  (loads the extension: registers torch.ops.bnext.*)
 from . import _fake  # noqa: F401  (fake kernels: torch.compile, export, meta tensors)
 from . import _op_autograd  # noqa: F401  (autograd formulas of every op)
 from .autograd import BatchNormFunction
 from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+from .sync import SyncBatchNorm
 
 __version__ = "0.1.0"
 
@@ -18,6 +21,7 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormFunction",
+    "SyncBatchNorm",
     "batch_norm",
     "build_info",
     "convert_model",
@@ -30,8 +34,6 @@ def build_info() -> dict:
     Keys: version, torch_version (built against), torch_runtime_version, cuda (CUDA kernels
     compiled), cuda_archs (list of "8.0"-style strings), cpu_isa (CPU kernel variant in use).
     """
-    import torch
-
     info = dict(_C.build_info())
     archs = info.pop("cuda_archs")
     return {

@@ -28,7 +28,7 @@ class _BatchNormMixin:
             factor = self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         pass_buffers = not self.training or self.track_running_stats
-        out = batch_norm_impl(
+        out = self._batch_norm(
             input,
             self.running_mean if pass_buffers else None,
             self.running_var if pass_buffers else None,
@@ -42,6 +42,11 @@ class _BatchNormMixin:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
         return out
+
+    def _batch_norm(self, input, running_mean, running_var, weight, bias, training, momentum, eps):
+        # The one place subclasses change: SyncBatchNorm routes the batch-statistics path through
+        # its collectives; everything around it (checks, momentum, num_batches_tracked) is shared.
+        return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
@@ -64,13 +69,25 @@ BNEXT_TWIN = {
 }
 
 
-def convert_model(module: nn.Module) -> nn.Module:
+def convert_model(module: nn.Module, sync: bool = False, process_group=None) -> nn.Module:
     """Replace every nn.BatchNorm1d/2d/3d inside `module` by its bnext twin, in place.
 
     The modules themselves are kept (their class is switched), so parameters, buffers, hooks,
     the training flag, device, dtype, requires_grad and any optimizer holding the parameters stay
     as they were. Returns `module`.
+
+    sync=True: instead replace every nn.BatchNorm1d/2d/3d, nn.SyncBatchNorm and bnext.BatchNorm*
+    (exact types) by a bnext.SyncBatchNorm over `process_group` (None: the whole world), as
+    bnext.SyncBatchNorm.convert_sync_batchnorm does: new layers sharing the parameters and
+    buffers, so use the returned module (a layer passed as `module` is returned converted). Call
+    it before wrapping the model in DistributedDataParallel.
     """
+    if sync:
+        from .sync import convert_to_sync  # sync imports this module
+
+        return convert_to_sync(module, process_group)
+    if process_group is not None:
+        raise ValueError("bnext.convert_model: process_group is used only with sync=True, got sync=False")
     for m in module.modules():
         twin = BNEXT_TWIN.get(type(m))
         if twin is not None:

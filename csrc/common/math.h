@@ -54,7 +54,9 @@ BNEXT_HOST_DEVICE WelfordData<acc_t, count_t> welford_combine(
   const acc_t nb_over_n = static_cast<acc_t>(b.n) / static_cast<acc_t>(n);
   const acc_t delta = b.mean - a.mean;
   WelfordData<acc_t, count_t> out;
-  out.mean = a.mean + delta * nb_over_n;
+  // Convex form rather than a.mean + delta * nb_over_n: an infinite partial mean then gives an
+  // infinite mean (inf - inf would give NaN), as a plain average does.
+  out.mean = a.mean * (acc_t(1) - nb_over_n) + b.mean * nb_over_n;
   out.m2 = a.m2 + b.m2 + delta * delta * static_cast<acc_t>(a.n) * nb_over_n;
   out.n = n;
   return out;
@@ -71,12 +73,28 @@ BNEXT_HOST_DEVICE acc_t invstd_from_var(acc_t var, double eps) {
   return acc_t(1) / static_cast<acc_t>(::sqrt(static_cast<double>(var) + eps));
 }
 
-// y = (x - mean) * invstd * weight + bias, folded into y = x * scale + shift once per channel.
+// y = (x - mean) * invstd * weight + bias, evaluated per element as (x - pivot) * scale + shift.
+// The pivot is a value close to the data (the mean itself, or the channel's first value when the
+// statistics were taken relative to it). Folding everything into x * scale + shift instead would
+// cancel two large terms when the data has a large offset and a small spread (mean 1e4, std 1e-2
+// in float32 loses about two decimal digits that way); x - pivot is exact there (Sterbenz).
 template <typename acc_t>
 struct NormalizeCoeffs {
+  acc_t pivot;
   acc_t scale;
   acc_t shift;
 };
+
+// An infinite scale (zero variance with eps = 0 in eval) has no meaningful output; use torch's own
+// folded form there so NaN and Inf come out exactly where they come out of torch.
+template <typename acc_t>
+BNEXT_HOST_DEVICE NormalizeCoeffs<acc_t> fold_if_not_finite(NormalizeCoeffs<acc_t> c, acc_t mean, acc_t bias) {
+  if (!(c.scale - c.scale == acc_t(0))) {
+    c.shift = bias - mean * c.scale;
+    c.pivot = acc_t(0);
+  }
+  return c;
+}
 
 template <typename acc_t>
 BNEXT_HOST_DEVICE NormalizeCoeffs<acc_t> normalize_coeffs(
@@ -85,16 +103,43 @@ BNEXT_HOST_DEVICE NormalizeCoeffs<acc_t> normalize_coeffs(
     acc_t weight,
     acc_t bias) {
   NormalizeCoeffs<acc_t> c;
+  c.pivot = mean;
   c.scale = invstd * weight;
-  c.shift = bias - mean * c.scale;
-  return c;
+  c.shift = bias;
+  return fold_if_not_finite(c, mean, bias);
 }
 
-// Closed-form training backward, folded per channel into dx = a * dy + b * x + d:
+// Statistics taken of x - pivot: mean = pivot + mean_shifted. The rounded mean becomes the pivot
+// (x - mean is the smallest difference to round), and what rounding lost, mean_shifted - (mean -
+// pivot), goes into the shift, so the normalization uses the unrounded mean.
+template <typename acc_t>
+BNEXT_HOST_DEVICE NormalizeCoeffs<acc_t> normalize_coeffs_shifted(
+    acc_t pivot,
+    acc_t mean_shifted,
+    acc_t invstd,
+    acc_t weight,
+    acc_t bias) {
+  NormalizeCoeffs<acc_t> c;
+  c.pivot = pivot + mean_shifted;
+  c.scale = invstd * weight;
+  const acc_t lost = mean_shifted - (c.pivot - pivot);
+  c.shift = bias - lost * c.scale;
+  return fold_if_not_finite(c, c.pivot, bias);
+}
+
+template <typename acc_t>
+BNEXT_HOST_DEVICE acc_t normalize(acc_t x, acc_t pivot, acc_t scale, acc_t shift) {
+  return (x - pivot) * scale + shift;
+}
+
+// Closed-form training backward per channel:
 //   dx = w * invstd * (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu)
-// with mean_dy = sum_dy / M and mean_dy_xmu = sum_dy_xmu / M.
+//      = a * dy + b * (x - mean) + d
+// with mean_dy = sum_dy / M and mean_dy_xmu = sum_dy_xmu / M. x - mean stays unfolded for the same
+// reason as in normalize().
 template <typename acc_t>
 struct BackwardCoeffs {
+  acc_t mean;
   acc_t a;
   acc_t b;
   acc_t d;
@@ -108,11 +153,16 @@ BNEXT_HOST_DEVICE BackwardCoeffs<acc_t> backward_coeffs(
     acc_t mean_dy,
     acc_t mean_dy_xmu) {
   BackwardCoeffs<acc_t> c;
+  c.mean = mean;
   c.a = weight * invstd;
-  const acc_t k = invstd * invstd * mean_dy_xmu;
-  c.b = -c.a * k;
-  c.d = c.a * (k * mean - mean_dy);
+  c.b = -c.a * invstd * invstd * mean_dy_xmu;
+  c.d = -c.a * mean_dy;
   return c;
+}
+
+template <typename acc_t>
+BNEXT_HOST_DEVICE acc_t backward_elemt(acc_t dy, acc_t x, acc_t mean, acc_t a, acc_t b, acc_t d) {
+  return a * dy + b * (x - mean) + d;
 }
 
 }  // namespace bnext

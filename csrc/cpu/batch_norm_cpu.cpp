@@ -75,16 +75,18 @@ Tensor batch_norm_elemt_cpu(
   BNEXT_DISPATCH(input.scalar_type(), "batch_norm_elemt_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const int64_t C = p.layout.C;
-    std::vector<acc_t> scale(C), shift(C);
+    std::vector<acc_t> pivot(C), scale(C), shift(C);
     for (int64_t c = 0; c < C; ++c) {
       const auto k = normalize_coeffs(
           m.const_data_ptr<acc_t>()[c], s.const_data_ptr<acc_t>()[c], w.const_data_ptr<acc_t>()[c],
           b.const_data_ptr<acc_t>()[c]);
+      pivot[c] = k.pivot;
       scale[c] = k.scale;
       shift[c] = k.shift;
     }
     cpu::kernels().affine(
-        input.scalar_type(), p.x.const_data_ptr(), out.data_ptr(), p.layout, scale.data(), shift.data());
+        input.scalar_type(), p.x.const_data_ptr(), out.data_ptr(), p.layout, pivot.data(), scale.data(),
+        shift.data());
   });
   return out;
 }

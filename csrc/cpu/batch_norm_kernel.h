@@ -44,6 +44,9 @@ constexpr int64_t kGrainElems = 32768;
 
 template <typename acc_t>
 using Welford = WelfordData<acc_t, int64_t>;
+// Block and chunk partials are merged in double: with float merges every Chan step rounds the
+// running mean, and a float32 running sum stops growing at 2**24 ones.
+using merge_t = double;
 
 // ---------------------------------------------------------------------------------------------
 // Scalar loads and stores in the accumulation type. bfloat16 goes through its bits so that the
@@ -135,6 +138,11 @@ inline acc_t hsum(typename Vec<acc_t>::type v) {
   return s;
 }
 
+// Statistics are taken of x - pivot, with a per-channel pivot taken from the data (the channel's
+// first value): with a large offset and a small spread (mean 1e4, std 1e-2 in float32) means of
+// raw values lose their low digits, shifted ones do not. Every term is scaled by 1/count before
+// it is summed, so values near the float limit cannot overflow a block's mean.
+
 // ---------------------------------------------------------------------------------------------
 // Contiguous segments of one channel (NCHW). A block of a channel is several segments (runs); the
 // vector accumulators carry over from one segment to the next and are reduced once per block, so
@@ -149,46 +157,50 @@ struct VecSum {
   }
 };
 
+// Sum of (x - pivot) * inv_count.
 template <typename scalar_t, typename acc_t>
-inline void seg_sum(const scalar_t* p, int64_t len, VecSum<acc_t>& s) {
+inline void seg_mean(const scalar_t* p, int64_t len, acc_t pivot, acc_t inv_count, VecSum<acc_t>& s) {
+  using vec = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::W;
+  const vec pv = vec{} + pivot, iv = vec{} + inv_count;
   int64_t i = 0;
   for (; i + 4 * W <= len; i += 4 * W) {
-    s.a0 += vload<scalar_t, acc_t>(p + i);
-    s.a1 += vload<scalar_t, acc_t>(p + i + W);
-    s.a2 += vload<scalar_t, acc_t>(p + i + 2 * W);
-    s.a3 += vload<scalar_t, acc_t>(p + i + 3 * W);
+    s.a0 += (vload<scalar_t, acc_t>(p + i) - pv) * iv;
+    s.a1 += (vload<scalar_t, acc_t>(p + i + W) - pv) * iv;
+    s.a2 += (vload<scalar_t, acc_t>(p + i + 2 * W) - pv) * iv;
+    s.a3 += (vload<scalar_t, acc_t>(p + i + 3 * W) - pv) * iv;
   }
   for (; i + W <= len; i += W) {
-    s.a0 += vload<scalar_t, acc_t>(p + i);
+    s.a0 += (vload<scalar_t, acc_t>(p + i) - pv) * iv;
   }
   for (; i < len; ++i) {
-    s.tail += load<scalar_t, acc_t>(p, i);
+    s.tail += (load<scalar_t, acc_t>(p, i) - pivot) * inv_count;
   }
 }
 
+// Sum of ((x - pivot) - mean)^2, mean being the shifted mean.
 template <typename scalar_t, typename acc_t>
-inline void seg_m2(const scalar_t* p, int64_t len, acc_t mean, VecSum<acc_t>& s) {
+inline void seg_m2(const scalar_t* p, int64_t len, acc_t pivot, acc_t mean, VecSum<acc_t>& s) {
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::W;
-  const vec m = vec{} + mean;
+  const vec pv = vec{} + pivot, m = vec{} + mean;
   int64_t i = 0;
   for (; i + 4 * W <= len; i += 4 * W) {
-    const vec d0 = vload<scalar_t, acc_t>(p + i) - m;
-    const vec d1 = vload<scalar_t, acc_t>(p + i + W) - m;
-    const vec d2 = vload<scalar_t, acc_t>(p + i + 2 * W) - m;
-    const vec d3 = vload<scalar_t, acc_t>(p + i + 3 * W) - m;
+    const vec d0 = (vload<scalar_t, acc_t>(p + i) - pv) - m;
+    const vec d1 = (vload<scalar_t, acc_t>(p + i + W) - pv) - m;
+    const vec d2 = (vload<scalar_t, acc_t>(p + i + 2 * W) - pv) - m;
+    const vec d3 = (vload<scalar_t, acc_t>(p + i + 3 * W) - pv) - m;
     s.a0 += d0 * d0;
     s.a1 += d1 * d1;
     s.a2 += d2 * d2;
     s.a3 += d3 * d3;
   }
   for (; i + W <= len; i += W) {
-    const vec d = vload<scalar_t, acc_t>(p + i) - m;
+    const vec d = (vload<scalar_t, acc_t>(p + i) - pv) - m;
     s.a0 += d * d;
   }
   for (; i < len; ++i) {
-    const acc_t d = load<scalar_t, acc_t>(p, i) - mean;
+    const acc_t d = (load<scalar_t, acc_t>(p, i) - pivot) - mean;
     s.tail += d * d;
   }
 }
@@ -220,33 +232,35 @@ inline void seg_reduce(const scalar_t* dy, const scalar_t* x, int64_t len, acc_t
   }
 }
 
-// y = x * scale + shift over one segment with a single channel's coefficients.
+// y = (x - pivot) * scale + shift (normalize() of math.h) over one segment of one channel.
 template <typename scalar_t, typename acc_t>
-inline void seg_affine(const scalar_t* x, scalar_t* y, int64_t len, acc_t scale, acc_t shift) {
+inline void seg_affine(const scalar_t* x, scalar_t* y, int64_t len, const NormalizeCoeffs<acc_t>& k) {
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::W;
-  const vec s = vec{} + scale, t = vec{} + shift;
+  const vec pv = vec{} + k.pivot, s = vec{} + k.scale, t = vec{} + k.shift;
   int64_t i = 0;
   for (; i + W <= len; i += W) {
-    vstore<scalar_t, acc_t>(y + i, vload<scalar_t, acc_t>(x + i) * s + t);
+    vstore<scalar_t, acc_t>(y + i, (vload<scalar_t, acc_t>(x + i) - pv) * s + t);
   }
   for (; i < len; ++i) {
-    store<scalar_t, acc_t>(y, i, load<scalar_t, acc_t>(x, i) * scale + shift);
+    store<scalar_t, acc_t>(y, i, normalize(load<scalar_t, acc_t>(x, i), k.pivot, k.scale, k.shift));
   }
 }
 
-// dx = a * dy + b * x + d over one segment with a single channel's coefficients.
+// dx = a * dy + b * (x - mean) + d (backward_elemt() of math.h) over one segment of one channel.
 template <typename scalar_t, typename acc_t>
 inline void seg_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len, const BackwardCoeffs<acc_t>& k) {
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::W;
-  const vec a = vec{} + k.a, b = vec{} + k.b, d = vec{} + k.d;
+  const vec m = vec{} + k.mean, a = vec{} + k.a, b = vec{} + k.b, d = vec{} + k.d;
   int64_t i = 0;
   for (; i + W <= len; i += W) {
-    vstore<scalar_t, acc_t>(dx + i, a * vload<scalar_t, acc_t>(dy + i) + b * vload<scalar_t, acc_t>(x + i) + d);
+    vstore<scalar_t, acc_t>(
+        dx + i, a * vload<scalar_t, acc_t>(dy + i) + b * (vload<scalar_t, acc_t>(x + i) - m) + d);
   }
   for (; i < len; ++i) {
-    store<scalar_t, acc_t>(dx, i, k.a * load<scalar_t, acc_t>(dy, i) + k.b * load<scalar_t, acc_t>(x, i) + k.d);
+    store<scalar_t, acc_t>(
+        dx, i, backward_elemt(load<scalar_t, acc_t>(dy, i), load<scalar_t, acc_t>(x, i), k.mean, k.a, k.b, k.d));
   }
 }
 
@@ -254,23 +268,23 @@ inline void seg_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, in
 // Rows of `width` adjacent values (channels-last), each lane j with its own accumulator or
 // coefficient. The lane arrays stay in L1; vectorized across lanes.
 template <typename scalar_t, typename acc_t>
-inline void rows_sum(const scalar_t* x, int64_t nrows, int64_t width, acc_t* acc) {
+inline void rows_mean(const scalar_t* x, int64_t nrows, int64_t width, const acc_t* pivot, acc_t inv_count, acc_t* acc) {
   for (int64_t r = 0; r < nrows; ++r) {
     const scalar_t* row = x + r * width;
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
-      acc[j] += load<scalar_t, acc_t>(row, j);
+      acc[j] += (load<scalar_t, acc_t>(row, j) - pivot[j]) * inv_count;
     }
   }
 }
 
 template <typename scalar_t, typename acc_t>
-inline void rows_m2(const scalar_t* x, int64_t nrows, int64_t width, const acc_t* mean, acc_t* acc) {
+inline void rows_m2(const scalar_t* x, int64_t nrows, int64_t width, const acc_t* pivot, const acc_t* mean, acc_t* acc) {
   for (int64_t r = 0; r < nrows; ++r) {
     const scalar_t* row = x + r * width;
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
-      const acc_t d = load<scalar_t, acc_t>(row, j) - mean[j];
+      const acc_t d = (load<scalar_t, acc_t>(row, j) - pivot[j]) - mean[j];
       acc[j] += d * d;
     }
   }
@@ -291,20 +305,22 @@ inline void rows_reduce(const scalar_t* dy, const scalar_t* x, int64_t nrows, in
 }
 
 template <typename scalar_t, typename acc_t>
-inline void rows_affine(const scalar_t* x, scalar_t* y, int64_t nrows, int64_t width, const acc_t* scale, const acc_t* shift) {
+inline void rows_affine(
+    const scalar_t* x, scalar_t* y, int64_t nrows, int64_t width, const acc_t* pivot, const acc_t* scale,
+    const acc_t* shift) {
   for (int64_t r = 0; r < nrows; ++r) {
     const scalar_t* in = x + r * width;
     scalar_t* out = y + r * width;
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
-      store<scalar_t, acc_t>(out, j, load<scalar_t, acc_t>(in, j) * scale[j] + shift[j]);
+      store<scalar_t, acc_t>(out, j, normalize(load<scalar_t, acc_t>(in, j), pivot[j], scale[j], shift[j]));
     }
   }
 }
 
 template <typename scalar_t, typename acc_t>
 inline void rows_backward(
-    const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t nrows, int64_t width,
+    const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t nrows, int64_t width, const acc_t* m,
     const acc_t* a, const acc_t* b, const acc_t* d) {
   for (int64_t r = 0; r < nrows; ++r) {
     const scalar_t* g = dy + r * width;
@@ -312,7 +328,8 @@ inline void rows_backward(
     scalar_t* o = dx + r * width;
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
-      store<scalar_t, acc_t>(o, j, a[j] * load<scalar_t, acc_t>(g, j) + b[j] * load<scalar_t, acc_t>(v, j) + d[j]);
+      store<scalar_t, acc_t>(
+          o, j, backward_elemt(load<scalar_t, acc_t>(g, j), load<scalar_t, acc_t>(v, j), m[j], a[j], b[j], d[j]));
     }
   }
 }
@@ -363,24 +380,37 @@ struct BlockPlan {
   }
 };
 
+// The statistics of every channel as the kernels produce them: mean and biased variance of
+// x - pivot (merged in double), and the pivot itself.
+template <typename acc_t>
+struct ChannelStats {
+  explicit ChannelStats(int64_t C) : pivot(C), mean(C), var(C) {}
+  Buffer<acc_t> pivot;
+  Buffer<merge_t> mean;
+  Buffer<merge_t> var;
+};
+
 template <typename scalar_t, typename acc_t>
-inline Welford<acc_t> block_stats(const scalar_t* x, const Layout& l, const BlockPlan& plan, int64_t c, int64_t j) {
+inline Welford<merge_t> block_stats(
+    const scalar_t* x, const Layout& l, const BlockPlan& plan, int64_t c, int64_t j, acc_t pivot) {
   int64_t n0, n1, h0, h1;
   plan.range(l, j, n0, n1, h0, h1);
   const int64_t len = h1 - h0;
+  const int64_t count = (n1 - n0) * len;
+  const acc_t inv_count = acc_t(1) / static_cast<acc_t>(count);
   VecSum<acc_t> sum;
   for (int64_t n = n0; n < n1; ++n) {
-    seg_sum<scalar_t, acc_t>(x + (n * l.C + c) * l.HxW + h0, len, sum);
+    seg_mean<scalar_t, acc_t>(x + (n * l.C + c) * l.HxW + h0, len, pivot, inv_count, sum);
   }
-  const int64_t count = (n1 - n0) * len;
-  const acc_t mean = sum.total() / static_cast<acc_t>(count);
+  const acc_t mean = sum.total();
   VecSum<acc_t> m2;
   for (int64_t n = n0; n < n1; ++n) {
-    seg_m2<scalar_t, acc_t>(x + (n * l.C + c) * l.HxW + h0, len, mean, m2);
+    seg_m2<scalar_t, acc_t>(x + (n * l.C + c) * l.HxW + h0, len, pivot, mean, m2);
   }
   return {mean, m2.total(), count};
 }
 
+// Block sums of dy and dy * (x - mean), in acc_t; callers add the blocks in merge_t.
 template <typename scalar_t, typename acc_t>
 inline void block_reduce(
     const scalar_t* dy, const scalar_t* x, const Layout& l, const BlockPlan& plan, int64_t c, int64_t j, acc_t mean,
@@ -412,27 +442,29 @@ inline int64_t channel_grain(const Layout& l) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, l.N * l.HxW));
 }
 
-// Welford state of every block of every channel, computed in parallel over (channel, block).
 template <typename scalar_t, typename acc_t>
-void nchw_block_partials(const scalar_t* x, const Layout& l, const BlockPlan& plan, Welford<acc_t>* partials) {
+void nchw_stats(const scalar_t* x, const Layout& l, ChannelStats<acc_t>& st) {
+  const BlockPlan plan(l);
+  for (int64_t c = 0; c < l.C; ++c) {
+    st.pivot.p[c] = l.N > 0 && l.HxW > 0 ? load<scalar_t, acc_t>(x, c * l.HxW) : acc_t(0);
+  }
+  Buffer<Welford<merge_t>> partials(l.C * plan.nblocks);
   const int64_t tasks = l.C * plan.nblocks;
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / kBlock);
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tasks, std::max<int64_t>(1, kGrainElems / kBlock), [&](int64_t begin, int64_t end) {
     // Tasks in memory order (block-major), partials stored channel-major for the merge.
     for (int64_t t = begin; t < end; ++t) {
       const int64_t j = t / l.C, c = t % l.C;
-      partials[c * plan.nblocks + j] = block_stats<scalar_t, acc_t>(x, l, plan, c, j);
+      partials.p[c * plan.nblocks + j] = block_stats<scalar_t, acc_t>(x, l, plan, c, j, st.pivot.p[c]);
     }
   });
-}
-
-template <typename acc_t>
-inline Welford<acc_t> merge_blocks(const Welford<acc_t>* blocks, int64_t nblocks) {
-  Welford<acc_t> w{0, 0, 0};
-  for (int64_t j = 0; j < nblocks; ++j) {
-    w = welford_combine(w, blocks[j]);
+  for (int64_t c = 0; c < l.C; ++c) {
+    Welford<merge_t> w{0, 0, 0};
+    for (int64_t j = 0; j < plan.nblocks; ++j) {
+      w = welford_combine(w, partials.p[c * plan.nblocks + j]);
+    }
+    st.mean.p[c] = w.mean;
+    st.var.p[c] = welford_var(w);
   }
-  return w;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -490,74 +522,78 @@ inline void for_super_rows(const RowPlan& plan, int64_t r0, int64_t r1, const F&
 }
 
 template <typename scalar_t, typename acc_t>
-void rows_stats(const scalar_t* x, const Layout& l, acc_t* mean_out, acc_t* var_out) {
+void rows_stats(const scalar_t* x, const Layout& l, ChannelStats<acc_t>& st) {
   const RowPlan plan(l);
   const int64_t C = l.C;
+  for (int64_t c = 0; c < C; ++c) {
+    st.pivot.p[c] = plan.R > 0 ? load<scalar_t, acc_t>(x, c) : acc_t(0);
+  }
+  Buffer<acc_t> lanes_pivot(plan.P);
+  replicate(st.pivot.p, C, plan.k, lanes_pivot.p);
   Buffer<acc_t> pmean(plan.nchunks * C), pm2(plan.nchunks * C);
   at::parallel_for(0, plan.nchunks, 1, [&](int64_t begin, int64_t end) {
     Buffer<acc_t> acc(plan.P), lanes_mean(plan.P), mean(C);
     for (int64_t q = begin; q < end; ++q) {
       const int64_t r0 = q * plan.rows_per_chunk, r1 = r0 + plan.chunk_rows(q);
+      const acc_t inv = acc_t(1) / static_cast<acc_t>(r1 - r0);
       std::fill(acc.p, acc.p + plan.P, acc_t(0));
       for_super_rows(plan, r0, r1, [&](int64_t off, int64_t nrows, int64_t width) {
-        rows_sum<scalar_t, acc_t>(x + off, nrows, width, acc.p);
+        rows_mean<scalar_t, acc_t>(x + off, nrows, width, lanes_pivot.p, inv, acc.p);
       });
       fold(acc.p, C, plan.k, mean.p);
-      const acc_t inv = acc_t(1) / static_cast<acc_t>(r1 - r0);
-      for (int64_t c = 0; c < C; ++c) {
-        mean.p[c] *= inv;
-      }
       replicate(mean.p, C, plan.k, lanes_mean.p);
       std::fill(acc.p, acc.p + plan.P, acc_t(0));
       for_super_rows(plan, r0, r1, [&](int64_t off, int64_t nrows, int64_t width) {
-        rows_m2<scalar_t, acc_t>(x + off, nrows, width, lanes_mean.p, acc.p);
+        rows_m2<scalar_t, acc_t>(x + off, nrows, width, lanes_pivot.p, lanes_mean.p, acc.p);
       });
       std::memcpy(pmean.p + q * C, mean.p, C * sizeof(acc_t));
       fold(acc.p, C, plan.k, pm2.p + q * C);
     }
   });
-  // Chan merge of the chunks in chunk order; every chunk of a channel has the same count, so the
-  // merge vectorizes across channels.
+  // Chan merge (welford_combine's arithmetic) of the chunks in chunk order, in merge_t; all
+  // channels of a chunk share its count, so the merge vectorizes across channels.
   at::parallel_for(0, C, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, plan.nchunks)), [&](int64_t c0, int64_t c1) {
+    merge_t* mean = st.mean.p;
+    merge_t* m2 = st.var.p;
     for (int64_t c = c0; c < c1; ++c) {
-      mean_out[c] = pmean.p[c];
-      var_out[c] = pm2.p[c];
+      mean[c] = pmean.p[c];
+      m2[c] = pm2.p[c];
     }
     int64_t na = plan.chunk_rows(0);
     for (int64_t q = 1; q < plan.nchunks; ++q) {
       const int64_t nb = plan.chunk_rows(q);
-      const acc_t f = static_cast<acc_t>(nb) / static_cast<acc_t>(na + nb);
-      const acc_t g = static_cast<acc_t>(na) * f;
+      const merge_t f = static_cast<merge_t>(nb) / static_cast<merge_t>(na + nb);
+      const merge_t g = static_cast<merge_t>(na) * f;
       const acc_t* qm = pmean.p + q * C;
       const acc_t* qm2 = pm2.p + q * C;
 #pragma omp simd
       for (int64_t c = c0; c < c1; ++c) {
-        const acc_t delta = qm[c] - mean_out[c];
-        mean_out[c] += delta * f;
-        var_out[c] += qm2[c] + delta * delta * g;
+        const merge_t delta = static_cast<merge_t>(qm[c]) - mean[c];
+        mean[c] = mean[c] * (merge_t(1) - f) + static_cast<merge_t>(qm[c]) * f;
+        m2[c] += static_cast<merge_t>(qm2[c]) + delta * delta * g;
       }
       na += nb;
     }
-    const acc_t inv_n = plan.R > 0 ? acc_t(1) / static_cast<acc_t>(plan.R) : acc_t(0);
     for (int64_t c = c0; c < c1; ++c) {
-      var_out[c] = plan.R > 0 ? var_out[c] * inv_n : acc_t(0);
+      m2[c] = plan.R > 0 ? m2[c] / static_cast<merge_t>(plan.R) : merge_t(0);
     }
   });
 }
 
 template <typename scalar_t, typename acc_t>
-void rows_affine_all(const scalar_t* x, scalar_t* y, const Layout& l, const acc_t* scale, const acc_t* shift) {
+void rows_affine_all(const scalar_t* x, scalar_t* y, const Layout& l, const acc_t* pivot, const acc_t* scale, const acc_t* shift) {
   const RowPlan plan(l);
-  Buffer<acc_t> s(plan.P), t(plan.P);
+  Buffer<acc_t> pv(plan.P), s(plan.P), t(plan.P);
+  replicate(pivot, l.C, plan.k, pv.p);
   replicate(scale, l.C, plan.k, s.p);
   replicate(shift, l.C, plan.k, t.p);
   const int64_t nsuper = plan.R / plan.k;
   at::parallel_for(0, nsuper, std::max<int64_t>(1, kGrainElems / plan.P), [&](int64_t begin, int64_t end) {
-    rows_affine<scalar_t, acc_t>(x + begin * plan.P, y + begin * plan.P, end - begin, plan.P, s.p, t.p);
+    rows_affine<scalar_t, acc_t>(x + begin * plan.P, y + begin * plan.P, end - begin, plan.P, pv.p, s.p, t.p);
   });
   const int64_t tail = (plan.R - nsuper * plan.k) * l.C;
   if (tail > 0) {
-    rows_affine<scalar_t, acc_t>(x + nsuper * plan.P, y + nsuper * plan.P, 1, tail, s.p, t.p);
+    rows_affine<scalar_t, acc_t>(x + nsuper * plan.P, y + nsuper * plan.P, 1, tail, pv.p, s.p, t.p);
   }
 }
 
@@ -580,14 +616,18 @@ void rows_reduce_all(const scalar_t* dy, const scalar_t* x, const Layout& l, con
       fold(b.p, C, plan.k, pb.p + q * C);
     }
   });
-  std::memcpy(sum_dy, pa.p, C * sizeof(acc_t));
-  std::memcpy(sum_dy_xmu, pb.p, C * sizeof(acc_t));
-  for (int64_t q = 1; q < plan.nchunks; ++q) {
+  // Chunk sums are added in merge_t, in chunk order.
+  Buffer<merge_t> sa(C), sb(C);
+  for (int64_t q = 0; q < plan.nchunks; ++q) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      sum_dy[c] += pa.p[q * C + c];
-      sum_dy_xmu[c] += pb.p[q * C + c];
+      sa.p[c] += pa.p[q * C + c];
+      sb.p[c] += pb.p[q * C + c];
     }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    sum_dy[c] = static_cast<acc_t>(sa.p[c]);
+    sum_dy_xmu[c] = static_cast<acc_t>(sb.p[c]);
   }
 }
 
@@ -596,9 +636,10 @@ void rows_backward_all(
     const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Layout& l, const BackwardCoeffs<acc_t>* coeffs) {
   const RowPlan plan(l);
   const int64_t C = l.C;
-  Buffer<acc_t> a(plan.P), b(plan.P), d(plan.P);
+  Buffer<acc_t> m(plan.P), a(plan.P), b(plan.P), d(plan.P);
   for (int64_t i = 0; i < plan.k; ++i) {
     for (int64_t c = 0; c < C; ++c) {
+      m.p[i * C + c] = coeffs[c].mean;
       a.p[i * C + c] = coeffs[c].a;
       b.p[i * C + c] = coeffs[c].b;
       d.p[i * C + c] = coeffs[c].d;
@@ -607,12 +648,12 @@ void rows_backward_all(
   const int64_t nsuper = plan.R / plan.k;
   at::parallel_for(0, nsuper, std::max<int64_t>(1, kGrainElems / plan.P), [&](int64_t begin, int64_t end) {
     const int64_t off = begin * plan.P;
-    rows_backward<scalar_t, acc_t>(dy + off, x + off, dx + off, end - begin, plan.P, a.p, b.p, d.p);
+    rows_backward<scalar_t, acc_t>(dy + off, x + off, dx + off, end - begin, plan.P, m.p, a.p, b.p, d.p);
   });
   const int64_t tail = (plan.R - nsuper * plan.k) * C;
   if (tail > 0) {
     const int64_t off = nsuper * plan.P;
-    rows_backward<scalar_t, acc_t>(dy + off, x + off, dx + off, 1, tail, a.p, b.p, d.p);
+    rows_backward<scalar_t, acc_t>(dy + off, x + off, dx + off, 1, tail, m.p, a.p, b.p, d.p);
   }
 }
 
@@ -620,52 +661,42 @@ void rows_backward_all(
 // The kernels behind the ops.
 
 template <typename scalar_t, typename acc_t>
-void stats_kernel(const scalar_t* x, const Layout& l, acc_t* mean_out, acc_t* var_out) {
+void channel_stats(const scalar_t* x, const Layout& l, ChannelStats<acc_t>& st) {
   if (l.channels_last) {
-    rows_stats<scalar_t, acc_t>(x, l, mean_out, var_out);
-    return;
-  }
-  const BlockPlan plan(l);
-  Buffer<Welford<acc_t>> partials(l.C * plan.nblocks);
-  nchw_block_partials<scalar_t, acc_t>(x, l, plan, partials.p);
-  for (int64_t c = 0; c < l.C; ++c) {
-    const Welford<acc_t> w = merge_blocks(partials.p + c * plan.nblocks, plan.nblocks);
-    mean_out[c] = w.mean;
-    var_out[c] = welford_var(w);
+    rows_stats<scalar_t, acc_t>(x, l, st);
+  } else {
+    nchw_stats<scalar_t, acc_t>(x, l, st);
   }
 }
 
-// y = x * scale[c] + shift[c] over the whole tensor.
 template <typename scalar_t, typename acc_t>
-void affine_kernel(const scalar_t* x, scalar_t* y, const Layout& l, const acc_t* scale, const acc_t* shift) {
+void stats_kernel(const scalar_t* x, const Layout& l, acc_t* mean_out, acc_t* var_out) {
+  ChannelStats<acc_t> st(l.C);
+  channel_stats<scalar_t, acc_t>(x, l, st);
+  for (int64_t c = 0; c < l.C; ++c) {
+    mean_out[c] = static_cast<acc_t>(st.pivot.p[c] + st.mean.p[c]);
+    var_out[c] = static_cast<acc_t>(st.var.p[c]);
+  }
+}
+
+// y = (x - pivot[c]) * scale[c] + shift[c] over the whole tensor.
+template <typename scalar_t, typename acc_t>
+void affine_kernel(const scalar_t* x, scalar_t* y, const Layout& l, const acc_t* pivot, const acc_t* scale, const acc_t* shift) {
   if (l.channels_last) {
-    rows_affine_all<scalar_t, acc_t>(x, y, l, scale, shift);
+    rows_affine_all<scalar_t, acc_t>(x, y, l, pivot, scale, shift);
     return;
   }
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, l.HxW));
   at::parallel_for(0, l.N * l.C, grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t c = p % l.C;
-      seg_affine<scalar_t, acc_t>(x + p * l.HxW, y + p * l.HxW, l.HxW, scale[c], shift[c]);
+      seg_affine<scalar_t, acc_t>(x + p * l.HxW, y + p * l.HxW, l.HxW, NormalizeCoeffs<acc_t>{pivot[c], scale[c], shift[c]});
     }
   });
 }
 
-template <typename acc_t>
-inline void finish_forward_channel(
-    acc_t mean, acc_t var, double eps, const acc_t* weight, const acc_t* bias, int64_t c, acc_t* mean_out,
-    acc_t* invstd_out, acc_t* var_out, acc_t& scale, acc_t& shift) {
-  const acc_t invstd = invstd_from_var(var, eps);
-  mean_out[c] = mean;
-  var_out[c] = var;
-  invstd_out[c] = invstd;
-  const auto k = normalize_coeffs(mean, invstd, weight[c], bias[c]);
-  scale = k.scale;
-  shift = k.shift;
-}
-
 // Training forward in one call: statistics (one pass over memory, second pass of each block
-// from L1), per-channel scale/shift once, then one elementwise pass.
+// from L1), per-channel coefficients once, then one elementwise pass.
 template <typename scalar_t, typename acc_t>
 void forward_kernel(
     const scalar_t* x,
@@ -678,26 +709,37 @@ void forward_kernel(
     acc_t* invstd_out,
     acc_t* var_out) {
   const int64_t C = l.C;
-  stats_kernel<scalar_t, acc_t>(x, l, mean_out, var_out);
-  Buffer<acc_t> scale(C), shift(C);
+  ChannelStats<acc_t> st(C);
+  channel_stats<scalar_t, acc_t>(x, l, st);
+  Buffer<acc_t> pivot(C), scale(C), shift(C);
   for (int64_t c = 0; c < C; ++c) {
-    finish_forward_channel(mean_out[c], var_out[c], eps, weight, bias, c, mean_out, invstd_out, var_out, scale.p[c], shift.p[c]);
+    const acc_t var = static_cast<acc_t>(st.var.p[c]);
+    const acc_t invstd = invstd_from_var(var, eps);
+    mean_out[c] = static_cast<acc_t>(st.pivot.p[c] + st.mean.p[c]);
+    var_out[c] = var;
+    invstd_out[c] = invstd;
+    const auto k =
+        normalize_coeffs_shifted(st.pivot.p[c], static_cast<acc_t>(st.mean.p[c]), invstd, weight[c], bias[c]);
+    pivot.p[c] = k.pivot;
+    scale.p[c] = k.scale;
+    shift.p[c] = k.shift;
   }
-  affine_kernel<scalar_t, acc_t>(x, y, l, scale.p, shift.p);
+  affine_kernel<scalar_t, acc_t>(x, y, l, pivot.p, scale.p, shift.p);
 }
 
 template <typename scalar_t, typename acc_t>
 inline void channel_reduce_nchw(
-    const scalar_t* dy, const scalar_t* x, const Layout& l, const BlockPlan& plan, int64_t c, acc_t mean, acc_t& s_dy,
-    acc_t& s_dyxmu) {
-  s_dy = 0;
-  s_dyxmu = 0;
+    const scalar_t* dy, const scalar_t* x, const Layout& l, const BlockPlan& plan, int64_t c, acc_t mean, acc_t& sum_dy,
+    acc_t& sum_dy_xmu) {
+  merge_t s_dy = 0, s_dyxmu = 0;
   for (int64_t j = 0; j < plan.nblocks; ++j) {
     acc_t a, b;
     block_reduce<scalar_t, acc_t>(dy, x, l, plan, c, j, mean, a, b);
     s_dy += a;
     s_dyxmu += b;
   }
+  sum_dy = static_cast<acc_t>(s_dy);
+  sum_dy_xmu = static_cast<acc_t>(s_dyxmu);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -718,13 +760,13 @@ void backward_reduce_kernel(
     }
   });
   for (int64_t c = 0; c < l.C; ++c) {
-    acc_t a = 0, b = 0;
+    merge_t a = 0, b = 0;
     for (int64_t j = 0; j < plan.nblocks; ++j) {
       a += pa.p[c * plan.nblocks + j];
       b += pb.p[c * plan.nblocks + j];
     }
-    sum_dy[c] = a;
-    sum_dy_xmu[c] = b;
+    sum_dy[c] = static_cast<acc_t>(a);
+    sum_dy_xmu[c] = static_cast<acc_t>(b);
   }
 }
 
@@ -799,9 +841,12 @@ inline void stats_entry(at::ScalarType t, const void* x, const Layout& l, void* 
   BNEXT_CPU_DISPATCH(t, stats_kernel<scalar_t, acc_t>(BNEXT_IN(x), l, BNEXT_ACC_OUT(mean), BNEXT_ACC_OUT(var)));
 }
 
-inline void affine_entry(at::ScalarType t, const void* x, void* y, const Layout& l, const void* scale, const void* shift) {
+inline void affine_entry(
+    at::ScalarType t, const void* x, void* y, const Layout& l, const void* pivot, const void* scale,
+    const void* shift) {
   BNEXT_CPU_DISPATCH(
-      t, affine_kernel<scalar_t, acc_t>(BNEXT_IN(x), BNEXT_OUT(y), l, BNEXT_ACC_IN(scale), BNEXT_ACC_IN(shift)));
+      t, affine_kernel<scalar_t, acc_t>(
+             BNEXT_IN(x), BNEXT_OUT(y), l, BNEXT_ACC_IN(pivot), BNEXT_ACC_IN(scale), BNEXT_ACC_IN(shift)));
 }
 
 inline void forward_entry(

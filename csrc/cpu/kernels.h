@@ -13,15 +13,17 @@ namespace cpu {
 // double for double); tensor pointers are of the input type and contiguous in its layout.
 struct KernelTable {
   void (*stats)(at::ScalarType, const void* x, const Layout&, void* mean, void* var);
-  // y = x * scale[c] + shift[c]
-  void (*affine)(at::ScalarType, const void* x, void* y, const Layout&, const void* scale, const void* shift);
+  // y = (x - pivot[c]) * scale[c] + shift[c]
+  void (*affine)(
+      at::ScalarType, const void* x, void* y, const Layout&, const void* pivot, const void* scale,
+      const void* shift);
   void (*forward)(
       at::ScalarType, const void* x, void* y, const Layout&, const void* weight, const void* bias, double eps,
       void* mean, void* invstd, void* var);
   void (*backward_reduce)(
       at::ScalarType, const void* dy, const void* x, const Layout&, const void* mean, void* sum_dy,
       void* sum_dy_xmu);
-  // coeffs: C BackwardCoeffs<acc_t> (dx = a * dy + b * x + d)
+  // coeffs: C BackwardCoeffs<acc_t> (dx = a * dy + b * (x - mean) + d)
   void (*backward_elemt)(at::ScalarType, const void* dy, const void* x, void* dx, const Layout&, const void* coeffs);
   void (*backward)(
       at::ScalarType, const void* dy, const void* x, void* dx, const Layout&, const void* weight, const void* mean,

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+import bnext
+
+HAS_CUDA = torch.cuda.is_available() and bnext.build_info()["cuda"]
+
+# Every device-parametrized test runs on the CPU, and on CUDA where a GPU and the CUDA kernels exist.
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and bnext's CUDA kernels")),
+]
+
+# Tolerances of bnext against torch (both computed in the same dtype; half types accumulate in float32).
+TOL = {
+    torch.float64: dict(rtol=1e-9, atol=1e-9),
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+    torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def assert_close(actual, expected, dtype=None, msg=""):
+    dtype = dtype or expected.dtype
+    tol = TOL.get(dtype, TOL[torch.float32])
+    torch.testing.assert_close(actual.double(), expected.double(), **tol, msg=lambda m: f"{msg}\n{m}")
+
+
+def make_input(shape, dtype, layout, device="cpu", requires_grad=False):
+    """A fresh random input of `shape` in `layout`: contiguous, channels_last, or strided (neither)."""
+    if layout == "contiguous":
+        x = torch.randn(shape, device=device).to(dtype)
+    elif layout == "channels_last":
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        x = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt)
+    elif layout == "strided":
+        # Every other element of a wider tensor: contiguous in no memory format.
+        wide = list(shape)
+        wide[-1] *= 2
+        x = torch.randn(wide, device=device).to(dtype)[..., ::2]
+    else:
+        raise ValueError(layout)
+    x = x * 2 + 0.5
+    assert tuple(x.shape) == tuple(shape)
+    return x.detach().requires_grad_(requires_grad)

@@ -1,0 +1,61 @@
+"""torch.library.opcheck for every bnext op: schema, fake kernel, autograd registration and
+AOT dispatch, with and without requires_grad, across dtypes and layouts."""
+import pytest
+import torch
+
+from conftest import DEVICES, make_input
+from test_gradcheck import OPS
+
+VEC = {"weight": 0.5, "bias": -0.5, "mean": -0.5, "invstd": 0.5, "save_mean": -0.5, "save_invstd": 0.5, "mean_dy": -0.5, "mean_dy_xmu": -0.5}
+
+
+def build_args(name, x, param_dtype, requires_grad):
+    op = getattr(torch.ops.bnext, name).default
+    C = x.shape[1]
+    args = []
+    for arg in op._schema.arguments:
+        if arg.name == "input":
+            args.append(x.detach().clone().requires_grad_(requires_grad))
+        elif arg.name == "grad_out":
+            args.append(torch.randn_like(x).requires_grad_(requires_grad))
+        elif arg.name == "eps":
+            args.append(1e-3)
+        else:
+            v = torch.rand(C, device=x.device).add_(VEC[arg.name]).to(param_dtype)
+            args.append(v.requires_grad_(requires_grad))
+    return op, tuple(args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize(
+    "dtype,param_dtype,shape,layout",
+    [
+        (torch.float32, torch.float32, (4, 3, 5, 6), "contiguous"),
+        (torch.float64, torch.float64, (4, 3, 5, 6), "channels_last"),
+        (torch.bfloat16, torch.float32, (6, 3), "contiguous"),
+        (torch.float16, torch.float16, (2, 3, 2, 3, 4), "strided"),
+    ],
+    ids=["f32-nchw", "f64-nhwc", "bf16-2d", "f16-5d-strided"],
+)
+@pytest.mark.parametrize("name", OPS)
+def test_opcheck(name, dtype, param_dtype, shape, layout, requires_grad, device):
+    x = make_input(shape, dtype, layout, device)
+    op, args = build_args(name, x, param_dtype, requires_grad)
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_meta_tensors_use_fake_kernels(name):
+    x = torch.empty(4, 3, 5, 6, device="meta").contiguous(memory_format=torch.channels_last)
+    op, args = build_args(name, torch.empty(4, 3, 5, 6), torch.float32, False)
+    meta_args = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
+    meta_args = tuple(x if (isinstance(a, torch.Tensor) and a.dim() == 4) else a for a in meta_args)
+    out = op(*meta_args)
+    outs = out if isinstance(out, tuple) else (out,)
+    for o in outs:
+        assert o.device.type == "meta"
+        if o.dim() == 4:
+            assert o.is_contiguous(memory_format=torch.channels_last)
+        else:
+            assert o.shape == (3,) and o.dtype == torch.float32
