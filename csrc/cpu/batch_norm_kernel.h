@@ -267,41 +267,176 @@ inline void seg_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, in
 // ---------------------------------------------------------------------------------------------
 // Rows of `width` adjacent values (channels-last), each lane j with its own accumulator or
 // coefficient. The lane arrays stay in L1; vectorized across lanes.
+// Column blocks of 4, then 1, vectors keep their accumulators in registers down the rows (four
+// independent chains hide the FMA latency); leftover columns go one by one.
+template <typename acc_t>
+inline typename Vec<acc_t>::type vload_acc(const acc_t* p) {
+  typename Vec<acc_t>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename acc_t>
+inline void vstore_acc(acc_t* p, typename Vec<acc_t>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// f(column0, ncolumns_in_vectors) for 4-vector blocks, 1-vector blocks, then scalar columns.
+template <typename acc_t, typename F4, typename F1, typename FS>
+inline void for_column_blocks(int64_t width, const F4& f4, const F1& f1, const FS& fs) {
+  constexpr int64_t W = Vec<acc_t>::W;
+  int64_t j = 0;
+  for (; j + 4 * W <= width; j += 4 * W) {
+    f4(j);
+  }
+  for (; j + W <= width; j += W) {
+    f1(j);
+  }
+  for (; j < width; ++j) {
+    fs(j);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 inline void rows_mean(const scalar_t* x, int64_t nrows, int64_t width, const acc_t* pivot, acc_t inv_count, acc_t* acc) {
-  for (int64_t r = 0; r < nrows; ++r) {
-    const scalar_t* row = x + r * width;
-#pragma omp simd
-    for (int64_t j = 0; j < width; ++j) {
-      acc[j] += (load<scalar_t, acc_t>(row, j) - pivot[j]) * inv_count;
-    }
-  }
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::W;
+  const vec iv = vec{} + inv_count;
+  for_column_blocks<acc_t>(
+      width,
+      [&](int64_t j) {
+        vec a0 = vload_acc(acc + j), a1 = vload_acc(acc + j + W), a2 = vload_acc(acc + j + 2 * W),
+            a3 = vload_acc(acc + j + 3 * W);
+        const vec p0 = vload_acc(pivot + j), p1 = vload_acc(pivot + j + W), p2 = vload_acc(pivot + j + 2 * W),
+                  p3 = vload_acc(pivot + j + 3 * W);
+        for (int64_t r = 0; r < nrows; ++r) {
+          const scalar_t* row = x + r * width + j;
+          a0 += (vload<scalar_t, acc_t>(row) - p0) * iv;
+          a1 += (vload<scalar_t, acc_t>(row + W) - p1) * iv;
+          a2 += (vload<scalar_t, acc_t>(row + 2 * W) - p2) * iv;
+          a3 += (vload<scalar_t, acc_t>(row + 3 * W) - p3) * iv;
+        }
+        vstore_acc(acc + j, a0);
+        vstore_acc(acc + j + W, a1);
+        vstore_acc(acc + j + 2 * W, a2);
+        vstore_acc(acc + j + 3 * W, a3);
+      },
+      [&](int64_t j) {
+        vec a0 = vload_acc(acc + j);
+        const vec p0 = vload_acc(pivot + j);
+        for (int64_t r = 0; r < nrows; ++r) {
+          a0 += (vload<scalar_t, acc_t>(x + r * width + j) - p0) * iv;
+        }
+        vstore_acc(acc + j, a0);
+      },
+      [&](int64_t j) {
+        for (int64_t r = 0; r < nrows; ++r) {
+          acc[j] += (load<scalar_t, acc_t>(x, r * width + j) - pivot[j]) * inv_count;
+        }
+      });
 }
 
 template <typename scalar_t, typename acc_t>
 inline void rows_m2(const scalar_t* x, int64_t nrows, int64_t width, const acc_t* pivot, const acc_t* mean, acc_t* acc) {
-  for (int64_t r = 0; r < nrows; ++r) {
-    const scalar_t* row = x + r * width;
-#pragma omp simd
-    for (int64_t j = 0; j < width; ++j) {
-      const acc_t d = (load<scalar_t, acc_t>(row, j) - pivot[j]) - mean[j];
-      acc[j] += d * d;
-    }
-  }
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::W;
+  for_column_blocks<acc_t>(
+      width,
+      [&](int64_t j) {
+        vec a0 = vload_acc(acc + j), a1 = vload_acc(acc + j + W), a2 = vload_acc(acc + j + 2 * W),
+            a3 = vload_acc(acc + j + 3 * W);
+        // (x - pivot) - mean, as the scalar path and seg_m2 round it.
+        const vec p0 = vload_acc(pivot + j), p1 = vload_acc(pivot + j + W), p2 = vload_acc(pivot + j + 2 * W),
+                  p3 = vload_acc(pivot + j + 3 * W);
+        const vec m0 = vload_acc(mean + j), m1 = vload_acc(mean + j + W), m2 = vload_acc(mean + j + 2 * W),
+                  m3 = vload_acc(mean + j + 3 * W);
+        for (int64_t r = 0; r < nrows; ++r) {
+          const scalar_t* row = x + r * width + j;
+          const vec d0 = (vload<scalar_t, acc_t>(row) - p0) - m0;
+          const vec d1 = (vload<scalar_t, acc_t>(row + W) - p1) - m1;
+          const vec d2 = (vload<scalar_t, acc_t>(row + 2 * W) - p2) - m2;
+          const vec d3 = (vload<scalar_t, acc_t>(row + 3 * W) - p3) - m3;
+          a0 += d0 * d0;
+          a1 += d1 * d1;
+          a2 += d2 * d2;
+          a3 += d3 * d3;
+        }
+        vstore_acc(acc + j, a0);
+        vstore_acc(acc + j + W, a1);
+        vstore_acc(acc + j + 2 * W, a2);
+        vstore_acc(acc + j + 3 * W, a3);
+      },
+      [&](int64_t j) {
+        vec a0 = vload_acc(acc + j);
+        const vec p0 = vload_acc(pivot + j), m0 = vload_acc(mean + j);
+        for (int64_t r = 0; r < nrows; ++r) {
+          const vec d0 = (vload<scalar_t, acc_t>(x + r * width + j) - p0) - m0;
+          a0 += d0 * d0;
+        }
+        vstore_acc(acc + j, a0);
+      },
+      [&](int64_t j) {
+        for (int64_t r = 0; r < nrows; ++r) {
+          const acc_t d = (load<scalar_t, acc_t>(x, r * width + j) - pivot[j]) - mean[j];
+          acc[j] += d * d;
+        }
+      });
 }
 
 template <typename scalar_t, typename acc_t>
 inline void rows_reduce(const scalar_t* dy, const scalar_t* x, int64_t nrows, int64_t width, const acc_t* mean, acc_t* a, acc_t* b) {
-  for (int64_t r = 0; r < nrows; ++r) {
-    const scalar_t* g = dy + r * width;
-    const scalar_t* v = x + r * width;
-#pragma omp simd
-    for (int64_t j = 0; j < width; ++j) {
-      const acc_t gj = load<scalar_t, acc_t>(g, j);
-      a[j] += gj;
-      b[j] += gj * (load<scalar_t, acc_t>(v, j) - mean[j]);
-    }
-  }
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::W;
+  for_column_blocks<acc_t>(
+      width,
+      [&](int64_t j) {
+        vec a0 = vload_acc(a + j), a1 = vload_acc(a + j + W), a2 = vload_acc(a + j + 2 * W),
+            a3 = vload_acc(a + j + 3 * W);
+        vec b0 = vload_acc(b + j), b1 = vload_acc(b + j + W), b2 = vload_acc(b + j + 2 * W),
+            b3 = vload_acc(b + j + 3 * W);
+        const vec m0 = vload_acc(mean + j), m1 = vload_acc(mean + j + W), m2 = vload_acc(mean + j + 2 * W),
+                  m3 = vload_acc(mean + j + 3 * W);
+        for (int64_t r = 0; r < nrows; ++r) {
+          const scalar_t* g = dy + r * width + j;
+          const scalar_t* v = x + r * width + j;
+          const vec g0 = vload<scalar_t, acc_t>(g), g1 = vload<scalar_t, acc_t>(g + W),
+                    g2 = vload<scalar_t, acc_t>(g + 2 * W), g3 = vload<scalar_t, acc_t>(g + 3 * W);
+          a0 += g0;
+          a1 += g1;
+          a2 += g2;
+          a3 += g3;
+          b0 += g0 * (vload<scalar_t, acc_t>(v) - m0);
+          b1 += g1 * (vload<scalar_t, acc_t>(v + W) - m1);
+          b2 += g2 * (vload<scalar_t, acc_t>(v + 2 * W) - m2);
+          b3 += g3 * (vload<scalar_t, acc_t>(v + 3 * W) - m3);
+        }
+        vstore_acc(a + j, a0);
+        vstore_acc(a + j + W, a1);
+        vstore_acc(a + j + 2 * W, a2);
+        vstore_acc(a + j + 3 * W, a3);
+        vstore_acc(b + j, b0);
+        vstore_acc(b + j + W, b1);
+        vstore_acc(b + j + 2 * W, b2);
+        vstore_acc(b + j + 3 * W, b3);
+      },
+      [&](int64_t j) {
+        vec a0 = vload_acc(a + j), b0 = vload_acc(b + j);
+        const vec m0 = vload_acc(mean + j);
+        for (int64_t r = 0; r < nrows; ++r) {
+          const vec g0 = vload<scalar_t, acc_t>(dy + r * width + j);
+          a0 += g0;
+          b0 += g0 * (vload<scalar_t, acc_t>(x + r * width + j) - m0);
+        }
+        vstore_acc(a + j, a0);
+        vstore_acc(b + j, b0);
+      },
+      [&](int64_t j) {
+        for (int64_t r = 0; r < nrows; ++r) {
+          const acc_t g = load<scalar_t, acc_t>(dy, r * width + j);
+          a[j] += g;
+          b[j] += g * (load<scalar_t, acc_t>(x, r * width + j) - mean[j]);
+        }
+      });
 }
 
 template <typename scalar_t, typename acc_t>
@@ -477,7 +612,12 @@ struct RowPlan {
   int64_t nchunks;
 
   explicit RowPlan(const Layout& l) : C(l.C), R(l.rows()) {
-    k = std::max<int64_t>(1, kMinLanes / std::max<int64_t>(1, C));
+    // k * C a multiple of 16 lanes (whole vectors) where C is small, and at least kMinLanes.
+    k = 1;
+    if (C > 0 && C < kMinLanes) {
+      const int64_t k0 = 16 / std::gcd<int64_t>(C, 16);
+      k = k0 * ((kMinLanes + k0 * C - 1) / (k0 * C));
+    }
     P = k * C;
     rows_per_chunk = k * std::max<int64_t>(1, kChunkValues / P);
     nchunks = (R + rows_per_chunk - 1) / rows_per_chunk;
