@@ -36,6 +36,9 @@ constexpr int64_t kBlock = 4096;
 // Channels-last reductions give each chunk of about this many values its own per-channel
 // partials (second pass from L2), merged in chunk order.
 constexpr int64_t kChunkValues = 16384;
+// ... but a chunk has at least this many super-rows, so that the per-chunk work on C partials
+// (fold, merge) stays small next to the chunk's rows when C is large (2048: 32 rows, 256 KiB).
+constexpr int64_t kMinChunkRows = 32;
 // Channels-last rows are processed as "super-rows" of k whole rows, k * C >= kMinLanes, so that a
 // small C (3, 17, ...) still fills vector registers.
 constexpr int64_t kMinLanes = 64;
@@ -439,17 +442,85 @@ inline void rows_reduce(const scalar_t* dy, const scalar_t* x, int64_t nrows, in
       });
 }
 
+// Elementwise passes over rows: coefficient vectors of a column block are loaded once per
+// block and reused down the rows (the bfloat16 conversions then vectorize as in seg_affine).
+template <typename scalar_t, typename acc_t>
+inline void rows_affine_group(
+    const scalar_t* x, scalar_t* y, int64_t nrows, int64_t width, const acc_t* pivot, const acc_t* scale,
+    const acc_t* shift) {
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::W;
+  auto block = [&](int64_t j, auto nvec) {
+    vec pv[nvec.value], s[nvec.value], t[nvec.value];
+    for (int v = 0; v < nvec.value; ++v) {
+      pv[v] = vload_acc(pivot + j + v * W);
+      s[v] = vload_acc(scale + j + v * W);
+      t[v] = vload_acc(shift + j + v * W);
+    }
+    for (int64_t r = 0; r < nrows; ++r) {
+      const scalar_t* in = x + r * width + j;
+      scalar_t* out = y + r * width + j;
+      for (int v = 0; v < nvec.value; ++v) {
+        vstore<scalar_t, acc_t>(out + v * W, (vload<scalar_t, acc_t>(in + v * W) - pv[v]) * s[v] + t[v]);
+      }
+    }
+  };
+  for_column_blocks<acc_t>(
+      width, [&](int64_t j) { block(j, std::integral_constant<int, 4>()); },
+      [&](int64_t j) { block(j, std::integral_constant<int, 1>()); },
+      [&](int64_t j) {
+        for (int64_t r = 0; r < nrows; ++r) {
+          store<scalar_t, acc_t>(y, r * width + j, normalize(load<scalar_t, acc_t>(x, r * width + j), pivot[j], scale[j], shift[j]));
+        }
+      });
+}
+
+template <typename scalar_t, typename acc_t>
+inline void rows_backward_group(
+    const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t nrows, int64_t width, const acc_t* m,
+    const acc_t* a, const acc_t* b, const acc_t* d) {
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::W;
+  auto block = [&](int64_t j, auto nvec) {
+    vec mv[nvec.value], av[nvec.value], bv[nvec.value], dv[nvec.value];
+    for (int v = 0; v < nvec.value; ++v) {
+      mv[v] = vload_acc(m + j + v * W);
+      av[v] = vload_acc(a + j + v * W);
+      bv[v] = vload_acc(b + j + v * W);
+      dv[v] = vload_acc(d + j + v * W);
+    }
+    for (int64_t r = 0; r < nrows; ++r) {
+      const int64_t off = r * width + j;
+      for (int v = 0; v < nvec.value; ++v) {
+        const int64_t o = off + v * W;
+        vstore<scalar_t, acc_t>(
+            dx + o, av[v] * vload<scalar_t, acc_t>(dy + o) + bv[v] * (vload<scalar_t, acc_t>(x + o) - mv[v]) + dv[v]);
+      }
+    }
+  };
+  for_column_blocks<acc_t>(
+      width, [&](int64_t j) { block(j, std::integral_constant<int, 4>()); },
+      [&](int64_t j) { block(j, std::integral_constant<int, 1>()); },
+      [&](int64_t j) {
+        for (int64_t r = 0; r < nrows; ++r) {
+          const int64_t o = r * width + j;
+          store<scalar_t, acc_t>(
+              dx, o, backward_elemt(load<scalar_t, acc_t>(dy, o), load<scalar_t, acc_t>(x, o), m[j], a[j], b[j], d[j]));
+        }
+      });
+}
+
+// The elementwise row passes walk a few rows at a time: a column block going down thousands of
+// rows would stride through the whole tensor once per block (TLB and prefetcher misses).
+constexpr int64_t kRowGroupValues = 8192;
+
 template <typename scalar_t, typename acc_t>
 inline void rows_affine(
     const scalar_t* x, scalar_t* y, int64_t nrows, int64_t width, const acc_t* pivot, const acc_t* scale,
     const acc_t* shift) {
-  for (int64_t r = 0; r < nrows; ++r) {
-    const scalar_t* in = x + r * width;
-    scalar_t* out = y + r * width;
-#pragma omp simd
-    for (int64_t j = 0; j < width; ++j) {
-      store<scalar_t, acc_t>(out, j, normalize(load<scalar_t, acc_t>(in, j), pivot[j], scale[j], shift[j]));
-    }
+  const int64_t group = std::max<int64_t>(1, kRowGroupValues / std::max<int64_t>(1, width));
+  for (int64_t r = 0; r < nrows; r += group) {
+    rows_affine_group<scalar_t, acc_t>(x + r * width, y + r * width, std::min(group, nrows - r), width, pivot, scale, shift);
   }
 }
 
@@ -457,15 +528,10 @@ template <typename scalar_t, typename acc_t>
 inline void rows_backward(
     const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t nrows, int64_t width, const acc_t* m,
     const acc_t* a, const acc_t* b, const acc_t* d) {
-  for (int64_t r = 0; r < nrows; ++r) {
-    const scalar_t* g = dy + r * width;
-    const scalar_t* v = x + r * width;
-    scalar_t* o = dx + r * width;
-#pragma omp simd
-    for (int64_t j = 0; j < width; ++j) {
-      store<scalar_t, acc_t>(
-          o, j, backward_elemt(load<scalar_t, acc_t>(g, j), load<scalar_t, acc_t>(v, j), m[j], a[j], b[j], d[j]));
-    }
+  const int64_t group = std::max<int64_t>(1, kRowGroupValues / std::max<int64_t>(1, width));
+  for (int64_t r = 0; r < nrows; r += group) {
+    const int64_t off = r * width;
+    rows_backward_group<scalar_t, acc_t>(dy + off, x + off, dx + off, std::min(group, nrows - r), width, m, a, b, d);
   }
 }
 
@@ -619,7 +685,8 @@ struct RowPlan {
       k = k0 * ((kMinLanes + k0 * C - 1) / (k0 * C));
     }
     P = k * C;
-    rows_per_chunk = k * std::max<int64_t>(1, kChunkValues / P);
+    // At least kMinChunkRows super-rows: each chunk costs a few passes over its C partials.
+    rows_per_chunk = k * std::max<int64_t>(kMinChunkRows, kChunkValues / P);
     nchunks = (R + rows_per_chunk - 1) / rows_per_chunk;
   }
   int64_t chunk_rows(int64_t q) const {
