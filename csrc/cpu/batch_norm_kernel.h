@@ -160,52 +160,49 @@ struct VecSum {
   }
 };
 
+// Adds term(x) of every value of a segment into s (vector lanes, then the scalar tail).
+template <typename scalar_t, typename acc_t, typename VecTerm, typename Term>
+inline void seg_accumulate(const scalar_t* p, int64_t len, VecSum<acc_t>& s, const VecTerm& vterm, const Term& term) {
+  constexpr int64_t W = Vec<acc_t>::W;
+  int64_t i = 0;
+  for (; i + 4 * W <= len; i += 4 * W) {
+    s.a0 += vterm(vload<scalar_t, acc_t>(p + i));
+    s.a1 += vterm(vload<scalar_t, acc_t>(p + i + W));
+    s.a2 += vterm(vload<scalar_t, acc_t>(p + i + 2 * W));
+    s.a3 += vterm(vload<scalar_t, acc_t>(p + i + 3 * W));
+  }
+  for (; i + W <= len; i += W) {
+    s.a0 += vterm(vload<scalar_t, acc_t>(p + i));
+  }
+  for (; i < len; ++i) {
+    s.tail += term(load<scalar_t, acc_t>(p, i));
+  }
+}
+
 // Sum of (x - pivot) * inv_count.
 template <typename scalar_t, typename acc_t>
 inline void seg_mean(const scalar_t* p, int64_t len, acc_t pivot, acc_t inv_count, VecSum<acc_t>& s) {
   using vec = typename Vec<acc_t>::type;
-  constexpr int64_t W = Vec<acc_t>::W;
   const vec pv = vec{} + pivot, iv = vec{} + inv_count;
-  int64_t i = 0;
-  for (; i + 4 * W <= len; i += 4 * W) {
-    s.a0 += (vload<scalar_t, acc_t>(p + i) - pv) * iv;
-    s.a1 += (vload<scalar_t, acc_t>(p + i + W) - pv) * iv;
-    s.a2 += (vload<scalar_t, acc_t>(p + i + 2 * W) - pv) * iv;
-    s.a3 += (vload<scalar_t, acc_t>(p + i + 3 * W) - pv) * iv;
-  }
-  for (; i + W <= len; i += W) {
-    s.a0 += (vload<scalar_t, acc_t>(p + i) - pv) * iv;
-  }
-  for (; i < len; ++i) {
-    s.tail += (load<scalar_t, acc_t>(p, i) - pivot) * inv_count;
-  }
+  seg_accumulate<scalar_t, acc_t>(
+      p, len, s, [&](vec v) { return (v - pv) * iv; }, [&](acc_t v) { return (v - pivot) * inv_count; });
 }
 
 // Sum of ((x - pivot) - mean)^2, mean being the shifted mean.
 template <typename scalar_t, typename acc_t>
 inline void seg_m2(const scalar_t* p, int64_t len, acc_t pivot, acc_t mean, VecSum<acc_t>& s) {
   using vec = typename Vec<acc_t>::type;
-  constexpr int64_t W = Vec<acc_t>::W;
   const vec pv = vec{} + pivot, m = vec{} + mean;
-  int64_t i = 0;
-  for (; i + 4 * W <= len; i += 4 * W) {
-    const vec d0 = (vload<scalar_t, acc_t>(p + i) - pv) - m;
-    const vec d1 = (vload<scalar_t, acc_t>(p + i + W) - pv) - m;
-    const vec d2 = (vload<scalar_t, acc_t>(p + i + 2 * W) - pv) - m;
-    const vec d3 = (vload<scalar_t, acc_t>(p + i + 3 * W) - pv) - m;
-    s.a0 += d0 * d0;
-    s.a1 += d1 * d1;
-    s.a2 += d2 * d2;
-    s.a3 += d3 * d3;
-  }
-  for (; i + W <= len; i += W) {
-    const vec d = (vload<scalar_t, acc_t>(p + i) - pv) - m;
-    s.a0 += d * d;
-  }
-  for (; i < len; ++i) {
-    const acc_t d = (load<scalar_t, acc_t>(p, i) - pivot) - mean;
-    s.tail += d * d;
-  }
+  seg_accumulate<scalar_t, acc_t>(
+      p, len, s,
+      [&](vec v) {
+        const vec d = (v - pv) - m;
+        return d * d;
+      },
+      [&](acc_t v) {
+        const acc_t d = (v - pivot) - mean;
+        return d * d;
+      });
 }
 
 // sum(dy) into a, sum(dy * (x - mean)) into b, over one segment.
