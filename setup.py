@@ -99,7 +99,10 @@ def rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
 
-CXX_FLAGS = ["-O3", "-fopenmp-simd", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+# No -march flags: the build must run on any x86-64. csrc/cpu/kernels_<isa>.cpp switch the ISA per
+# translation unit and csrc/cpu/isa.cpp picks the best variant the CPU has at run time.
+# -Wno-psabi: the 64-byte vector types of the kernels warn about an ABI no caller depends on.
+CXX_FLAGS = ["-O3", "-fopenmp-simd", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-psabi"]
 
 
 def main_extension():

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the ops)
 from ._fake import acc_dtype
+from ._ops import ops
 from .autograd import BatchNormFunction
 
 _NAME = "bnext.batch_norm"
@@ -114,6 +115,9 @@ def batch_norm_impl(
     # Running statistics are constants of the graph (torch does not differentiate through them).
     mean = running_mean.detach().to(acc)
     invstd = torch.rsqrt(running_var.detach().to(acc) + eps)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (input, weight, bias)):
+        # Nothing to differentiate (inference): the op alone, without recording an autograd node.
+        return ops().batch_norm_elemt(input, weight, bias, mean, invstd)
     return BatchNormFunction.apply(input, weight, bias, mean, invstd, False, eps)
 
 

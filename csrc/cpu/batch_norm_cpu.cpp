@@ -5,7 +5,8 @@
 
 #include "../common/checks.h"
 #include "../common/layout.h"
-#include "batch_norm_kernel.h"
+#include "../common/math.h"
+#include "kernels.h"
 
 namespace bnext {
 namespace {
@@ -51,11 +52,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
   const auto opts = input.options().dtype(acc_dtype(input.scalar_type()));
   Tensor mean = at::empty({p.layout.C}, opts);
   Tensor var = at::empty({p.layout.C}, opts);
-  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_stats_cpu", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    cpu::stats_kernel<scalar_t, acc_t>(
-        p.x.const_data_ptr<scalar_t>(), p.layout, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
-  });
+  cpu::kernels().stats(input.scalar_type(), p.x.const_data_ptr(), p.layout, mean.data_ptr(), var.data_ptr());
   return {mean, var};
 }
 
@@ -78,13 +75,18 @@ Tensor batch_norm_elemt_cpu(
   BNEXT_DISPATCH(input.scalar_type(), "batch_norm_elemt_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const int64_t C = p.layout.C;
-    cpu::NormalizeArrays<acc_t> k(C);
+    std::vector<acc_t> pivot(C), scale(C), shift(C);
     for (int64_t c = 0; c < C; ++c) {
-      k.set(c, normalize_coeffs(
+      const auto k = normalize_coeffs(
           m.const_data_ptr<acc_t>()[c], s.const_data_ptr<acc_t>()[c], w.const_data_ptr<acc_t>()[c],
-          b.const_data_ptr<acc_t>()[c]));
+          b.const_data_ptr<acc_t>()[c]);
+      pivot[c] = k.pivot;
+      scale[c] = k.scale;
+      shift[c] = k.shift;
     }
-    cpu::affine_kernel<scalar_t, acc_t>(p.x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), p.layout, k);
+    cpu::kernels().affine(
+        input.scalar_type(), p.x.const_data_ptr(), out.data_ptr(), p.layout, pivot.data(), scale.data(),
+        shift.data());
   });
   return out;
 }
@@ -106,13 +108,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward_cpu(
   Tensor invstd = at::empty({p.layout.C}, opts);
   Tensor var = at::empty({p.layout.C}, opts);
   const Tensor w = channel_vector(weight, input, 1.0), b = channel_vector(bias, input, 0.0);
-  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_forward_cpu", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    cpu::forward_kernel<scalar_t, acc_t>(
-        p.x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), p.layout, w.const_data_ptr<acc_t>(),
-        b.const_data_ptr<acc_t>(), eps, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
-        var.data_ptr<acc_t>());
-  });
+  cpu::kernels().forward(
+      input.scalar_type(), p.x.const_data_ptr(), out.data_ptr(), p.layout, w.const_data_ptr(), b.const_data_ptr(),
+      eps, mean.data_ptr(), invstd.data_ptr(), var.data_ptr());
   return {out, mean, invstd, var};
 }
 
@@ -132,12 +130,9 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cpu(
   Tensor sum_dy = at::empty({p.layout.C}, opts);
   Tensor sum_dy_xmu = at::empty({p.layout.C}, opts);
   const Tensor m = acc_vector(mean, input);
-  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_backward_reduce_cpu", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    cpu::backward_reduce_kernel<scalar_t, acc_t>(
-        dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), p.layout, m.const_data_ptr<acc_t>(),
-        sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>());
-  });
+  cpu::kernels().backward_reduce(
+      input.scalar_type(), dy.const_data_ptr(), p.x.const_data_ptr(), p.layout, m.const_data_ptr(),
+      sum_dy.data_ptr(), sum_dy_xmu.data_ptr());
   return {sum_dy, sum_dy_xmu};
 }
 
@@ -172,9 +167,8 @@ Tensor batch_norm_backward_elemt_cpu(
           m.const_data_ptr<acc_t>()[c], s.const_data_ptr<acc_t>()[c], w.const_data_ptr<acc_t>()[c],
           mdy.const_data_ptr<acc_t>()[c], mdxm.const_data_ptr<acc_t>()[c]);
     }
-    cpu::backward_elemt_kernel<scalar_t, acc_t>(
-        dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), p.layout,
-        coeffs.data());
+    cpu::kernels().backward_elemt(
+        input.scalar_type(), dy.const_data_ptr(), p.x.const_data_ptr(), dx.data_ptr(), p.layout, coeffs.data());
   });
   return dx;
 }
@@ -199,13 +193,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   Tensor sum_dy_xmu = at::empty({p.layout.C}, opts);
   const Tensor w = channel_vector(weight, input, 1.0);
   const Tensor m = acc_vector(save_mean, input), s = acc_vector(save_invstd, input);
-  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_backward_cpu", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    cpu::backward_kernel<scalar_t, acc_t>(
-        dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), p.layout,
-        w.const_data_ptr<acc_t>(), m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(),
-        sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>());
-  });
+  cpu::kernels().backward(
+      input.scalar_type(), dy.const_data_ptr(), p.x.const_data_ptr(), dx.data_ptr(), p.layout, w.const_data_ptr(),
+      m.const_data_ptr(), s.const_data_ptr(), sum_dy.data_ptr(), sum_dy_xmu.data_ptr());
   return {dx, sum_dy, sum_dy_xmu};
 }
 

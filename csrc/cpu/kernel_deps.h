@@ -1,0 +1,21 @@
+// Everything the per-ISA kernel translation units include, gathered so that each of them can
+// include it BEFORE switching the target ISA: shared inline and template code (ATen, c10,
+// libstdc++) is then compiled for the baseline ISA in every TU, and only bnext's own
+// ISA-namespaced code is compiled for AVX2/AVX-512.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <type_traits>
+
+#include "../common/layout.h"
+#include "../common/math.h"
+#include "kernels.h"

@@ -1,0 +1,51 @@
+// The CPU kernels behind the ops, as a table of type-erased entries, one table per ISA variant
+// (baseline, AVX2, AVX-512), chosen once per call by kernels() (see isa.cpp).
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include "../common/layout.h"
+
+namespace bnext {
+namespace cpu {
+
+// Pointers to per-channel values are of the accumulation type (float for half/bfloat16/float,
+// double for double); tensor pointers are of the input type and contiguous in its layout.
+struct KernelTable {
+  void (*stats)(at::ScalarType, const void* x, const Layout&, void* mean, void* var);
+  // y = (x - pivot[c]) * scale[c] + shift[c]
+  void (*affine)(
+      at::ScalarType, const void* x, void* y, const Layout&, const void* pivot, const void* scale,
+      const void* shift);
+  void (*forward)(
+      at::ScalarType, const void* x, void* y, const Layout&, const void* weight, const void* bias, double eps,
+      void* mean, void* invstd, void* var);
+  void (*backward_reduce)(
+      at::ScalarType, const void* dy, const void* x, const Layout&, const void* mean, void* sum_dy,
+      void* sum_dy_xmu);
+  // coeffs: C BackwardCoeffs<acc_t> (dx = a * dy + b * (x - mean) + d)
+  void (*backward_elemt)(at::ScalarType, const void* dy, const void* x, void* dx, const Layout&, const void* coeffs);
+  void (*backward)(
+      at::ScalarType, const void* dy, const void* x, void* dx, const Layout&, const void* weight, const void* mean,
+      const void* invstd, void* sum_dy, void* sum_dy_xmu);
+};
+
+// Each variant's table. Only call one whose ISA the CPU supports (kernels() checks).
+namespace baseline {
+const KernelTable& table();
+}
+#if defined(__x86_64__)
+namespace avx2 {
+const KernelTable& table();
+}
+namespace avx512 {
+const KernelTable& table();
+}
+#endif
+
+// The table of the variant in use: BNEXT_CPU_ISA (baseline|avx2|avx512) when set, else the best
+// one this CPU supports. The variable is read at every call so tests can switch variants.
+const KernelTable& kernels();
+
+}  // namespace cpu
+}  // namespace bnext

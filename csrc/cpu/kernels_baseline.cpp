@@ -1,0 +1,5 @@
+// The CPU kernels for the distribution's baseline ISA (x86-64 SSE2, or aarch64).
+#include "kernel_deps.h"
+
+#define BNEXT_CPU_ISA_NS baseline
+#include "batch_norm_kernel.h"

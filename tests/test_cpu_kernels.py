@@ -1,0 +1,177 @@
+"""Every bnext CPU op against float64 references, for each CPU kernel variant (ISA) this CPU runs.
+
+The variant is forced with BNEXT_CPU_ISA (read at every op call), so the baseline, AVX2 and
+AVX-512 builds of csrc/cpu/batch_norm_kernel.h are each checked on awkward shapes: C=1, C=3,
+C=17, HxW=1, odd HxW tails, a run longer than a statistics block, N=1, (N, C) and (N, C, L),
+channels_last and channels_last_3d, and a strided input, in half, bfloat16, float and double.
+"""
+import pytest
+import torch
+
+import bnext
+
+ISAS = ["baseline", "avx2", "avx512"]
+
+# (shape, memory format)
+CASES = [
+    ((5, 1, 7, 9), "contiguous"),
+    ((4, 3, 5, 7), "contiguous"),
+    ((2, 17, 33, 65), "contiguous"),
+    ((3, 17, 33, 65), "channels_last"),
+    ((2, 3, 70, 71), "contiguous"),  # HxW = 4970 > one statistics block
+    ((1, 17, 9, 9), "contiguous"),  # N = 1
+    ((6, 5, 1, 1), "contiguous"),  # HxW = 1
+    ((37, 17), "contiguous"),  # BatchNorm1d (N, C)
+    ((3, 5, 33), "contiguous"),  # BatchNorm1d (N, C, L)
+    ((2, 17, 3, 5, 7), "channels_last"),  # channels_last_3d
+    ((2, 3, 4, 5, 6), "contiguous"),
+    ((9, 130, 3, 3), "channels_last"),  # C > the super-row width
+    ((4, 6, 10, 12), "strided"),
+]
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# Output tolerance relative to the output's scale: one rounding of the output dtype plus slack.
+OUT_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# Per-channel results are accumulated in float32 (float64 for double) from the exact input values.
+ACC_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("BNEXT_CPU_ISA", request.param)
+    active = bnext.build_info()["cpu_isa"]
+    if active != request.param:
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    return request.param
+
+
+def make(shape, fmt, dtype, scale=2.0, offset=3.0):
+    if fmt == "strided":
+        base = torch.randn(shape[:-1] + (2 * shape[-1],)) * scale + offset
+        x = base[..., ::2]
+    else:
+        x = torch.randn(shape) * scale + offset
+    x = x.to(dtype)
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
+
+
+def acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dims(x):
+    return [0] + list(range(2, x.dim()))
+
+
+def bcast(v, x):
+    return v.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def close(actual, expected, tol, what):
+    actual, expected = actual.double(), expected.double()
+    scale = 1.0 + expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("shape,fmt", CASES, ids=[f"{'x'.join(map(str, s))}-{f}" for s, f in CASES])
+def test_ops_match_float64(isa, shape, fmt, dtype):
+    ops = torch.ops.bnext
+    x = make(shape, fmt, dtype)
+    dy = make(shape, fmt, dtype, scale=1.0, offset=0.5)
+    C = shape[1]
+    w = torch.rand(C, dtype=acc(dtype)) + 0.5
+    b = torch.randn(C, dtype=acc(dtype))
+    eps = 1e-5
+    xd, dyd = x.double(), dy.double()
+    M = x.numel() // C
+    mean_r = xd.mean(dims(x))
+    var_r = xd.var(dims(x), unbiased=False)
+    invstd_r = 1.0 / torch.sqrt(var_r + eps)
+    y_r = (xd - bcast(mean_r, x)) * bcast(invstd_r * w.double(), x) + bcast(b.double(), x)
+
+    mean, var = ops.batch_norm_stats(x)
+    assert mean.dtype == acc(dtype) and var.dtype == acc(dtype)
+    close(mean, mean_r, ACC_TOL[dtype], "batch_norm_stats mean")
+    close(var, var_r, ACC_TOL[dtype], "batch_norm_stats var")
+
+    y, save_mean, save_invstd, save_var = ops.batch_norm_forward(x, w, b, eps)
+    assert y.dtype == dtype and y.shape == x.shape
+    if fmt == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    close(y, y_r, OUT_TOL[dtype], "batch_norm_forward output")
+    close(save_mean, mean_r, ACC_TOL[dtype], "batch_norm_forward save_mean")
+    close(save_var, var_r, ACC_TOL[dtype], "batch_norm_forward save_var")
+    close(save_invstd, invstd_r, 10 * ACC_TOL[dtype], "batch_norm_forward save_invstd")
+
+    # Elementwise normalize with given statistics (the eval path), absent weight/bias.
+    y_e = ops.batch_norm_elemt(x, None, None, save_mean, save_invstd)
+    y_er = (xd - bcast(save_mean.double(), x)) * bcast(save_invstd.double(), x)
+    close(y_e, y_er, OUT_TOL[dtype], "batch_norm_elemt output")
+
+    # Backward against the closed form in float64 with the kernel's own saved statistics.
+    m, s = save_mean.double(), save_invstd.double()
+    sum_dy_r = dyd.sum(dims(x))
+    sum_dy_xmu_r = (dyd * (xd - bcast(m, x))).sum(dims(x))
+    sum_dy, sum_dy_xmu = ops.batch_norm_backward_reduce(dy, x, save_mean, save_invstd)
+    grad_scale = 1.0 + dyd.abs().sum(dims(x)).max().item() * (1 + (xd - bcast(m, x)).abs().max().item())
+    for got, ref, name in ((sum_dy, sum_dy_r, "sum_dy"), (sum_dy_xmu, sum_dy_xmu_r, "sum_dy_xmu")):
+        err = (got.double() - ref).abs().max().item()
+        assert err <= 1e-5 * grad_scale if dtype != torch.float64 else err <= 1e-10 * grad_scale, (
+            f"batch_norm_backward_reduce {name}: max error {err:.3g}")
+    dx_r = bcast(w.double() * s, x) * (
+        dyd - bcast(sum_dy_r / M, x) - (xd - bcast(m, x)) * bcast(s * s * sum_dy_xmu_r / M, x))
+    dx, sum_dy_f, sum_dy_xmu_f = ops.batch_norm_backward(dy, x, w, save_mean, save_invstd)
+    close(dx, dx_r, OUT_TOL[dtype] * 4, "batch_norm_backward grad_input")
+    assert torch.equal(sum_dy_f, sum_dy) and torch.equal(sum_dy_xmu_f, sum_dy_xmu)
+    dx_e = ops.batch_norm_backward_elemt(dy, x, save_mean, save_invstd, w, sum_dy / M, sum_dy_xmu / M)
+    close(dx_e, dx_r, OUT_TOL[dtype] * 4, "batch_norm_backward_elemt grad_input")
+
+
+def test_statistics_of_offset_data_are_accurate(isa):
+    # A large offset with a small spread: E[x^2] - E[x]^2 in float32 would lose every digit.
+    x = torch.randn(8, 5, 40, 40, dtype=torch.float64) * 0.01 + 1000.0
+    mean, var = torch.ops.bnext.batch_norm_stats(x.float())
+    ref = x.float().double()
+    torch.testing.assert_close(var.double(), ref.var((0, 2, 3), unbiased=False), rtol=1e-3, atol=0)
+    torch.testing.assert_close(mean.double(), ref.mean((0, 2, 3)), rtol=1e-7, atol=0)
+
+
+def test_bfloat16_rounding_matches_torch(isa):
+    # The vectorized bfloat16 store rounds to nearest even exactly like torch (NaN stays a NaN;
+    # its payload bits are not compared).
+    x = torch.randn(4, 3, 9, 11)
+    x[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    xb = x.to(torch.bfloat16)
+    ones, zeros = torch.ones(3), torch.zeros(3)
+    scale = torch.full((3,), 1.37)
+    out = torch.ops.bnext.batch_norm_elemt(xb, scale, None, zeros, ones)
+    expected = (xb.float() * 1.37).to(torch.bfloat16)
+    nan = expected.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+def test_forced_isa_is_reported(isa):
+    assert bnext.build_info()["cpu_isa"] == isa
+
+
+def test_unknown_isa_is_rejected(monkeypatch):
+    monkeypatch.setenv("BNEXT_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="BNEXT_CPU_ISA must be one of .*got 'sse9'"):
+        torch.ops.bnext.batch_norm_stats(torch.randn(4, 3))
+    assert bnext.build_info()["cpu_isa"] == "invalid BNEXT_CPU_ISA"
+
+
+def test_default_isa_is_the_best_supported(monkeypatch):
+    monkeypatch.delenv("BNEXT_CPU_ISA", raising=False)
+    best = bnext.build_info()["cpu_isa"]
+    assert best in ISAS
+    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    if " avx512bw " in flags and " avx512vl " in flags and " avx512dq " in flags:
+        assert best == "avx512"
+    elif " avx2 " in flags and " fma " in flags:
+        assert best == "avx2"

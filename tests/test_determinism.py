@@ -1,0 +1,87 @@
+"""Bitwise determinism of the CPU kernels across torch.set_num_threads values and runs.
+
+Reductions are cut into pieces fixed by the shape alone and merged in a fixed order, so every
+output (forward: output, save_mean, save_invstd, save_var; backward: all gradients) must be
+bitwise identical for 1, 2, 3 and 4 threads (more threads than cores is fine for this) and from
+one run to the next. The shapes make every parallel path split work: many channels, fewer
+channels than threads (blocks of one channel across threads), runs longer than a statistics
+block, and many channels-last row chunks.
+"""
+import pytest
+import torch
+
+import bnext
+
+THREADS = [1, 2, 3, 4]
+
+CASES = [
+    ((4, 64, 40, 40), "contiguous"),  # many channels, long runs: fused per-channel backward
+    ((8, 3, 70, 70), "contiguous"),  # C < threads: (block, channel) tasks; runs > one block
+    ((16, 96, 7, 7), "contiguous"),  # short runs grouped into blocks
+    ((4, 64, 40, 40), "channels_last"),  # 25 row chunks
+    ((8, 3, 50, 50), "channels_last"),  # C = 3: super-rows
+    ((2, 16, 6, 20, 20), "channels_last"),  # channels_last_3d
+    ((3000, 24), "contiguous"),  # BatchNorm1d (N, C)
+]
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def make(shape, fmt, dtype, gen):
+    x = (torch.randn(shape, generator=gen) * 2 + 1).to(dtype)
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
+
+
+def run_all(x, dy, w, b):
+    ops = torch.ops.bnext
+    out = list(ops.batch_norm_forward(x, w, b, 1e-5))
+    mean, invstd = out[1], out[2]
+    out += list(ops.batch_norm_backward(dy, x, w, mean, invstd))
+    out += list(ops.batch_norm_stats(x))
+    out += list(ops.batch_norm_backward_reduce(dy, x, mean, invstd))
+    # The full autograd path: every gradient of the module-level function.
+    xg = x.detach().requires_grad_(True)
+    wg = w.detach().requires_grad_(True)
+    bg = b.detach().requires_grad_(True)
+    y = bnext.batch_norm(xg, None, None, wg, bg, training=True)
+    out += [y] + list(torch.autograd.grad(y, (xg, wg, bg), dy))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("shape,fmt", CASES, ids=[f"{'x'.join(map(str, s))}-{f}" for s, f in CASES])
+def test_bitwise_identical_across_thread_counts(shape, fmt, dtype, restore_threads):
+    gen = torch.Generator().manual_seed(1)
+    x = make(shape, fmt, dtype, gen)
+    dy = make(shape, fmt, dtype, gen)
+    C = shape[1]
+    w = torch.rand(C, generator=gen) + 0.5
+    b = torch.randn(C, generator=gen)
+    torch.set_num_threads(THREADS[0])
+    reference = run_all(x, dy, w, b)
+    for n in THREADS + [THREADS[-1]]:  # the last count twice: run to run
+        torch.set_num_threads(n)
+        got = run_all(x, dy, w, b)
+        for i, (a, r) in enumerate(zip(got, reference)):
+            assert a.dtype == r.dtype and a.shape == r.shape
+            assert torch.equal(a.view(-1).view(torch.uint8) if a.is_contiguous() else a.contiguous().view(torch.uint8),
+                               r.view(-1).view(torch.uint8) if r.is_contiguous() else r.contiguous().view(torch.uint8)), (
+                f"output {i} differs with {n} threads from {THREADS[0]} thread")
+
+
+def test_set_num_threads_is_respected(restore_threads):
+    # The kernels use at::parallel_for, so the pool size follows torch.set_num_threads.
+    torch.set_num_threads(3)
+    assert torch.get_num_threads() == 3
+    seen = set()
+    x = torch.randn(2, 6, 8, 8)
+    torch.ops.bnext.batch_norm_forward(x, None, None, 1e-5)
+    seen.add(torch.get_num_threads())
+    assert seen == {3}
