@@ -141,7 +141,8 @@ def test_large_mean_tiny_spread_no_worse_than_torch(layout):
     ref = F.batch_norm(x.double(), None, None, training=True)
     e_torch = _err(F.batch_norm(x, None, None, training=True), ref)
     e_ours = _err(bnext.batch_norm(x, None, None, training=True), ref)
-    assert e_ours <= e_torch, f"bnext error {e_ours} > torch error {e_torch}"
+    # Pivot-shifted statistics and the unfolded normalization: orders of magnitude below torch.
+    assert e_ours * 100 <= e_torch, f"bnext error {e_ours}, torch error {e_torch}"
     # Running variance (unbiased) from the same batch.
     rv_t, rv_o = torch.ones(4), torch.ones(4)
     F.batch_norm(x, torch.zeros(4), rv_t, training=True, momentum=1.0)
