@@ -1,7 +1,7 @@
 """BatchNormFunction: the single-device training and eval path on the fused bnext ops."""
 import torch
 
-from ._ops import ops
+from ._ops import below_autograd, ops
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -20,11 +20,12 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, mean, invstd, training, eps):
-        if training:
-            output, save_mean, save_invstd, save_var = ops().batch_norm_forward(input, weight, bias, eps)
-        else:
-            output = ops().batch_norm_elemt(input, weight, bias, mean, invstd)
-            save_mean, save_invstd = mean, invstd
+        with below_autograd():
+            if training:
+                output, save_mean, save_invstd, save_var = ops().batch_norm_forward(input, weight, bias, eps)
+            else:
+                output = ops().batch_norm_elemt(input, weight, bias, mean, invstd)
+                save_mean, save_invstd = mean, invstd
         ctx.training = training
         ctx.eps = eps
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -38,10 +39,16 @@ class BatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out, *_grad_stats):
         input, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_input = grad_weight = grad_bias = None
         if grad_out is None or not (need_x or need_w or need_b):
             return None, None, None, None, None, None, None
-        grad_out = grad_out.to(input.dtype)
+        with below_autograd():
+            return BatchNormFunction._backward(ctx, grad_out, input, weight, mean, invstd, need_x, need_w, need_b)
+
+    @staticmethod
+    def _backward(ctx, grad_out, input, weight, mean, invstd, need_x, need_w, need_b):
+        grad_input = grad_weight = grad_bias = None
+        if grad_out.dtype != input.dtype:
+            grad_out = grad_out.to(input.dtype)
         sum_dy = sum_dy_xmu = None
         if ctx.training:
             if torch.is_grad_enabled():
@@ -59,8 +66,10 @@ class BatchNormFunction(torch.autograd.Function):
             if need_w or need_b:
                 sum_dy, sum_dy_xmu = ops().batch_norm_backward_reduce(grad_out, input, mean, invstd)
         if need_w:
-            grad_weight = (sum_dy_xmu * invstd).to(weight.dtype)
+            grad_weight = sum_dy_xmu * invstd
+            if grad_weight.dtype != weight.dtype:
+                grad_weight = grad_weight.to(weight.dtype)
         if need_b:
-            grad_bias = sum_dy.to(ctx.bias_dtype)
+            grad_bias = sum_dy if sum_dy.dtype == ctx.bias_dtype else sum_dy.to(ctx.bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None
 

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the ops)
 from ._fake import acc_dtype
-from ._ops import ops
+from ._ops import below_autograd, ops
 from .autograd import BatchNormFunction
 
 _NAME = "bnext.batch_norm"
@@ -64,12 +64,20 @@ def _update_running_stats(running_mean, running_var, mean, var, count, momentum)
     """
     with torch.no_grad():
         if running_mean is not None:
-            m = mean.to(running_mean.dtype)
-            running_mean.copy_(momentum * m + (1 - momentum) * running_mean)
+            _blend_(running_mean, mean, momentum)
         if running_var is not None:
-            unbiased = var * (count / max(count - 1, 1)) if count > 1 else var
-            v = unbiased.to(running_var.dtype)
-            running_var.copy_(momentum * v + (1 - momentum) * running_var)
+            _blend_(running_var, var, momentum, count / (count - 1) if count > 1 else 1.0)
+
+
+def _blend_(running, batch, momentum, scale=1.0):
+    # In place and without temporaries where momentum is a float (the per-call cost of a small
+    # layer is these launches): running * (1 - momentum) + batch * (momentum * scale).
+    if isinstance(momentum, Tensor):
+        if scale != 1.0:
+            batch = batch * scale
+        running.copy_(momentum * batch.to(running.dtype) + (1 - momentum) * running)
+    else:
+        running.mul_(1 - momentum).add_(batch, alpha=momentum * scale)
 
 
 def _empty_batch(input, weight, bias):
@@ -117,7 +125,8 @@ def batch_norm_impl(
     invstd = torch.rsqrt(running_var.detach().to(acc) + eps)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (input, weight, bias)):
         # Nothing to differentiate (inference): the op alone, without recording an autograd node.
-        return ops().batch_norm_elemt(input, weight, bias, mean, invstd)
+        with below_autograd(nothing_requires_grad=True):
+            return ops().batch_norm_elemt(input, weight, bias, mean, invstd)
     return BatchNormFunction.apply(input, weight, bias, mean, invstd, False, eps)
 
 

@@ -39,8 +39,8 @@ class _BatchNormMixin:
             self.eps,
         )
         if track:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
+            # An integer buffer: nothing to record, so no no_grad() block is needed.
+            self.num_batches_tracked.add_(1)
         return out
 
     def _batch_norm(self, input, running_mean, running_var, weight, bias, training, momentum, eps):

@@ -509,13 +509,23 @@ inline void rows_backward_group(
 
 // The elementwise row passes walk a few rows at a time: a column block going down thousands of
 // rows would stride through the whole tensor once per block (TLB and prefetcher misses).
+// Rows of at least kWideRow values are walked one at a time, in memory order, instead: measured
+// on (32, 512, 14, 14) channels_last float32 (2 KiB rows), the fused backward took 5.25 ms with
+// column blocks going down 16 rows and 3.07 ms row by row (the affine pass did not change). Likely
+// cause: the strided walk loads x[r + 1] 2 KiB after storing dx[r], which 4 KiB store-to-load
+// alias checks can stall; not proven.
 constexpr int64_t kRowGroupValues = 8192;
+constexpr int64_t kWideRow = 256;
+
+inline int64_t row_group(int64_t width) {
+  return width >= kWideRow ? 1 : std::max<int64_t>(1, kRowGroupValues / std::max<int64_t>(1, width));
+}
 
 template <typename scalar_t, typename acc_t>
 inline void rows_affine(
     const scalar_t* x, scalar_t* y, int64_t nrows, int64_t width, const acc_t* pivot, const acc_t* scale,
     const acc_t* shift) {
-  const int64_t group = std::max<int64_t>(1, kRowGroupValues / std::max<int64_t>(1, width));
+  const int64_t group = row_group(width);
   for (int64_t r = 0; r < nrows; r += group) {
     rows_affine_group<scalar_t, acc_t>(x + r * width, y + r * width, std::min(group, nrows - r), width, pivot, scale, shift);
   }
@@ -525,7 +535,7 @@ template <typename scalar_t, typename acc_t>
 inline void rows_backward(
     const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t nrows, int64_t width, const acc_t* m,
     const acc_t* a, const acc_t* b, const acc_t* d) {
-  const int64_t group = std::max<int64_t>(1, kRowGroupValues / std::max<int64_t>(1, width));
+  const int64_t group = row_group(width);
   for (int64_t r = 0; r < nrows; r += group) {
     const int64_t off = r * width;
     rows_backward_group<scalar_t, acc_t>(dy + off, x + off, dx + off, std::min(group, nrows - r), width, m, a, b, d);
