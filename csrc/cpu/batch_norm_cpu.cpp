@@ -5,6 +5,7 @@
 
 #include "../common/checks.h"
 #include "../common/layout.h"
+#include "../common/prepare.h"
 #include "../common/math.h"
 #include "kernels.h"
 
@@ -12,35 +13,6 @@ namespace bnext {
 namespace {
 
 using at::Tensor;
-
-// A tensor contiguous in the input's suggested memory format, plus its (N, C, HxW) view.
-// Inputs that are already contiguous in that format are used as they are (no copy).
-struct Prepared {
-  Tensor x;
-  at::MemoryFormat fmt;
-  Layout layout;
-};
-
-Prepared prepare(const Tensor& input) {
-  Prepared p;
-  p.fmt = layout_format(input);
-  p.x = input.contiguous(p.fmt);
-  p.layout = make_layout(p.x, p.fmt);
-  return p;
-}
-
-// A per-channel vector as a contiguous tensor of the accumulation type; `fill` when absent.
-Tensor channel_vector(const c10::optional<Tensor>& t, const Tensor& input, double fill) {
-  const auto acc = acc_dtype(input.scalar_type());
-  if (t.has_value() && t->defined()) {
-    return t->to(acc).contiguous();
-  }
-  return at::full({input.size(1)}, fill, input.options().dtype(acc));
-}
-
-Tensor acc_vector(const Tensor& t, const Tensor& input) {
-  return t.to(acc_dtype(input.scalar_type())).contiguous();
-}
 
 #define BNEXT_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
@@ -63,11 +35,7 @@ Tensor batch_norm_elemt_cpu(
     const Tensor& mean,
     const Tensor& invstd) {
   const char* op = "bnext.batch_norm_elemt";
-  check_input(input, op);
-  check_optional_channel_vector(weight, "weight", input, op);
-  check_optional_channel_vector(bias, "bias", input, op);
-  check_channel_vector(mean, "mean", input, op);
-  check_channel_vector(invstd, "invstd", input, op);
+  check_elemt_args(input, weight, bias, mean, invstd, op);
   const auto p = prepare(input);
   Tensor out = at::empty_like(p.x, p.fmt);
   const Tensor w = channel_vector(weight, input, 1.0), b = channel_vector(bias, input, 0.0);
@@ -97,10 +65,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward_cpu(
     const c10::optional<Tensor>& bias,
     double eps) {
   const char* op = "bnext.batch_norm_forward";
-  check_input(input, op);
-  check_optional_channel_vector(weight, "weight", input, op);
-  check_optional_channel_vector(bias, "bias", input, op);
-  check_eps(eps, op);
+  check_forward_args(input, weight, bias, eps, op);
   const auto p = prepare(input);
   const auto opts = input.options().dtype(acc_dtype(input.scalar_type()));
   Tensor out = at::empty_like(p.x, p.fmt);
@@ -120,10 +85,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cpu(
     const Tensor& mean,
     const Tensor& invstd) {
   const char* op = "bnext.batch_norm_backward_reduce";
-  check_input(input, op);
-  check_like_input(grad_out, "grad_out", input, op);
-  check_channel_vector(mean, "mean", input, op);
-  check_channel_vector(invstd, "invstd", input, op);
+  check_backward_common(grad_out, input, mean, "mean", invstd, "invstd", op);
   const auto p = prepare(input);
   const Tensor dy = grad_out.contiguous(p.fmt);
   const auto opts = input.options().dtype(acc_dtype(input.scalar_type()));
@@ -145,13 +107,7 @@ Tensor batch_norm_backward_elemt_cpu(
     const Tensor& mean_dy,
     const Tensor& mean_dy_xmu) {
   const char* op = "bnext.batch_norm_backward_elemt";
-  check_input(input, op);
-  check_like_input(grad_out, "grad_out", input, op);
-  check_channel_vector(mean, "mean", input, op);
-  check_channel_vector(invstd, "invstd", input, op);
-  check_optional_channel_vector(weight, "weight", input, op);
-  check_channel_vector(mean_dy, "mean_dy", input, op);
-  check_channel_vector(mean_dy_xmu, "mean_dy_xmu", input, op);
+  check_backward_elemt_args(grad_out, input, mean, invstd, weight, mean_dy, mean_dy_xmu, op);
   const auto p = prepare(input);
   const Tensor dy = grad_out.contiguous(p.fmt);
   Tensor dx = at::empty_like(p.x, p.fmt);
@@ -180,11 +136,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const Tensor& save_mean,
     const Tensor& save_invstd) {
   const char* op = "bnext.batch_norm_backward";
-  check_input(input, op);
-  check_like_input(grad_out, "grad_out", input, op);
+  check_backward_common(grad_out, input, save_mean, "save_mean", save_invstd, "save_invstd", op);
   check_optional_channel_vector(weight, "weight", input, op);
-  check_channel_vector(save_mean, "save_mean", input, op);
-  check_channel_vector(save_invstd, "save_invstd", input, op);
   const auto p = prepare(input);
   const Tensor dy = grad_out.contiguous(p.fmt);
   const auto opts = input.options().dtype(acc_dtype(input.scalar_type()));
