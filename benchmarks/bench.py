@@ -395,9 +395,9 @@ def write_markdown(path, info, s, rows, chart_rel, json_rel, args, elapsed):
     lines.append(f"- glibc malloc trim/mmap thresholds fixed (bench.py tune_malloc): {info.get('malloc_tuned')}")
     if info.get("load_average"):
         la = ", ".join(f"{v:.1f}" for v in info["load_average"])
-        lines.append(f"- load average when the run ended: {la} "
-                     "(the machine was shared with other jobs, so absolute times are noisy; every ratio below "
-                     "compares timers interleaved in the same group)")
+        lines.append(f"- load average when the run ended: {la} (the benchmark's own threads count toward it; a "
+                     "value well above the thread count means other jobs shared the machine and absolute times "
+                     "are noisy; every ratio below compares timers interleaved in the same group)")
     lines.append("")
     lines.append("## Summary")
     lines.append("")
