@@ -1,5 +1,5 @@
-// Runtime choice of the CPU kernel variant. The extension is built once for any x86-64 (never
-// -march=native): each kernel TU is compiled for one ISA (kernels_<isa>.cpp) and the best one the
+// Runtime choice of the CPU kernel variant. The extension is built once for any x86-64 (never tuned
+// to the build host): each kernel TU is compiled for one ISA (kernels_<isa>.cpp) and the best one the
 // CPU supports is called. No ISA-specific code runs before the CPU was checked for it.
 #include "isa.h"
 
