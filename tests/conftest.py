@@ -3,6 +3,16 @@ import torch
 
 import bnext
 
+# Every bnext op (csrc/common/schemas.h).
+OPS = [
+    "batch_norm_stats",
+    "batch_norm_elemt",
+    "batch_norm_forward",
+    "batch_norm_backward_reduce",
+    "batch_norm_backward_elemt",
+    "batch_norm_backward",
+]
+
 HAS_CUDA = torch.cuda.is_available() and bnext.build_info()["cuda"]
 
 # Every device-parametrized test runs on the CPU, and on CUDA where a GPU and the CUDA kernels exist.

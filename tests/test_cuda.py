@@ -9,15 +9,8 @@ import torch
 import torch.nn as nn
 
 import bnext
+from conftest import OPS
 
-OPS = [
-    "batch_norm_stats",
-    "batch_norm_elemt",
-    "batch_norm_forward",
-    "batch_norm_backward_reduce",
-    "batch_norm_backward_elemt",
-    "batch_norm_backward",
-]
 BUILT_WITH_CUDA = bnext.build_info()["cuda"]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

@@ -14,19 +14,12 @@ import torch
 import torch.nn as nn
 
 import bnext
+from conftest import OPS
 from bnext.testing import emulate_cuda, simt_module
 
 ROOT = Path(__file__).resolve().parents[1]
 simt_module()  # loads bnext._simt: registers torch.ops.bnext_simt.*
 SIMT = torch.ops.bnext_simt
-OPS = [
-    "batch_norm_stats",
-    "batch_norm_elemt",
-    "batch_norm_forward",
-    "batch_norm_backward_reduce",
-    "batch_norm_backward_elemt",
-    "batch_norm_backward",
-]
 
 # (shape, memory format, what it drives)
 SHAPES = [

@@ -5,7 +5,7 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import bnext
-from conftest import DEVICES, make_input
+from conftest import DEVICES, OPS, make_input
 
 D = torch.float64
 
@@ -67,7 +67,6 @@ def _op_args(name, device, shape=(3, 2, 4)):
     }[name]
 
 
-OPS = ["batch_norm_stats", "batch_norm_elemt", "batch_norm_forward", "batch_norm_backward_reduce", "batch_norm_backward_elemt", "batch_norm_backward"]
 
 
 @pytest.mark.parametrize("device", DEVICES)

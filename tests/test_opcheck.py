@@ -3,8 +3,7 @@ AOT dispatch, with and without requires_grad, across dtypes and layouts."""
 import pytest
 import torch
 
-from conftest import DEVICES, make_input
-from test_gradcheck import OPS
+from conftest import DEVICES, OPS, make_input
 
 VEC = {"weight": 0.5, "bias": -0.5, "mean": -0.5, "invstd": 0.5, "save_mean": -0.5, "save_invstd": 0.5, "mean_dy": -0.5, "mean_dy_xmu": -0.5}
 
