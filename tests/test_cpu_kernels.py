@@ -27,7 +27,14 @@ CASES = [
     ((2, 3, 4, 5, 6), "contiguous"),
     ((9, 130, 3, 3), "channels_last"),  # C > the super-row width
     ((4, 6, 10, 12), "strided"),
+    # Planes / super-rows that start on 64-byte lines, so the streaming-store paths run when
+    # BNEXT_CPU_STREAM_BYTES=0 (pairs of vectors, single vectors and scalar tails).
+    ((3, 5, 8, 8), "contiguous"),
+    ((2, 3, 4, 12), "contiguous"),
+    ((4, 32, 5, 7), "channels_last"),
+    ((3, 256, 2, 3), "channels_last"),
 ]
+ALIGNED_CASES = CASES[-4:]
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # Output tolerance relative to the output's scale: one rounding of the output dtype plus slack.
@@ -42,6 +49,16 @@ def isa(request, monkeypatch):
     active = bnext.build_info()["cpu_isa"]
     if active != request.param:
         pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    return request.param
+
+
+@pytest.fixture(params=["auto", "always"])
+def stream(request, monkeypatch):
+    """Streaming (non-temporal) output stores: as chosen by size, or forced on every aligned pass."""
+    if request.param == "always":
+        monkeypatch.setenv("BNEXT_CPU_STREAM_BYTES", "0")
+    else:
+        monkeypatch.delenv("BNEXT_CPU_STREAM_BYTES", raising=False)
     return request.param
 
 
@@ -78,7 +95,7 @@ def close(actual, expected, tol, what):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("shape,fmt", CASES, ids=[f"{'x'.join(map(str, s))}-{f}" for s, f in CASES])
-def test_ops_match_float64(isa, shape, fmt, dtype):
+def test_ops_match_float64(isa, stream, shape, fmt, dtype):
     ops = torch.ops.bnext
     x = make(shape, fmt, dtype)
     dy = make(shape, fmt, dtype, scale=1.0, offset=0.5)
@@ -175,3 +192,38 @@ def test_default_isa_is_the_best_supported(monkeypatch):
         assert best == "avx512"
     elif " avx2 " in flags and " fma " in flags:
         assert best == "avx2"
+
+
+def _all_outputs(x, dy, w, b):
+    ops = torch.ops.bnext
+    y, mean, invstd, var = ops.batch_norm_forward(x, w, b, 1e-5)
+    y_e = ops.batch_norm_elemt(x, w, b, mean, invstd)
+    dx, sum_dy, sum_dy_xmu = ops.batch_norm_backward(dy, x, w, mean, invstd)
+    M = x.numel() // x.shape[1]
+    dx_e = ops.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy / M, sum_dy_xmu / M)
+    return [y, mean, invstd, var, y_e, dx, sum_dy, sum_dy_xmu, dx_e]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("shape,fmt", ALIGNED_CASES, ids=[f"{'x'.join(map(str, s))}-{f}" for s, f in ALIGNED_CASES])
+def test_streaming_stores_change_no_bit(isa, monkeypatch, shape, fmt, dtype):
+    # Streaming only changes how outputs reach memory: every value must be bitwise the same as
+    # with ordinary stores, and every element written (NaN-filled memory would show otherwise).
+    x = make(shape, fmt, dtype)
+    dy = make(shape, fmt, dtype, scale=1.0, offset=0.5)
+    C = shape[1]
+    w = torch.rand(C, dtype=acc(dtype)) + 0.5
+    b = torch.randn(C, dtype=acc(dtype))
+    monkeypatch.setenv("BNEXT_CPU_STREAM_BYTES", str(1 << 62))
+    plain = _all_outputs(x, dy, w, b)
+    monkeypatch.setenv("BNEXT_CPU_STREAM_BYTES", "0")
+    streamed = _all_outputs(x, dy, w, b)
+    for p, q in zip(plain, streamed):
+        assert not q.isnan().any()
+        assert torch.equal(p, q)
+
+
+def test_stream_threshold_must_be_a_byte_count(monkeypatch):
+    monkeypatch.setenv("BNEXT_CPU_STREAM_BYTES", "lots")
+    with pytest.raises(RuntimeError, match="BNEXT_CPU_STREAM_BYTES must be a non-negative integer .*got 'lots'"):
+        torch.ops.bnext.batch_norm_elemt(torch.randn(4, 3, 2, 2), None, None, torch.zeros(3), torch.ones(3))

@@ -44,10 +44,13 @@ Tensor batch_norm_elemt_cpu(
     using acc_t = acc_type_t<scalar_t>;
     const int64_t C = p.layout.C;
     std::vector<acc_t> pivot(C), scale(C), shift(C);
+    // Pointers taken once: const_data_ptr checks the tensor at every call.
+    const acc_t* mp = m.const_data_ptr<acc_t>();
+    const acc_t* sp = s.const_data_ptr<acc_t>();
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    const acc_t* bp = b.const_data_ptr<acc_t>();
     for (int64_t c = 0; c < C; ++c) {
-      const auto k = normalize_coeffs(
-          m.const_data_ptr<acc_t>()[c], s.const_data_ptr<acc_t>()[c], w.const_data_ptr<acc_t>()[c],
-          b.const_data_ptr<acc_t>()[c]);
+      const auto k = normalize_coeffs(mp[c], sp[c], wp[c], bp[c]);
       pivot[c] = k.pivot;
       scale[c] = k.scale;
       shift[c] = k.shift;
@@ -118,10 +121,13 @@ Tensor batch_norm_backward_elemt_cpu(
     using acc_t = acc_type_t<scalar_t>;
     const int64_t C = p.layout.C;
     std::vector<BackwardCoeffs<acc_t>> coeffs(C);
+    const acc_t* mp = m.const_data_ptr<acc_t>();
+    const acc_t* sp = s.const_data_ptr<acc_t>();
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    const acc_t* mdyp = mdy.const_data_ptr<acc_t>();
+    const acc_t* mdxmp = mdxm.const_data_ptr<acc_t>();
     for (int64_t c = 0; c < C; ++c) {
-      coeffs[c] = backward_coeffs(
-          m.const_data_ptr<acc_t>()[c], s.const_data_ptr<acc_t>()[c], w.const_data_ptr<acc_t>()[c],
-          mdy.const_data_ptr<acc_t>()[c], mdxm.const_data_ptr<acc_t>()[c]);
+      coeffs[c] = backward_coeffs(mp[c], sp[c], wp[c], mdyp[c], mdxmp[c]);
     }
     cpu::kernels().backward_elemt(
         input.scalar_type(), dy.const_data_ptr(), p.x.const_data_ptr(), dx.data_ptr(), p.layout, coeffs.data());

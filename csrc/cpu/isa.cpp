@@ -5,8 +5,11 @@
 
 #include <c10/util/Exception.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+
+#include <unistd.h>
 
 #include "kernels.h"
 
@@ -83,6 +86,63 @@ std::string supported_isas() {
     }
   }
   return out;
+}
+
+namespace {
+// The cache this process's cores share: Linux describes it per core in sysfs (e.g. 32768K on an
+// EPYC, whose sysconf(_SC_LEVEL3_CACHE_SIZE) reports the whole socket's L3 instead).
+int64_t sysfs_cache_bytes(int index) {
+  char path[96];
+  std::snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu0/cache/index%d/size", index);
+  std::FILE* f = std::fopen(path, "r");
+  if (f == nullptr) {
+    return 0;
+  }
+  long long value = 0;
+  char unit = 0;
+  const int got = std::fscanf(f, "%lld%c", &value, &unit);
+  std::fclose(f);
+  if (got < 1 || value <= 0) {
+    return 0;
+  }
+  return unit == 'K' ? value << 10 : unit == 'M' ? value << 20 : value;
+}
+
+int64_t last_level_cache_bytes() {
+  for (int index = 4; index >= 2; --index) {
+    const int64_t bytes = sysfs_cache_bytes(index);
+    if (bytes > 0) {
+      return bytes;
+    }
+  }
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+  const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  if (l3 > 0) {
+    return l3;
+  }
+#endif
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+  const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  if (l2 > 0) {
+    return l2;
+  }
+#endif
+  return int64_t(32) << 20;
+}
+}  // namespace
+
+bool stream_outputs(int64_t bytes) {
+  const char* forced = std::getenv("BNEXT_CPU_STREAM_BYTES");
+  if (forced != nullptr && forced[0] != '\0') {
+    char* end = nullptr;
+    const long long threshold = std::strtoll(forced, &end, 10);
+    TORCH_CHECK(
+        end != forced && *end == '\0' && threshold >= 0,
+        "bnext: BNEXT_CPU_STREAM_BYTES must be a non-negative integer (bytes), got '", forced, "'");
+    return bytes > threshold || threshold == 0;
+  }
+  static const int64_t threshold = last_level_cache_bytes() / 4 * 3;
+  return bytes > threshold;
 }
 
 const KernelTable& kernels() {

@@ -16,6 +16,10 @@
 #include <numeric>
 #include <type_traits>
 
+#if defined(__x86_64__)
+#include <immintrin.h>  // streaming stores; the intrinsics are usable under each TU's target pragma
+#endif
+
 #include "../common/layout.h"
 #include "../common/math.h"
 #include "kernels.h"

@@ -4,6 +4,8 @@
 
 #include <c10/core/ScalarType.h>
 
+#include <cstdint>
+
 #include "../common/layout.h"
 
 namespace bnext {
@@ -42,6 +44,12 @@ namespace avx512 {
 const KernelTable& table();
 }
 #endif
+
+// Whether an elementwise pass moving `bytes` (reads + writes) writes its output with streaming
+// (non-temporal) stores: when it moves more than 3/4 of the last-level cache, so its output
+// would not stay cached anyway. BNEXT_CPU_STREAM_BYTES=<n> sets the threshold instead (0: always
+// stream; read at every call, so tests can exercise both paths on small tensors).
+bool stream_outputs(int64_t bytes);
 
 // The table of the variant in use: BNEXT_CPU_ISA (baseline|avx2|avx512) when set, else the best
 // one this CPU supports. The variable is read at every call so tests can switch variants.

@@ -10,6 +10,7 @@
 #pragma GCC target("avx2,fma,f16c")
 #endif
 #define BNEXT_CPU_ISA_NS avx2
+#define BNEXT_CPU_ISA_LEVEL 1  // 0 baseline, 1 AVX2, 2 AVX-512
 #include "batch_norm_kernel.h"
 #if defined(__clang__)
 #pragma clang attribute pop

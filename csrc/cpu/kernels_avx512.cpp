@@ -12,6 +12,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
 #endif
 #define BNEXT_CPU_ISA_NS avx512
+#define BNEXT_CPU_ISA_LEVEL 2  // 0 baseline, 1 AVX2, 2 AVX-512
 #include "batch_norm_kernel.h"
 #if defined(__clang__)
 #pragma clang attribute pop
