@@ -223,15 +223,19 @@ def tune_malloc():
     frees two such outputs then page-faults (and zeroes) them again on the next call, while one
     x.clone() does not. That is allocator behaviour, not batch norm, and it hits torch and bnext
     alike but not the floor, so it is turned off (the usual CPU advice: a caching allocator,
-    jemalloc/tcmalloc, does the same). Blocks above M_MMAP_THRESHOLD's 32 MiB ceiling are
-    still mmapped per call, for every implementation and the floor alike.
+    jemalloc/tcmalloc, does the same). Blocks above M_MMAP_THRESHOLD's 32 MiB ceiling would
+    still be mmapped, and page-faulted and zeroed by the kernel, on every call: for the 103 MB
+    tensors of the matrix that made every timer (x.clone() too: 50 ms for 103 MB) measure the
+    kernel's page zeroing with run-to-run swings of 2x, so mmap is turned off as well
+    (M_MMAP_MAX=0: every block comes from the heap and is reused).
     """
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        ok = libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+        ok = (libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+              and libc.mallopt(M_MMAP_MAX, 0))
         return bool(ok)
     except OSError:
         return False

@@ -954,6 +954,19 @@ inline bool fused_channel_backward(const Layout& l) {
   return l.HxW >= 1024 && (l.C >= 4 * threads || l.C % threads == 0);
 }
 
+// NCHW training forward, one task per channel (statistics, then normalization from L2): only
+// where a channel is a few long runs (>= 64 KiB each) that fit in half of L2 together, and there
+// are channels enough to share. With many shorter runs the strided per-channel reads lose to
+// the memory-order passes (two threads, float32 forward: (2, 64, 16, 56, 56) 1.97 ms fused
+// against 2.46 ms; (32, 64, 56, 56), 12.5 KiB runs, 2.57 ms fused against 1.98 ms).
+template <typename scalar_t>
+inline bool fused_channel_forward(const Layout& l) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t run_bytes = l.HxW * static_cast<int64_t>(sizeof(scalar_t));
+  return !l.channels_last && l.N > 0 && run_bytes >= (int64_t(64) << 10) &&
+      l.N * run_bytes <= (int64_t(512) << 10) && (l.C >= 4 * threads || l.C % threads == 0);
+}
+
 inline int64_t channel_grain(const Layout& l) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, l.N * l.HxW));
 }
@@ -1249,17 +1262,43 @@ void forward_kernel(
     acc_t* invstd_out,
     acc_t* var_out) {
   const int64_t C = l.C;
+  // The per-channel results of one channel's merged statistics (shared by both paths below).
+  auto finish = [&](int64_t c, acc_t pivot, merge_t mean, merge_t var_m) {
+    const acc_t var = static_cast<acc_t>(var_m);
+    const acc_t invstd = invstd_from_var(var, eps);
+    mean_out[c] = static_cast<acc_t>(pivot + mean);
+    var_out[c] = var;
+    invstd_out[c] = invstd;
+    return normalize_coeffs_shifted(pivot, static_cast<acc_t>(mean), invstd, weight[c], bias[c]);
+  };
+  if (fused_channel_forward<scalar_t>(l)) {
+    // One task per channel: its blocks' statistics (merged in block order, exactly as
+    // nchw_stats merges them), then its normalization while the channel is still in L2.
+    const BlockPlan plan(l);
+    with_streaming(stream_planes(y, l, 2), [&](auto nt) {
+      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          const acc_t pivot = load<scalar_t, acc_t>(x, c * l.HxW);
+          Welford<merge_t> w{0, 0, 0};
+          for (int64_t j = 0; j < plan.nblocks; ++j) {
+            w = welford_combine(w, block_stats<scalar_t, acc_t>(x, l, plan, c, j, pivot));
+          }
+          const auto k = finish(c, pivot, w.mean, welford_var(w));
+          for (int64_t n = 0; n < l.N; ++n) {
+            const int64_t off = (n * C + c) * l.HxW;
+            seg_affine<scalar_t, acc_t, nt.value>(x + off, y + off, l.HxW, k);
+          }
+        }
+        end_streaming<nt.value>();
+      });
+    });
+    return;
+  }
   ChannelStats<acc_t> st(C);
   channel_stats<scalar_t, acc_t>(x, l, st);
   Buffer<acc_t> pivot(C), scale(C), shift(C);
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t var = static_cast<acc_t>(st.var.p[c]);
-    const acc_t invstd = invstd_from_var(var, eps);
-    mean_out[c] = static_cast<acc_t>(st.pivot.p[c] + st.mean.p[c]);
-    var_out[c] = var;
-    invstd_out[c] = invstd;
-    const auto k =
-        normalize_coeffs_shifted(st.pivot.p[c], static_cast<acc_t>(st.mean.p[c]), invstd, weight[c], bias[c]);
+    const auto k = finish(c, st.pivot.p[c], st.mean.p[c], st.var.p[c]);
     pivot.p[c] = k.pivot;
     scale.p[c] = k.scale;
     shift.p[c] = k.shift;
