@@ -170,10 +170,15 @@ def run_group(shape, layout, dtype_name, phases, impls, rounds, min_run_time, ge
                                                     description=impl, num_threads=torch.get_num_threads())
     keys = list(timers)
     measured = {k: [] for k in keys}
-    for r in range(rounds):
+    # Round 0 is a warm-up and is discarded: until every timer has run for a while, the
+    # allocator's free lists and the caches still settle (first-round medians of one timer
+    # measured up to 2x its later ones).
+    for r in range(rounds + 1):
         shift = r % len(keys)
         for k in keys[shift:] + keys[:shift]:
-            measured[k].append(timers[k].blocked_autorange(min_run_time=min_run_time))
+            m = timers[k].blocked_autorange(min_run_time=min_run_time)
+            if r > 0:
+                measured[k].append(m)
     merged = {k: benchmark.Measurement.merge(v)[0] for k, v in measured.items()}
     R = merged[("floor", "read")].median
     W = merged[("floor", "write")].median
