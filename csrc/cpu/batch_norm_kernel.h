@@ -1238,8 +1238,9 @@ void affine_kernel(const scalar_t* x, scalar_t* y, const Layout& l, const acc_t*
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, l.HxW));
   with_streaming(stream_planes(y, l, 2), [&](auto nt) {
     at::parallel_for(0, l.N * l.C, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t c = p % l.C;
+      // The channel advances with the plane (no division per plane: planes of 7x7 are a few
+      // vectors long).
+      for (int64_t p = begin, c = begin % l.C; p < end; ++p, c = c + 1 == l.C ? 0 : c + 1) {
         seg_affine<scalar_t, acc_t, nt.value>(
             x + p * l.HxW, y + p * l.HxW, l.HxW, NormalizeCoeffs<acc_t>{pivot[c], scale[c], shift[c]});
       }
@@ -1359,9 +1360,9 @@ void backward_elemt_kernel(
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, l.HxW));
   with_streaming(stream_planes(dx, l, 3), [&](auto nt) {
     at::parallel_for(0, l.N * l.C, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
+      for (int64_t p = begin, c = begin % l.C; p < end; ++p, c = c + 1 == l.C ? 0 : c + 1) {
         const int64_t off = p * l.HxW;
-        seg_backward<scalar_t, acc_t, nt.value>(dy + off, x + off, dx + off, l.HxW, coeffs[p % l.C]);
+        seg_backward<scalar_t, acc_t, nt.value>(dy + off, x + off, dx + off, l.HxW, coeffs[c]);
       }
       end_streaming<nt.value>();
     });
