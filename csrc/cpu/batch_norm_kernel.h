@@ -98,12 +98,17 @@ inline typename Vec<acc_t>::type vload(const scalar_t* p) {
   typename Vec<acc_t>::type v;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::memcpy(&v, p, sizeof(v));
-  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && Vec<acc_t>::W == 16) {
+    // Each value into the high half of a 32-bit lane with one word shuffle against zero (GCC
+    // turns the equivalent zero-extend-and-shift into two half-width extends and an insert).
     typedef uint16_t u16x16 __attribute__((vector_size(32)));
-    typedef uint32_t u32x16 __attribute__((vector_size(64)));
+    typedef uint16_t u16x32 __attribute__((vector_size(64)));
     u16x16 h;
     std::memcpy(&h, p, sizeof(h));
-    const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+    const u16x16 z = {};
+    const u16x32 w = __builtin_shufflevector(
+        z, h, 0, 16, 0, 17, 0, 18, 0, 19, 0, 20, 0, 21, 0, 22, 0, 23, 0, 24, 0, 25, 0, 26, 0, 27, 0, 28, 0, 29, 0, 30,
+        0, 31);
     std::memcpy(&v, &w, sizeof(v));
   } else {
     for (int64_t j = 0; j < Vec<acc_t>::W; ++j) {
