@@ -189,21 +189,30 @@ inline void put(void* p, const T& v) {
   }
 }
 
+// bfloat16 of each float lane, in the lane's high 16 bits: round to nearest even exactly as c10
+// does, NaN -> 0x7FC0 (the low 16 bits are garbage).
+typedef uint16_t bnext_u16x32 __attribute__((vector_size(64)));
+inline bnext_u16x32 bf16_in_high_halves(typename Vec<float>::type v) {
+  typedef uint32_t u32x16 __attribute__((vector_size(64)));
+  typedef int32_t i32x16 __attribute__((vector_size(64)));
+  u32x16 u;
+  std::memcpy(&u, &v, sizeof(u));
+  const i32x16 nan = v != v;
+  const u32x16 r = nan ? u32x16{} + 0x7FC00000u : u + 0x7FFFu + ((u >> 16) & 1u);
+  bnext_u16x32 h;
+  std::memcpy(&h, &r, sizeof(h));
+  return h;
+}
+
 template <typename scalar_t, typename acc_t, bool NT = false>
 inline void vstore(scalar_t* p, typename Vec<acc_t>::type v) {
   constexpr int NB = static_cast<int>(Vec<acc_t>::W * sizeof(scalar_t));
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     put<NT, NB>(p, v);
-  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && Vec<acc_t>::W == 16) {
     typedef uint16_t u16x16 __attribute__((vector_size(32)));
-    typedef uint32_t u32x16 __attribute__((vector_size(64)));
-    typedef int32_t i32x16 __attribute__((vector_size(64)));
-    u32x16 u;
-    std::memcpy(&u, &v, sizeof(u));
-    u32x16 r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const i32x16 nan = v != v;
-    r = nan ? u32x16{} + 0x7FC0u : r;
-    const u16x16 h = __builtin_convertvector(r, u16x16);
+    const bnext_u16x32 w = bf16_in_high_halves(v);
+    const u16x16 h = __builtin_shufflevector(w, w, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     put<NT, NB>(p, h);
   } else if constexpr (NT) {
     struct alignas(16) Values {
@@ -220,52 +229,21 @@ inline void vstore(scalar_t* p, typename Vec<acc_t>::type v) {
   }
 }
 
-// Two adjacent vectors (2 W values). For bfloat16 the pair converts with one 64-byte load and
-// two word shuffles, and rounds back with one shuffle picking the high halves of both vectors
-// (measured on (32, 64, 56, 56) bfloat16, one thread: the affine pass 0.94 ms singly, 0.72 ms in
-// pairs; bitwise the same values).
+// Two adjacent vectors (2 W values). For bfloat16 the pair rounds back with one shuffle picking
+// the high halves of both vectors (measured on (32, 64, 56, 56) bfloat16, one thread: the
+// affine pass 0.94 ms singly, 0.72 ms in pairs; bitwise the same values).
 template <typename scalar_t, typename acc_t>
 inline void vload2(const scalar_t* p, typename Vec<acc_t>::type& a, typename Vec<acc_t>::type& b) {
-  constexpr int64_t W = Vec<acc_t>::W;
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && W == 16) {
-    typedef uint16_t u16x32 __attribute__((vector_size(64)));
-    u16x32 h;
-    std::memcpy(&h, p, sizeof(h));
-    const u16x32 z = {};
-    const u16x32 lo = __builtin_shufflevector(
-        z, h, 0, 32, 0, 33, 0, 34, 0, 35, 0, 36, 0, 37, 0, 38, 0, 39, 0, 40, 0, 41, 0, 42, 0, 43, 0, 44, 0, 45, 0, 46,
-        0, 47);
-    const u16x32 hi = __builtin_shufflevector(
-        z, h, 0, 48, 0, 49, 0, 50, 0, 51, 0, 52, 0, 53, 0, 54, 0, 55, 0, 56, 0, 57, 0, 58, 0, 59, 0, 60, 0, 61, 0, 62,
-        0, 63);
-    std::memcpy(&a, &lo, sizeof(a));
-    std::memcpy(&b, &hi, sizeof(b));
-  } else {
-    a = vload<scalar_t, acc_t>(p);
-    b = vload<scalar_t, acc_t>(p + W);
-  }
+  a = vload<scalar_t, acc_t>(p);
+  b = vload<scalar_t, acc_t>(p + Vec<acc_t>::W);
 }
 
 template <typename scalar_t, typename acc_t, bool NT = false>
 inline void vstore2(scalar_t* p, typename Vec<acc_t>::type a, typename Vec<acc_t>::type b) {
   constexpr int64_t W = Vec<acc_t>::W;
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && W == 16) {
-    typedef uint32_t u32x16 __attribute__((vector_size(64)));
-    typedef int32_t i32x16 __attribute__((vector_size(64)));
-    typedef uint16_t u16x32 __attribute__((vector_size(64)));
-    // Round to nearest even in the high half (exactly as vstore and c10 do); NaN -> 0x7FC0.
-    auto round = [](typename Vec<acc_t>::type v) {
-      u32x16 u;
-      std::memcpy(&u, &v, sizeof(u));
-      const u32x16 r = u + 0x7FFFu + ((u >> 16) & 1u);
-      const i32x16 nan = v != v;
-      u16x32 h;
-      const u32x16 out = nan ? u32x16{} + 0x7FC00000u : r;
-      std::memcpy(&h, &out, sizeof(h));
-      return h;
-    };
-    const u16x32 ha = round(a), hb = round(b);
-    const u16x32 h = __builtin_shufflevector(
+    const bnext_u16x32 ha = bf16_in_high_halves(a), hb = bf16_in_high_halves(b);
+    const bnext_u16x32 h = __builtin_shufflevector(
         ha, hb, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, 33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53,
         55, 57, 59, 61, 63);
     put<NT, 64>(p, h);
