@@ -154,10 +154,12 @@ def run_group(shape, layout, dtype_name, phases, impls, rounds, min_run_time, ge
     C = shape[1]
     tag = f"{tuple(shape)} {layout} {dtype_name}"
     timers = {}
+    # Every timer runs on the same thread count (Timer's own default is one thread).
+    threads = torch.get_num_threads()
     timers[("floor", "read")] = benchmark.Timer("x.sum()", globals={"x": x}, label="floor", sub_label=tag,
-                                                description="x.sum()")
+                                                description="x.sum()", num_threads=threads)
     timers[("floor", "write")] = benchmark.Timer("x.clone()", globals={"x": x}, label="floor", sub_label=tag,
-                                                 description="x.clone()")
+                                                 description="x.clone()", num_threads=threads)
     mods = {}
     for impl in impls:
         t_mod, b_mod = module_pair(len(shape), C, dtype)
@@ -167,7 +169,7 @@ def run_group(shape, layout, dtype_name, phases, impls, rounds, min_run_time, ge
             fn = phase_fn(impl, phase, mods[impl], x, dy)
             fn()  # warm up (and compile) before timing
             timers[(phase, impl)] = benchmark.Timer("fn()", globals={"fn": fn}, label=phase, sub_label=tag,
-                                                    description=impl, num_threads=torch.get_num_threads())
+                                                    description=impl, num_threads=threads)
     keys = list(timers)
     measured = {k: [] for k in keys}
     # Round 0 is a warm-up and is discarded: until every timer has run for a while, the

@@ -227,3 +227,25 @@ def test_stream_threshold_must_be_a_byte_count(monkeypatch):
     monkeypatch.setenv("BNEXT_CPU_STREAM_BYTES", "lots")
     with pytest.raises(RuntimeError, match="BNEXT_CPU_STREAM_BYTES must be a non-negative integer .*got 'lots'"):
         torch.ops.bnext.batch_norm_elemt(torch.randn(4, 3, 2, 2), None, None, torch.zeros(3), torch.ones(3))
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_kernels_run_on_torch_threads(isa, restore_threads):
+    # The kernels' at::parallel_for must run on torch's intra-op threads and follow
+    # torch.set_num_threads: a kernel TU built without OpenMP compiles it to a serial loop, and
+    # every kernel then runs on one thread whatever the thread count says.
+    from bnext import _C
+
+    for n in (1, 2, 3):
+        torch.set_num_threads(n)
+        assert _C._parallel_probe(8) == n, f"{isa} kernels: 8 tasks ran on another number of threads than {n}"
+    torch.set_num_threads(3)
+    assert _C._parallel_probe(2) == 2  # never more threads than tasks
+    with pytest.raises(ValueError, match="tasks must be >= 1, got 0"):
+        _C._parallel_probe(0)

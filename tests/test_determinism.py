@@ -77,14 +77,3 @@ def test_bitwise_identical_across_thread_counts(shape, fmt, dtype, restore_threa
             assert torch.equal(a.view(-1).view(torch.uint8) if a.is_contiguous() else a.contiguous().view(torch.uint8),
                                r.view(-1).view(torch.uint8) if r.is_contiguous() else r.contiguous().view(torch.uint8)), (
                 f"output {i} differs with {n} threads from {THREADS[0]} thread")
-
-
-def test_set_num_threads_is_respected(restore_threads):
-    # The kernels use at::parallel_for, so the pool size follows torch.set_num_threads.
-    torch.set_num_threads(3)
-    assert torch.get_num_threads() == 3
-    seen = set()
-    x = torch.randn(2, 6, 8, 8)
-    torch.ops.bnext.batch_norm_forward(x, None, None, 1e-5)
-    seen.add(torch.get_num_threads())
-    assert seen == {3}

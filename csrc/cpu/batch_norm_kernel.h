@@ -1451,6 +1451,14 @@ inline void backward_entry(
              BNEXT_ACC_IN(invstd), BNEXT_ACC_OUT(sum_dy), BNEXT_ACC_OUT(sum_dy_xmu)));
 }
 
+inline int parallel_probe_entry(int64_t tasks) {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    seen.fetch_or(uint64_t(1) << std::min(at::get_thread_num(), 63));
+  });
+  return __builtin_popcountll(seen.load());
+}
+
 #undef BNEXT_CPU_DISPATCH
 #undef BNEXT_IN
 #undef BNEXT_OUT
@@ -1459,7 +1467,8 @@ inline void backward_entry(
 
 const KernelTable& table() {
   static const KernelTable t{
-      stats_entry, affine_entry, forward_entry, backward_reduce_entry, backward_elemt_entry, backward_entry};
+      stats_entry, affine_entry, forward_entry, backward_reduce_entry, backward_elemt_entry, backward_entry,
+      parallel_probe_entry};
   return t;
 }
 

@@ -30,6 +30,9 @@ struct KernelTable {
   void (*backward)(
       at::ScalarType, const void* dy, const void* x, void* dx, const Layout&, const void* weight, const void* mean,
       const void* invstd, void* sum_dy, void* sum_dy_xmu);
+  // How many distinct threads at::parallel_for ran `tasks` one-task pieces on, compiled exactly
+  // as the kernels are: 1 on any thread count if this TU lost its OpenMP (see setup.py).
+  int (*parallel_probe)(int64_t tasks);
 };
 
 // Each variant's table. Only call one whose ISA the CPU supports (kernels() checks).
