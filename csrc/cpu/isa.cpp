@@ -5,6 +5,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -129,6 +130,19 @@ int64_t last_level_cache_bytes() {
 #endif
   return int64_t(32) << 20;
 }
+// The part of the last-level cache this process can count on: at most kCacheBytesPerCore per CPU
+// it may run on. A virtual machine's sysfs may describe the host's whole L3 (480 MiB on a 2-CPU
+// Xeon VM here) although every other core of the host shares it. Measured on that VM, two threads,
+// float32 normalize: (32, 256, 56, 56) 8.3 ms stored against 4.3 ms streamed, (32, 512, 7, 7)
+// channels_last (3.1 MiB) 186 us against 130 us; 6 to 16 MiB inputs the same either way; a
+// 0.5 MiB input 12 us against 21 us (streaming what would have stayed in L2 loses).
+constexpr int64_t kCacheBytesPerCore = int64_t(4) << 20;
+
+int64_t cache_share_bytes() {
+  const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+  const int64_t llc = last_level_cache_bytes();
+  return cpus > 0 ? std::min<int64_t>(llc, kCacheBytesPerCore * cpus) : llc;
+}
 }  // namespace
 
 bool stream_outputs(int64_t bytes) {
@@ -141,7 +155,7 @@ bool stream_outputs(int64_t bytes) {
         "bnext: BNEXT_CPU_STREAM_BYTES must be a non-negative integer (bytes), got '", forced, "'");
     return bytes > threshold || threshold == 0;
   }
-  static const int64_t threshold = last_level_cache_bytes() / 4 * 3;
+  static const int64_t threshold = cache_share_bytes() / 4 * 3;
   return bytes > threshold;
 }
 

@@ -1,0 +1,164 @@
+"""The eager training path in C++ (torch.ops.bnext._batch_norm_train, csrc/train_forward.cpp).
+
+Eager training calls of bnext.batch_norm and the modules run it; torch.compile and the emulated
+CUDA kernels run the Python path (BatchNormFunction, then the running-statistics update). Both
+must give the same bits: outputs, every gradient asked for (and only those), running statistics,
+second derivatives.
+"""
+import pytest
+import torch
+
+import bnext
+import bnext.functional as F_bnext
+
+
+@pytest.fixture
+def python_path(monkeypatch):
+    """Runs the block on the Python path."""
+    def use():
+        monkeypatch.setattr(F_bnext, "_eager_bnext", lambda: False)
+    return use
+
+
+def calls_cpp_path(monkeypatch):
+    calls = []
+    op = torch.ops.bnext._batch_norm_train
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(torch.ops.bnext, name)
+
+        def _batch_norm_train(self, *args):
+            calls.append(args)
+            return op(*args)
+
+    monkeypatch.setattr(F_bnext, "ops", lambda: Spy())
+    return calls
+
+
+def run(x, weight, bias, rm, rv, momentum, dy):
+    x = x.detach().requires_grad_(x.requires_grad)
+    out = bnext.batch_norm(x, rm, rv, weight, bias, True, momentum, 1e-5)
+    wanted = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(out, wanted, dy) if wanted else ()
+    return out, grads
+
+
+CASES = [
+    # shape, memory format, dtype, parameter dtype
+    ((8, 6, 5, 5), torch.contiguous_format, torch.float32, torch.float32),
+    ((8, 6, 5, 5), torch.channels_last, torch.float32, torch.float32),
+    ((16, 5), torch.contiguous_format, torch.float64, torch.float64),
+    ((4, 6, 3, 5, 5), torch.channels_last_3d, torch.bfloat16, torch.float32),
+    ((8, 6, 7), torch.contiguous_format, torch.float16, torch.float16),
+]
+
+
+@pytest.mark.parametrize("shape,fmt,dtype,pdtype", CASES)
+@pytest.mark.parametrize("grads", ["xwb", "x", "w", "b", "wb", "", "x-noweight", "b-noweight", "w-nobias", "none-noaffine"])
+@pytest.mark.parametrize("stats", [True, False])
+def test_same_bits_as_the_python_path(shape, fmt, dtype, pdtype, grads, stats, python_path, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    C = shape[1]
+    x = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype).contiguous(memory_format=fmt)
+    dy = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=fmt)
+    weight = None if "noweight" in grads or "noaffine" in grads else (torch.rand(C, generator=gen) + 0.5).to(pdtype)
+    bias = None if "nobias" in grads or "noaffine" in grads else torch.randn(C, generator=gen).to(pdtype)
+    x.requires_grad_("x" in grads)
+    if weight is not None:
+        weight.requires_grad_("w" in grads.split("-")[0])
+    if bias is not None:
+        bias.requires_grad_("b" in grads.split("-")[0])
+    rm0 = torch.randn(C, generator=gen).to(pdtype)
+    rv0 = (torch.rand(C, generator=gen) + 0.5).to(pdtype)
+
+    results = []
+    for path in ("cpp", "python"):
+        if path == "python":
+            python_path()
+            calls = []
+        else:
+            calls = calls_cpp_path(monkeypatch)
+        rm, rv = (rm0.clone(), rv0.clone()) if stats else (None, None)
+        out, g = run(x, weight, bias, rm, rv, 0.1, dy)
+        assert len(calls) == (1 if path == "cpp" else 0)
+        results.append((out, g, rm, rv))
+    (out_c, g_c, rm_c, rv_c), (out_p, g_p, rm_p, rv_p) = results
+    assert out_c.dtype == out_p.dtype and out_c.stride() == out_p.stride()
+    assert torch.equal(out_c, out_p)
+    assert len(g_c) == len(g_p)
+    for a, b in zip(g_c, g_p):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    if stats:
+        assert torch.equal(rm_c, rm_p) and torch.equal(rv_c, rv_p)
+        assert not torch.equal(rm_c, rm0)
+
+
+def test_only_the_gradients_asked_for(monkeypatch):
+    # weight given but frozen, bias trainable: the node's inputs are (x, weight, bias), and a
+    # None weight shifts bias to the second input; both must map to the right gradient.
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    w = torch.rand(3) + 0.5
+    b = torch.randn(3, requires_grad=True)
+    out = bnext.batch_norm(x, None, None, w, b, True)
+    gx, gb = torch.autograd.grad((out * out).sum(), (x, b))
+    ref = torch.nn.functional.batch_norm(x, None, None, w, b, True)
+    rx, rb = torch.autograd.grad((ref * ref).sum(), (x, b))
+    torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gb, rb, rtol=1e-4, atol=1e-5)
+    out = bnext.batch_norm(x, None, None, None, b, True)
+    (gb2,) = torch.autograd.grad(out.sum(), (b,))
+    assert torch.equal(gb2, torch.full((3,), 16.0))  # 4 * 2 * 2 values per channel
+
+
+def test_double_backward_matches_torch():
+    x = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda *a: bnext.batch_norm(a[0], None, None, a[1], a[2], True), (x, w, b))
+    dy = torch.randn_like(x)
+    for fn in (bnext.batch_norm, torch.nn.functional.batch_norm):
+        out = fn(x, None, None, w, b, True)
+        gx, = torch.autograd.grad(out, x, dy, create_graph=True)
+        gg = torch.autograd.grad(gx.square().sum(), (x, w))
+        if fn is bnext.batch_norm:
+            ours = gg
+        else:
+            for a, r in zip(ours, gg):
+                torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("bad", ["running_mean_shape", "running_var_device", "running_var_int", "weight_device"])
+def test_failed_call_changes_nothing(bad):
+    C = 4
+    x = torch.randn(3, C, 2, 2)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    w, b = torch.ones(C), torch.zeros(C)
+    if bad == "running_mean_shape":
+        rm = torch.zeros(C + 1)
+        match = r"running_mean must be a 1-D tensor with 4 elements"
+    elif bad == "running_var_device":
+        rv = torch.ones(C, device="meta")
+        match = r"running_var must be on the input's device cpu, got meta"
+    elif bad == "running_var_int":
+        rv = torch.ones(C, dtype=torch.int64)
+        match = r"running_var must be a floating-point tensor, got torch.int64"
+    else:
+        w = torch.ones(C, device="meta")
+        match = r"weight must be on the input's device cpu, got meta"
+    before = [t.clone() for t in (rm, rv) if t.device.type == "cpu"]
+    with pytest.raises((RuntimeError, TypeError), match=match):
+        bnext.batch_norm(x, rm, rv, w, b, True)
+    after = [t for t in (rm, rv) if t.device.type == "cpu"]
+    for a, b_ in zip(after, before):
+        assert torch.equal(a, b_)
+
+
+def test_module_training_uses_the_cpp_path(monkeypatch):
+    calls = calls_cpp_path(monkeypatch)
+    m = bnext.BatchNorm2d(3)
+    m(torch.randn(2, 3, 4, 4))
+    assert len(calls) == 1 and int(m.num_batches_tracked) == 1
+    m.momentum = None  # cumulative average: a tensor momentum, so the Python path
+    m(torch.randn(2, 3, 4, 4))
+    assert len(calls) == 1 and int(m.num_batches_tracked) == 2
