@@ -64,6 +64,10 @@ def _eager_bnext() -> bool:
     return namespace() == "bnext" and not torch.compiler.is_compiling()
 
 
+def _any_requires_grad(*tensors) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
 def _update_running_stats(running_mean, running_var, mean, var, count, momentum):
     """running = (1 - momentum) * running + momentum * batch, unbiased variance, as torch does.
 
@@ -144,6 +148,14 @@ def batch_norm_impl(
         # argument checks and raises the error worded as bnext.batch_norm words it.
         try:
             return ops()._batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps)
+        except Exception:
+            pass
+    elif not training and _eager_bnext() and input.numel() > 0 and not (
+        torch.is_grad_enabled() and _any_requires_grad(input, weight, bias)
+    ):
+        # Eager inference in one C++ call, likewise (the same ops as below).
+        try:
+            return ops()._batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
         except Exception:
             pass
     _check_args(input, running_mean, running_var, weight, bias)

@@ -1,5 +1,6 @@
 // bnext::_batch_norm_train: the eager training forward of bnext.batch_norm and the modules in one
-// call from Python (normalization with the batch statistics, autograd node, running statistics).
+// call from Python (normalization with the batch statistics, autograd node, running statistics);
+// bnext::_batch_norm_eval: their eager inference (eval, nothing requires grad) in one call.
 //
 // It computes exactly what the Python path does (bnext/functional.py: BatchNormFunction, then
 // _update_running_stats) with the same ops in the same order, so both give the same bits. What it
@@ -60,6 +61,15 @@ backward_reduce_op() {
                              .findSchemaOrThrow("bnext::batch_norm_backward_reduce", "")
                              .typed<std::tuple<Tensor, Tensor>(
                                  const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<Tensor(
+    const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&)>&
+elemt_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bnext::batch_norm_elemt", "")
+                             .typed<Tensor(const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&)>();
   return op;
 }
 
@@ -145,16 +155,30 @@ void blend(Tensor& running, Tensor batch, double momentum, double scale) {
   running.lerp_(batch, momentum);
 }
 
-// Checked before anything runs, so that an update cannot fail half way. The Python caller words
-// the error (it re-runs its own checks when this op raises).
-void check_running(const OptTensor& t, const char* name, const Tensor& input) {
-  if (!t) {
-    return;
+// Checked before anything runs, so that an update cannot fail half way, and so that mixed devices
+// never reach the dispatcher (a meta weight with a CPU input would pick the meta kernel, which
+// checks nothing). The Python caller words the error: it re-runs its own checks when an op raises.
+void check_args(
+    const char* op,
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const OptTensor& running_mean,
+    const OptTensor& running_var) {
+  TORCH_CHECK(input.dim() >= 2, op, ": input must have at least 2 dimensions");
+  for (const OptTensor* t : {&weight, &bias}) {
+    TORCH_CHECK(
+        !*t || !(*t)->defined() || (*t)->device() == input.device(), op,
+        ": weight and bias must be on the input's device");
   }
-  TORCH_CHECK(
-      t->dim() == 1 && t->numel() == input.size(1) && t->is_floating_point() && t->device() == input.device(),
-      "bnext._batch_norm_train: ", name, " must be a floating-point 1-D tensor of ", input.size(1),
-      " elements on the input's device");
+  for (const OptTensor* t : {&running_mean, &running_var}) {
+    TORCH_CHECK(
+        !*t ||
+            ((*t)->dim() == 1 && (*t)->numel() == input.size(1) && (*t)->is_floating_point() &&
+             (*t)->device() == input.device()),
+        op, ": running statistics must be floating-point 1-D tensors of ", input.size(1),
+        " elements on the input's device");
+  }
 }
 
 Tensor batch_norm_train(
@@ -165,16 +189,7 @@ Tensor batch_norm_train(
     OptTensor running_var,
     double momentum,
     double eps) {
-  TORCH_CHECK(input.dim() >= 2, "bnext._batch_norm_train: input must have at least 2 dimensions");
-  // Device first: the dispatcher would otherwise pick one kernel for mixed devices (a meta weight
-  // with a CPU input reaches the meta kernel, which checks nothing).
-  for (const OptTensor* t : {&weight, &bias}) {
-    TORCH_CHECK(
-        !*t || !(*t)->defined() || (*t)->device() == input.device(),
-        "bnext._batch_norm_train: weight and bias must be on the input's device");
-  }
-  check_running(running_mean, "running_mean", input);
-  check_running(running_var, "running_var", input);
+  check_args("bnext._batch_norm_train", input, weight, bias, running_mean, running_var);
   auto outs = TrainFunction::apply(input, weight, bias, eps);
   if (running_mean || running_var) {
     at::NoGradGuard no_grad;
@@ -189,10 +204,34 @@ Tensor batch_norm_train(
   return outs[0];
 }
 
+// Inference with the running statistics (bnext.batch_norm's eval branch when nothing requires
+// grad): mean and invstd = rsqrt(running_var + eps) in the accumulation type, then the
+// normalization, exactly as the Python path computes them.
+Tensor batch_norm_eval(
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const Tensor& running_mean,
+    const Tensor& running_var,
+    double eps) {
+  check_args("bnext._batch_norm_eval", input, weight, bias, running_mean, running_var);
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor mean = running_mean.scalar_type() == acc ? running_mean.detach() : running_mean.detach().to(acc);
+  const Tensor var = running_var.scalar_type() == acc ? running_var.detach() : running_var.detach().to(acc);
+  const Tensor invstd = at::rsqrt(var + eps);
+  auto requires_grad = [](const OptTensor& t) { return t && t->defined() && t->requires_grad(); };
+  std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+  if (!at::GradMode::is_enabled() || !(input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+    below.emplace();  // nothing to record: skip the op's Python autograd kernel
+  }
+  return elemt_op().call(input, weight, bias, mean, invstd);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnext, CompositeImplicitAutograd, m) {
   m.impl("_batch_norm_train", &batch_norm_train);
+  m.impl("_batch_norm_eval", &batch_norm_eval);
 }
 
 }  // namespace bnext

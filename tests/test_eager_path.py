@@ -162,3 +162,68 @@ def test_module_training_uses_the_cpp_path(monkeypatch):
     m.momentum = None  # cumulative average: a tensor momentum, so the Python path
     m(torch.randn(2, 3, 4, 4))
     assert len(calls) == 1 and int(m.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("shape,fmt,dtype,pdtype", CASES)
+@pytest.mark.parametrize("affine", ["wb", "w", "b", ""])
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_eval_same_bits_as_the_python_path(shape, fmt, dtype, pdtype, affine, grad_mode, python_path, monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    C = shape[1]
+    x = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype).contiguous(memory_format=fmt)
+    weight = (torch.rand(C, generator=gen) + 0.5).to(pdtype) if "w" in affine else None
+    bias = torch.randn(C, generator=gen).to(pdtype) if "b" in affine else None
+    rm = torch.randn(C, generator=gen).to(pdtype)
+    rv = (torch.rand(C, generator=gen) + 0.5).to(pdtype)
+    calls = []
+    op = torch.ops.bnext._batch_norm_eval
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(torch.ops.bnext, name)
+
+        def _batch_norm_eval(self, *args):
+            calls.append(args)
+            return op(*args)
+
+    monkeypatch.setattr(F_bnext, "ops", lambda: Spy())
+    with torch.set_grad_enabled(grad_mode):
+        ours = bnext.batch_norm(x, rm, rv, weight, bias, False)
+        assert len(calls) == 1
+        python_path()
+        ref = bnext.batch_norm(x, rm, rv, weight, bias, False)
+        assert len(calls) == 1
+    assert ours.dtype == ref.dtype and ours.stride() == ref.stride() and not ours.requires_grad
+    assert torch.equal(ours, ref)
+
+
+def test_eval_with_grad_takes_the_autograd_path(monkeypatch):
+    # Frozen-statistics fine-tuning: eval mode, parameters trainable; gradients as torch's.
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    m = bnext.BatchNorm2d(3).eval()
+    ref = torch.nn.BatchNorm2d(3).eval()
+    m.running_mean.uniform_(-1, 1)
+    m.running_var.uniform_(0.5, 2)
+    ref.load_state_dict(m.state_dict())
+    out, out_ref = m(x), ref(x)
+    g = torch.autograd.grad(out.square().sum(), (x, m.weight, m.bias))
+    g_ref = torch.autograd.grad(out_ref.square().sum(), (x, ref.weight, ref.bias))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bad", ["running_var_shape", "running_mean_meta", "running_var_int", "no_running_var"])
+def test_eval_errors_are_worded_by_bnext(bad):
+    C = 4
+    x = torch.randn(3, C, 2, 2)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    if bad == "running_var_shape":
+        rv, match, exc = torch.ones(C, 1), r"running_var must be a 1-D tensor with 4 elements", RuntimeError
+    elif bad == "running_mean_meta":
+        rm, match, exc = torch.zeros(C, device="meta"), r"running_mean must be on the input's device cpu, got meta", RuntimeError
+    elif bad == "running_var_int":
+        rv, match, exc = torch.ones(C, dtype=torch.int32), r"running_var must be a floating-point tensor, got torch.int32", TypeError
+    else:
+        rv, match, exc = None, r"running_mean and running_var must be defined in evaluation mode", RuntimeError
+    with torch.no_grad(), pytest.raises(exc, match=match):
+        bnext.batch_norm(x, rm, rv, None, None, False)
