@@ -219,11 +219,7 @@ Tensor batch_norm_eval(
   const Tensor mean = running_mean.scalar_type() == acc ? running_mean.detach() : running_mean.detach().to(acc);
   const Tensor var = running_var.scalar_type() == acc ? running_var.detach() : running_var.detach().to(acc);
   const Tensor invstd = at::rsqrt(var + eps);
-  auto requires_grad = [](const OptTensor& t) { return t && t->defined() && t->requires_grad(); };
-  std::optional<at::AutoDispatchBelowADInplaceOrView> below;
-  if (!at::GradMode::is_enabled() || !(input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
-    below.emplace();  // nothing to record: skip the op's Python autograd kernel
-  }
+  at::AutoDispatchBelowADInplaceOrView below;  // nothing to record: skip the op's autograd kernel
   return elemt_op().call(input, weight, bias, mean, invstd);
 }
 
@@ -231,6 +227,12 @@ Tensor batch_norm_eval(
 
 TORCH_LIBRARY_IMPL(bnext, CompositeImplicitAutograd, m) {
   m.impl("_batch_norm_train", &batch_norm_train);
+}
+
+// Inference only (the Python caller uses it when nothing requires grad), so a backend kernel with
+// no autograd formula: this device-generic one, and a CPU one that folds invstd into the
+// coefficients (csrc/cpu/batch_norm_cpu.cpp).
+TORCH_LIBRARY_IMPL(bnext, CompositeExplicitAutograd, m) {
   m.impl("_batch_norm_eval", &batch_norm_eval);
 }
 

@@ -3,6 +3,9 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <vector>
+
 #include "../common/checks.h"
 #include "../common/layout.h"
 #include "../common/prepare.h"
@@ -51,6 +54,53 @@ Tensor batch_norm_elemt_cpu(
     const acc_t* bp = b.const_data_ptr<acc_t>();
     for (int64_t c = 0; c < C; ++c) {
       const auto k = normalize_coeffs(mp[c], sp[c], wp[c], bp[c]);
+      pivot[c] = k.pivot;
+      scale[c] = k.scale;
+      shift[c] = k.shift;
+    }
+    cpu::kernels().affine(
+        input.scalar_type(), p.x.const_data_ptr(), out.data_ptr(), p.layout, pivot.data(), scale.data(),
+        shift.data());
+  });
+  return out;
+}
+
+// bnext::_batch_norm_eval (eager inference, see csrc/train_forward.cpp) without the small ops of
+// the device-generic version: invstd = 1 / sqrt(running_var + eps) in the accumulation type (as
+// torch.rsqrt(var + eps) rounds it) goes straight into the coefficients.
+Tensor batch_norm_eval_cpu(
+    const Tensor& input,
+    const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias,
+    const Tensor& running_mean,
+    const Tensor& running_var,
+    double eps) {
+  const char* op = "bnext._batch_norm_eval";
+  check_input(input, op);
+  check_optional_channel_vector(weight, "weight", input, op);
+  check_optional_channel_vector(bias, "bias", input, op);
+  for (const Tensor* t : {&running_mean, &running_var}) {
+    TORCH_CHECK(
+        t->dim() == 1 && t->numel() == input.size(1) && t->is_floating_point() && t->device() == input.device(), op,
+        ": running statistics must be floating-point 1-D tensors of ", input.size(1), " elements on the input's device");
+  }
+  const auto p = prepare(input);
+  Tensor out = at::empty_like(p.x, p.fmt);
+  const Tensor m = acc_vector(running_mean, input), v = acc_vector(running_var, input);
+  const bool has_w = weight.has_value() && weight->defined(), has_b = bias.has_value() && bias->defined();
+  const Tensor w = has_w ? acc_vector(*weight, input) : Tensor(), b = has_b ? acc_vector(*bias, input) : Tensor();
+  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_eval_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const int64_t C = p.layout.C;
+    std::vector<acc_t> pivot(C), scale(C), shift(C);
+    const acc_t* mp = m.const_data_ptr<acc_t>();
+    const acc_t* vp = v.const_data_ptr<acc_t>();
+    const acc_t* wp = has_w ? w.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* bp = has_b ? b.const_data_ptr<acc_t>() : nullptr;
+    const acc_t eps_acc = static_cast<acc_t>(eps);
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t invstd = acc_t(1) / std::sqrt(vp[c] + eps_acc);
+      const auto k = normalize_coeffs(mp[c], invstd, wp ? wp[c] : acc_t(1), bp ? bp[c] : acc_t(0));
       pivot[c] = k.pivot;
       scale[c] = k.scale;
       shift[c] = k.shift;
@@ -167,6 +217,7 @@ TORCH_LIBRARY_IMPL(bnext, CPU, m) {
   m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cpu);
   m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+  m.impl("_batch_norm_eval", &batch_norm_eval_cpu);
 }
 
 }  // namespace bnext
