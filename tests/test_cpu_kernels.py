@@ -35,6 +35,15 @@ CASES = [
     ((3, 256, 2, 3), "channels_last"),
 ]
 ALIGNED_CASES = CASES[-4:]
+# NCHW planes that do not start on lines, streamed line by line (lines straddling two planes):
+# 49 and 20 values per plane, 9 (shorter than a float vector, not streamed), and enough planes
+# for two tasks, whose shared boundary lines are stored normally.
+STREAM_CASES = ALIGNED_CASES + [
+    ((3, 5, 7, 7), "contiguous"),
+    ((2, 3, 5, 4), "contiguous"),
+    ((2, 3, 3, 3), "contiguous"),
+    ((4, 63, 13, 13), "contiguous"),  # two tasks of 126 planes: their boundary is mid-line
+]
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # Output tolerance relative to the output's scale: one rounding of the output dtype plus slack.
@@ -205,7 +214,7 @@ def _all_outputs(x, dy, w, b):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("shape,fmt", ALIGNED_CASES, ids=[f"{'x'.join(map(str, s))}-{f}" for s, f in ALIGNED_CASES])
+@pytest.mark.parametrize("shape,fmt", STREAM_CASES, ids=[f"{'x'.join(map(str, s))}-{f}" for s, f in STREAM_CASES])
 def test_streaming_stores_change_no_bit(isa, monkeypatch, shape, fmt, dtype):
     # Streaming only changes how outputs reach memory: every value must be bitwise the same as
     # with ordinary stores, and every element written (NaN-filled memory would show otherwise).
