@@ -863,6 +863,13 @@ struct BlockPlan {
       nblocks = l.N * pieces_per_run;
     }
   }
+  // At::parallel_for grain in (block, channel) tasks: about kGrainElems values per task, so a
+  // small input (blocks of a few hundred values) is not split into tasks whose fork and join cost
+  // more than their work.
+  int64_t task_grain(const Layout& l) const {
+    const int64_t block_values = pieces_per_run == 1 ? std::min(l.N, runs_per_block) * l.HxW : kBlock;
+    return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, block_values));
+  }
   // Block j covers runs [n0, n1) and, within each, values [h0, h1).
   void range(const Layout& l, int64_t j, int64_t& n0, int64_t& n1, int64_t& h0, int64_t& h1) const {
     if (pieces_per_run == 1) {
@@ -962,7 +969,7 @@ void nchw_stats(const scalar_t* x, const Layout& l, ChannelStats<acc_t>& st) {
   }
   Buffer<Welford<merge_t>> partials(l.C * plan.nblocks);
   const int64_t tasks = l.C * plan.nblocks;
-  at::parallel_for(0, tasks, std::max<int64_t>(1, kGrainElems / kBlock), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tasks, plan.task_grain(l), [&](int64_t begin, int64_t end) {
     // Tasks in memory order (block-major), partials stored channel-major for the merge.
     for (int64_t t = begin; t < end; ++t) {
       const int64_t j = t / l.C, c = t % l.C;
@@ -999,6 +1006,10 @@ struct RowPlan {
     // At least kMinChunkRows super-rows: each chunk costs a few passes over its C partials.
     rows_per_chunk = k * std::max<int64_t>(kMinChunkRows, kChunkValues / P);
     nchunks = (R + rows_per_chunk - 1) / rows_per_chunk;
+  }
+  // Chunks per task: about kGrainElems values (see BlockPlan::task_grain).
+  int64_t chunk_grain() const {
+    return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, rows_per_chunk * C));
   }
   int64_t chunk_rows(int64_t q) const {
     return std::min(R, (q + 1) * rows_per_chunk) - q * rows_per_chunk;
@@ -1056,7 +1067,7 @@ void rows_stats(const scalar_t* x, const Layout& l, ChannelStats<acc_t>& st) {
   Buffer<acc_t> lanes_pivot(plan.P);
   replicate(st.pivot.p, C, plan.k, lanes_pivot.p);
   Buffer<acc_t> pmean(plan.nchunks * C), pm2(plan.nchunks * C);
-  at::parallel_for(0, plan.nchunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, plan.nchunks, plan.chunk_grain(), [&](int64_t begin, int64_t end) {
     Buffer<acc_t> acc(plan.P), lanes_mean(plan.P), mean(C);
     for (int64_t q = begin; q < end; ++q) {
       const int64_t r0 = q * plan.rows_per_chunk, r1 = r0 + plan.chunk_rows(q);
@@ -1132,7 +1143,7 @@ void rows_reduce_all(const scalar_t* dy, const scalar_t* x, const Layout& l, con
   const int64_t C = l.C;
   Buffer<acc_t> pa(plan.nchunks * C), pb(plan.nchunks * C), lanes_mean(plan.P);
   replicate(mean, C, plan.k, lanes_mean.p);
-  at::parallel_for(0, plan.nchunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, plan.nchunks, plan.chunk_grain(), [&](int64_t begin, int64_t end) {
     Buffer<acc_t> a(plan.P), b(plan.P);
     for (int64_t q = begin; q < end; ++q) {
       const int64_t r0 = q * plan.rows_per_chunk, r1 = r0 + plan.chunk_rows(q);
@@ -1388,7 +1399,7 @@ void backward_reduce_kernel(
   const BlockPlan plan(l);
   const int64_t tasks = l.C * plan.nblocks;
   Buffer<acc_t> pa(tasks), pb(tasks);
-  at::parallel_for(0, tasks, std::max<int64_t>(1, kGrainElems / kBlock), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tasks, plan.task_grain(l), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t j = t / l.C, c = t % l.C;
       const int64_t i = c * plan.nblocks + j;
