@@ -20,6 +20,8 @@
 #include <optional>
 #include <tuple>
 
+#include "common/checks.h"
+
 namespace bnext {
 namespace {
 
@@ -172,12 +174,9 @@ void check_args(
         ": weight and bias must be on the input's device");
   }
   for (const OptTensor* t : {&running_mean, &running_var}) {
-    TORCH_CHECK(
-        !*t ||
-            ((*t)->dim() == 1 && (*t)->numel() == input.size(1) && (*t)->is_floating_point() &&
-             (*t)->device() == input.device()),
-        op, ": running statistics must be floating-point 1-D tensors of ", input.size(1),
-        " elements on the input's device");
+    if (*t) {
+      check_running_stat(**t, input, op);
+    }
   }
 }
 
@@ -215,10 +214,9 @@ Tensor batch_norm_eval(
     const Tensor& running_var,
     double eps) {
   check_args("bnext._batch_norm_eval", input, weight, bias, running_mean, running_var);
-  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Tensor mean = running_mean.scalar_type() == acc ? running_mean.detach() : running_mean.detach().to(acc);
-  const Tensor var = running_var.scalar_type() == acc ? running_var.detach() : running_var.detach().to(acc);
-  const Tensor invstd = at::rsqrt(var + eps);
+  const auto acc = acc_dtype(input.scalar_type());
+  const Tensor mean = running_mean.detach().to(acc);
+  const Tensor invstd = at::rsqrt(running_var.detach().to(acc) + eps);
   at::AutoDispatchBelowADInplaceOrView below;  // nothing to record: skip the op's autograd kernel
   return elemt_op().call(input, weight, bias, mean, invstd);
 }

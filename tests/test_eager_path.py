@@ -20,20 +20,28 @@ def python_path(monkeypatch):
     return use
 
 
-def calls_cpp_path(monkeypatch):
+def spy_on(monkeypatch, name):
+    """Records every call bnext's Python layer makes to torch.ops.bnext.<name>."""
     calls = []
-    op = torch.ops.bnext._batch_norm_train
+    op = getattr(torch.ops.bnext, name)
 
     class Spy:
-        def __getattr__(self, name):
-            return getattr(torch.ops.bnext, name)
+        def __getattr__(self, attr):
+            if attr != name:
+                return getattr(torch.ops.bnext, attr)
 
-        def _batch_norm_train(self, *args):
-            calls.append(args)
-            return op(*args)
+            def record(*args):
+                calls.append(args)
+                return op(*args)
+
+            return record
 
     monkeypatch.setattr(F_bnext, "ops", lambda: Spy())
     return calls
+
+
+def calls_cpp_path(monkeypatch):
+    return spy_on(monkeypatch, "_batch_norm_train")
 
 
 def run(x, weight, bias, rm, rv, momentum, dy):
@@ -175,18 +183,7 @@ def test_eval_same_bits_as_the_python_path(shape, fmt, dtype, pdtype, affine, gr
     bias = torch.randn(C, generator=gen).to(pdtype) if "b" in affine else None
     rm = torch.randn(C, generator=gen).to(pdtype)
     rv = (torch.rand(C, generator=gen) + 0.5).to(pdtype)
-    calls = []
-    op = torch.ops.bnext._batch_norm_eval
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(torch.ops.bnext, name)
-
-        def _batch_norm_eval(self, *args):
-            calls.append(args)
-            return op(*args)
-
-    monkeypatch.setattr(F_bnext, "ops", lambda: Spy())
+    calls = spy_on(monkeypatch, "_batch_norm_eval")
     with torch.set_grad_enabled(grad_mode):
         ours = bnext.batch_norm(x, rm, rv, weight, bias, False)
         assert len(calls) == 1
@@ -195,6 +192,11 @@ def test_eval_same_bits_as_the_python_path(shape, fmt, dtype, pdtype, affine, gr
         assert len(calls) == 1
     assert ours.dtype == ref.dtype and ours.stride() == ref.stride() and not ours.requires_grad
     assert torch.equal(ours, ref)
+    # The device-generic kernel (CompositeExplicitAutograd, what CUDA tensors run) on these CPU
+    # tensors: reached through the CUDA dispatch key, its inner ops then run on the CPU.
+    generic = torch.ops.bnext._batch_norm_eval.default.redispatch(
+        torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), x, weight, bias, rm, rv, 1e-5)
+    assert generic.stride() == ref.stride() and torch.equal(generic, ref)
 
 
 def test_eval_with_grad_takes_the_autograd_path(monkeypatch):

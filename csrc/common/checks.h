@@ -83,6 +83,16 @@ inline void check_optional_channel_vector(
   }
 }
 
+// A running statistic (running_mean, running_var) of any floating dtype: C elements on the
+// input's device. The eager entries check it before anything is written; the Python layer words
+// the error for users (bnext.functional._check_args).
+inline void check_running_stat(const at::Tensor& t, const at::Tensor& input, const char* op) {
+  TORCH_CHECK(
+      t.dim() == 1 && t.numel() == input.size(1) && t.is_floating_point() && t.device() == input.device(), op,
+      ": running statistics must be floating-point 1-D tensors of ", input.size(1),
+      " elements on the input's device");
+}
+
 inline void check_eps(double eps, const char* op) {
   TORCH_CHECK_VALUE(eps >= 0.0, op, ": eps must be non-negative, got ", eps);
 }

@@ -31,6 +31,32 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
   return {mean, var};
 }
 
+// out = (x - mean[c]) * invstd(c) * weight[c] + bias[c], the per-channel coefficients folded once.
+// mean, weight and bias are contiguous accumulation-type vectors; invstd(c) gives channel c's.
+template <typename acc_t, typename Invstd>
+void normalize_channels(
+    const Prepared& p,
+    at::ScalarType dtype,
+    Tensor& out,
+    const Tensor& mean,
+    const Invstd& invstd,
+    const Tensor& weight,
+    const Tensor& bias) {
+  const int64_t C = p.layout.C;
+  std::vector<acc_t> pivot(C), scale(C), shift(C);
+  // Pointers taken once: const_data_ptr checks the tensor at every call.
+  const acc_t* mp = mean.const_data_ptr<acc_t>();
+  const acc_t* wp = weight.const_data_ptr<acc_t>();
+  const acc_t* bp = bias.const_data_ptr<acc_t>();
+  for (int64_t c = 0; c < C; ++c) {
+    const auto k = normalize_coeffs(mp[c], invstd(c), wp[c], bp[c]);
+    pivot[c] = k.pivot;
+    scale[c] = k.scale;
+    shift[c] = k.shift;
+  }
+  cpu::kernels().affine(dtype, p.x.const_data_ptr(), out.data_ptr(), p.layout, pivot.data(), scale.data(), shift.data());
+}
+
 Tensor batch_norm_elemt_cpu(
     const Tensor& input,
     const c10::optional<Tensor>& weight,
@@ -45,22 +71,8 @@ Tensor batch_norm_elemt_cpu(
   const Tensor m = acc_vector(mean, input), s = acc_vector(invstd, input);
   BNEXT_DISPATCH(input.scalar_type(), "batch_norm_elemt_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    const int64_t C = p.layout.C;
-    std::vector<acc_t> pivot(C), scale(C), shift(C);
-    // Pointers taken once: const_data_ptr checks the tensor at every call.
-    const acc_t* mp = m.const_data_ptr<acc_t>();
     const acc_t* sp = s.const_data_ptr<acc_t>();
-    const acc_t* wp = w.const_data_ptr<acc_t>();
-    const acc_t* bp = b.const_data_ptr<acc_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      const auto k = normalize_coeffs(mp[c], sp[c], wp[c], bp[c]);
-      pivot[c] = k.pivot;
-      scale[c] = k.scale;
-      shift[c] = k.shift;
-    }
-    cpu::kernels().affine(
-        input.scalar_type(), p.x.const_data_ptr(), out.data_ptr(), p.layout, pivot.data(), scale.data(),
-        shift.data());
+    normalize_channels<acc_t>(p, input.scalar_type(), out, m, [sp](int64_t c) { return sp[c]; }, w, b);
   });
   return out;
 }
@@ -79,35 +91,19 @@ Tensor batch_norm_eval_cpu(
   check_input(input, op);
   check_optional_channel_vector(weight, "weight", input, op);
   check_optional_channel_vector(bias, "bias", input, op);
-  for (const Tensor* t : {&running_mean, &running_var}) {
-    TORCH_CHECK(
-        t->dim() == 1 && t->numel() == input.size(1) && t->is_floating_point() && t->device() == input.device(), op,
-        ": running statistics must be floating-point 1-D tensors of ", input.size(1), " elements on the input's device");
-  }
+  check_running_stat(running_mean, input, op);
+  check_running_stat(running_var, input, op);
   const auto p = prepare(input);
   Tensor out = at::empty_like(p.x, p.fmt);
+  const Tensor w = channel_vector(weight, input, 1.0), b = channel_vector(bias, input, 0.0);
   const Tensor m = acc_vector(running_mean, input), v = acc_vector(running_var, input);
-  const bool has_w = weight.has_value() && weight->defined(), has_b = bias.has_value() && bias->defined();
-  const Tensor w = has_w ? acc_vector(*weight, input) : Tensor(), b = has_b ? acc_vector(*bias, input) : Tensor();
   BNEXT_DISPATCH(input.scalar_type(), "batch_norm_eval_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    const int64_t C = p.layout.C;
-    std::vector<acc_t> pivot(C), scale(C), shift(C);
-    const acc_t* mp = m.const_data_ptr<acc_t>();
     const acc_t* vp = v.const_data_ptr<acc_t>();
-    const acc_t* wp = has_w ? w.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* bp = has_b ? b.const_data_ptr<acc_t>() : nullptr;
     const acc_t eps_acc = static_cast<acc_t>(eps);
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t invstd = acc_t(1) / std::sqrt(vp[c] + eps_acc);
-      const auto k = normalize_coeffs(mp[c], invstd, wp ? wp[c] : acc_t(1), bp ? bp[c] : acc_t(0));
-      pivot[c] = k.pivot;
-      scale[c] = k.scale;
-      shift[c] = k.shift;
-    }
-    cpu::kernels().affine(
-        input.scalar_type(), p.x.const_data_ptr(), out.data_ptr(), p.layout, pivot.data(), scale.data(),
-        shift.data());
+    normalize_channels<acc_t>(
+        p, input.scalar_type(), out, m, [vp, eps_acc](int64_t c) { return acc_t(1) / std::sqrt(vp[c] + eps_acc); }, w,
+        b);
   });
   return out;
 }

@@ -1233,9 +1233,6 @@ void stats_kernel(const scalar_t* x, const Layout& l, acc_t* mean_out, acc_t* va
 // Measured on this kind of machine, two threads, float32 normalize: (32, 512, 7, 7) 203 -> 120 us,
 // (32, 256, 14, 14) 328 -> 293 us (torch's eval: 198 and 331 us).
 template <typename scalar_t, typename acc_t>
-constexpr bool kLineStreamable = kVecIsLine<scalar_t, acc_t>;
-
-template <typename scalar_t, typename acc_t>
 inline void planes_affine_lines(
     const scalar_t* x, scalar_t* y, const Layout& l, int64_t p0, int64_t p1, const acc_t* pivot, const acc_t* scale,
     const acc_t* shift) {
@@ -1296,7 +1293,7 @@ void affine_kernel(const scalar_t* x, scalar_t* y, const Layout& l, const acc_t*
     return;
   }
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, l.HxW));
-  if constexpr (kLineStreamable<scalar_t, acc_t>) {
+  if constexpr (kVecIsLine<scalar_t, acc_t>) {
     if (l.HxW >= Vec<acc_t>::W && !stream_planes(y, l, 2) && stream_pass<scalar_t>(l, 2)) {
       at::parallel_for(0, l.N * l.C, grain, [&](int64_t begin, int64_t end) {
         planes_affine_lines<scalar_t, acc_t>(x, y, l, begin, end, pivot, scale, shift);

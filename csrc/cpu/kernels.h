@@ -50,8 +50,9 @@ const KernelTable& table();
 
 // Whether an elementwise pass moving `bytes` (reads + writes) writes its output with streaming
 // (non-temporal) stores: when it moves more than 3/4 of this process's share of the last-level
-// cache (at most 4 MiB per CPU, see isa.cpp), so its output would not stay cached anyway. BNEXT_CPU_STREAM_BYTES=<n> sets the threshold instead (0: always
-// stream; read at every call, so tests can exercise both paths on small tensors).
+// cache (at most 4 MiB per CPU, see isa.cpp), so its output would not stay cached anyway.
+// BNEXT_CPU_STREAM_BYTES=<n> sets the threshold instead (0: always stream; read at every call,
+// so tests can exercise both paths on small tensors).
 bool stream_outputs(int64_t bytes);
 
 // The table of the variant in use: BNEXT_CPU_ISA (baseline|avx2|avx512) when set, else the best
