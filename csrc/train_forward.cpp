@@ -13,10 +13,13 @@
 // Arguments are checked by the Python caller (bnext.functional.batch_norm_impl) and by the ops,
 // before anything is written: the running statistics change only after the kernels succeeded.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -79,6 +82,29 @@ OptTensor opt(const Tensor& t) {
   return t.defined() ? OptTensor(t) : std::nullopt;
 }
 
+// a * b per channel (a alone when b is null) in a's type, rounded to `dtype`: what a * b and
+// .to(dtype) give, on the host, for the CPU tensors of a first-order backward (the ATen ops cost
+// about 2 us each; bfloat16 parameters need up to three of them per call). a and b are the
+// contiguous per-channel outputs of the bnext ops.
+Tensor channel_values(const Tensor& a, const Tensor* b, at::ScalarType dtype) {
+  const int64_t C = a.numel();
+  Tensor out = at::empty({C}, a.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "bnext_channel_values", [&] {
+    using acc_t = scalar_t;
+    const Tensor a_c = a.contiguous();
+    const Tensor b_c = b ? b->to(a.scalar_type()).contiguous() : Tensor();
+    const acc_t* ap = a_c.const_data_ptr<acc_t>();
+    const acc_t* bp = b ? b_c.const_data_ptr<acc_t>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bnext_channel_values_out", [&] {
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        op[c] = static_cast<scalar_t>(bp ? ap[c] * bp[c] : ap[c]);
+      }
+    });
+  });
+  return out;
+}
+
 // BatchNormFunction (bnext/autograd.py), training branch, in C++.
 struct TrainFunction : public torch::autograd::Function<TrainFunction> {
   static variable_list forward(
@@ -132,15 +158,24 @@ struct TrainFunction : public torch::autograd::Function<TrainFunction> {
       std::tie(sum_dy, sum_dy_xmu) = backward_reduce_op().call(grad_out, input, mean, invstd);
     }
     Tensor grad_weight, grad_bias;
+    const bool host = !create_graph && input.device().is_cpu();
     if (need_w) {
-      grad_weight = sum_dy_xmu * invstd;
-      if (grad_weight.scalar_type() != weight->scalar_type()) {
-        grad_weight = grad_weight.to(weight->scalar_type());
+      if (host) {
+        grad_weight = channel_values(sum_dy_xmu, &invstd, weight->scalar_type());
+      } else {
+        grad_weight = sum_dy_xmu * invstd;
+        if (grad_weight.scalar_type() != weight->scalar_type()) {
+          grad_weight = grad_weight.to(weight->scalar_type());
+        }
       }
     }
     if (need_b) {
       const auto bias_dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
-      grad_bias = sum_dy.scalar_type() == bias_dtype ? sum_dy : sum_dy.to(bias_dtype);
+      if (sum_dy.scalar_type() == bias_dtype) {
+        grad_bias = sum_dy;
+      } else {
+        grad_bias = host ? channel_values(sum_dy, nullptr, bias_dtype) : sum_dy.to(bias_dtype);
+      }
     }
     return {grad_input, grad_weight, grad_bias, Tensor()};
   }
@@ -155,6 +190,50 @@ void blend(Tensor& running, Tensor batch, double momentum, double scale) {
     batch = batch.to(running.scalar_type());
   }
   running.lerp_(batch, momentum);
+}
+
+// The same update for CPU tensors, on the host: batch * scale in the batch's type (as the tensor
+// times a Python float rounds it), rounded to the running statistic's dtype, then lerp in that
+// dtype's opmath type with one fma, as ATen's vectorized lerp_ computes it (tests/test_eager_path.py
+// checks the bits against the Python path). The ATen ops above are three to five calls of 1-3.5 us
+// each, most of a small layer's per-call cost next to its kernel.
+template <typename run_t, typename acc_t>
+void blend_values(run_t* r, int64_t stride, const acc_t* batch, int64_t C, double momentum, double scale) {
+  using opmath_t = at::opmath_type<run_t>;
+  const acc_t s = static_cast<acc_t>(scale);
+  const opmath_t w = static_cast<opmath_t>(momentum);
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t b = scale != 1.0 ? batch[c] * s : batch[c];
+    run_t& v = r[c * stride];
+    const opmath_t self = static_cast<opmath_t>(v), end = static_cast<opmath_t>(static_cast<run_t>(b));
+    v = static_cast<run_t>(
+        std::abs(w) < opmath_t(0.5) ? std::fma(w, end - self, self) : std::fma(w - opmath_t(1), end - self, end));
+  }
+}
+
+void blend_cpu(Tensor& running, const Tensor& batch, double momentum, double scale) {
+  const int64_t C = running.numel();
+  const int64_t stride = C > 1 ? running.stride(0) : 1;
+  const Tensor b = batch.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "bnext_blend", [&] {
+    using run_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "bnext_blend_batch", [&] {
+      blend_values<run_t, scalar_t>(running.mutable_data_ptr<run_t>(), stride, b.const_data_ptr<scalar_t>(), C, momentum, scale);
+    });
+  });
+  // Written through its pointer: bump the version as the in-place op would (autograd's saved-
+  // tensor checks compare it). Inference tensors have no version counter.
+  if (!running.is_inference()) {
+    torch::autograd::impl::bump_version(running);
+  }
+}
+
+void update_running(Tensor& running, const Tensor& batch, double momentum, double scale) {
+  if (running.device().is_cpu() && batch.device().is_cpu()) {
+    blend_cpu(running, batch, momentum, scale);
+  } else {
+    blend(running, batch, momentum, scale);
+  }
 }
 
 // Checked before anything runs, so that an update cannot fail half way, and so that mixed devices
@@ -194,10 +273,10 @@ Tensor batch_norm_train(
     at::NoGradGuard no_grad;
     const int64_t count = input.numel() / input.size(1);
     if (running_mean) {
-      blend(*running_mean, outs[1], momentum, 1.0);
+      update_running(*running_mean, outs[1], momentum, 1.0);
     }
     if (running_var) {
-      blend(*running_var, outs[2], momentum, count > 1 ? static_cast<double>(count) / (count - 1) : 1.0);
+      update_running(*running_var, outs[2], momentum, count > 1 ? static_cast<double>(count) / (count - 1) : 1.0);
     }
   }
   return outs[0];

@@ -166,6 +166,33 @@ def test_statistics_of_offset_data_are_accurate(isa):
     torch.testing.assert_close(mean.double(), ref.mean((0, 2, 3)), rtol=1e-7, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("shape,fmt", [
+    ((16, 6, 30, 30), "contiguous"),  # blocks of whole runs
+    ((2, 3, 100, 90), "contiguous"),  # runs cut into blocks
+    ((64, 8, 16, 16), "channels_last"),  # several chunks of rows (narrow rows)
+    ((9, 300, 5, 5), "channels_last"),  # wide rows, four at a time, plus leftover rows
+])
+def test_single_pass_16_bit_statistics_are_accurate(isa, shape, fmt, dtype):
+    # 16-bit inputs take their statistics in one pass of sums of (x - pivot) and its square, the
+    # pivot being each channel's first value. Offset data, and a first value far out in its
+    # channel's tail (which scales the rounding of sum2 - sum1 * mean), stay accurate far below
+    # the 16-bit output resolution; a NaN poisons its own channel only.
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 40).to(dtype)
+    x[0, 1].view(-1)[0] = 40 + 3 * 30  # channel 1's pivot: 30 deviations out
+    x[0, 2].view(-1)[0] = float("nan")
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    mean, var = torch.ops.bnext.batch_norm_stats(x)
+    ref = x.double()
+    dims = [0] + list(range(2, x.dim()))
+    keep = [c for c in range(shape[1]) if c != 2]
+    torch.testing.assert_close(var.double()[keep], ref.var(dims, unbiased=False)[keep], rtol=1e-4, atol=0)
+    torch.testing.assert_close(mean.double()[keep], ref.mean(dims)[keep], rtol=1e-5, atol=0)
+    assert mean[2].isnan() and var[2].isnan()
+
+
 def test_bfloat16_rounding_matches_torch(isa):
     # The vectorized bfloat16 store rounds to nearest even exactly like torch (NaN stays a NaN;
     # its payload bits are not compared).

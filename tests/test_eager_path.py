@@ -229,3 +229,47 @@ def test_eval_errors_are_worded_by_bnext(bad):
         rv, match, exc = None, r"running_mean and running_var must be defined in evaluation mode", RuntimeError
     with torch.no_grad(), pytest.raises(exc, match=match):
         bnext.batch_norm(x, rm, rv, None, None, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("stat_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("C", [3, 16, 37])
+def test_running_stats_update_same_bits(dtype, stat_dtype, C, python_path, monkeypatch):
+    # The C++ path blends CPU running statistics on the host (no ATen ops): same bits as the
+    # Python path's batch * scale, .to(running dtype), lerp_, for every dtype pair, strided
+    # statistics and the large-momentum branch of lerp; and the version bumps as lerp_'s does.
+    gen = torch.Generator().manual_seed(C)
+    x = (torch.randn(5, C, 3, 3, generator=gen) * 2 + 3).to(dtype)
+    rm0 = torch.randn(2 * C, generator=gen).to(stat_dtype)[::2]
+    rv0 = (torch.rand(2 * C, generator=gen) + 0.5).to(stat_dtype)[::2]
+    results = []
+    for path in ("cpp", "python"):
+        calls = calls_cpp_path(monkeypatch) if path == "cpp" else None
+        if path == "python":
+            python_path()
+        for momentum in (0.1, 0.75):
+            rm, rv = torch.empty_like(rm0.repeat(2))[::2].copy_(rm0), torch.empty_like(rv0.repeat(2))[::2].copy_(rv0)
+            versions = (rm._version, rv._version)
+            bnext.batch_norm(x, rm, rv, None, None, True, momentum, 1e-5)
+            assert (rm._version, rv._version) == (versions[0] + 1, versions[1] + 1)
+            results.append((rm, rv))
+        if calls is not None:
+            assert len(calls) == 2
+    for (a_m, a_v), (b_m, b_v) in zip(results[:2], results[2:]):
+        assert a_m.dtype == stat_dtype and torch.equal(a_m, b_m) and torch.equal(a_v, b_v)
+
+
+def test_running_stats_strided_and_inference_mode(monkeypatch):
+    calls = calls_cpp_path(monkeypatch)
+    x = torch.randn(4, 3, 2, 2)
+    base = torch.zeros(6)
+    rm, rv = base[::2], torch.ones(3)
+    bnext.batch_norm(x, rm, rv, None, None, True, 0.5)
+    assert len(calls) == 1
+    torch.testing.assert_close(base[::2], 0.5 * x.mean((0, 2, 3)))
+    assert torch.equal(base[1::2], torch.zeros(3))  # the other elements of the storage untouched
+    with torch.inference_mode():
+        m = bnext.BatchNorm2d(3)  # inference-tensor buffers (no version counter)
+        m(x)
+    assert len(calls) == 2 and int(m.num_batches_tracked) == 1
+    torch.testing.assert_close(m.running_mean, 0.1 * x.mean((0, 2, 3)))

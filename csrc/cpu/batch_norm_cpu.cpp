@@ -20,6 +20,48 @@ using at::Tensor;
 #define BNEXT_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
+// The C values of a per-channel vector in the accumulation type acc_t, as a pointer: the tensor's
+// own memory where it already is that (contiguous acc_t), else converted here on the host, as
+// .to(acc_t) rounds; `fill` for an absent one. (A .to() is an ATen call: about 2 us for each
+// bfloat16 parameter of every op call, a visible part of a small layer's time.)
+template <typename acc_t>
+class AccChannels {
+ public:
+  AccChannels(const c10::optional<Tensor>& t, int64_t C, acc_t fill) {
+    if (t.has_value() && t->defined()) {
+      init(*t, C);
+    } else {
+      buf_.assign(C, fill);
+      p_ = buf_.data();
+    }
+  }
+  AccChannels(const Tensor& t, int64_t C) {
+    init(t, C);
+  }
+  const acc_t* get() const {
+    return p_;
+  }
+
+ private:
+  void init(const Tensor& t, int64_t C) {
+    if (t.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && t.is_contiguous()) {
+      p_ = t.const_data_ptr<acc_t>();
+      return;
+    }
+    buf_.resize(C);
+    const int64_t stride = C > 1 ? t.stride(0) : 1;
+    BNEXT_DISPATCH(t.scalar_type(), "bnext_channels", [&] {
+      const scalar_t* src = t.const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        buf_[c] = static_cast<acc_t>(src[c * stride]);
+      }
+    });
+    p_ = buf_.data();
+  }
+  std::vector<acc_t> buf_;
+  const acc_t* p_ = nullptr;
+};
+
 std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
   const char* op = "bnext.batch_norm_stats";
   check_input(input, op);
@@ -32,22 +74,18 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
 }
 
 // out = (x - mean[c]) * invstd(c) * weight[c] + bias[c], the per-channel coefficients folded once.
-// mean, weight and bias are contiguous accumulation-type vectors; invstd(c) gives channel c's.
+// mean, weight and bias are C accumulation-type values; invstd(c) gives channel c's.
 template <typename acc_t, typename Invstd>
 void normalize_channels(
     const Prepared& p,
     at::ScalarType dtype,
     Tensor& out,
-    const Tensor& mean,
+    const acc_t* mp,
     const Invstd& invstd,
-    const Tensor& weight,
-    const Tensor& bias) {
+    const acc_t* wp,
+    const acc_t* bp) {
   const int64_t C = p.layout.C;
   std::vector<acc_t> pivot(C), scale(C), shift(C);
-  // Pointers taken once: const_data_ptr checks the tensor at every call.
-  const acc_t* mp = mean.const_data_ptr<acc_t>();
-  const acc_t* wp = weight.const_data_ptr<acc_t>();
-  const acc_t* bp = bias.const_data_ptr<acc_t>();
   for (int64_t c = 0; c < C; ++c) {
     const auto k = normalize_coeffs(mp[c], invstd(c), wp[c], bp[c]);
     pivot[c] = k.pivot;
@@ -67,12 +105,12 @@ Tensor batch_norm_elemt_cpu(
   check_elemt_args(input, weight, bias, mean, invstd, op);
   const auto p = prepare(input);
   Tensor out = at::empty_like(p.x, p.fmt);
-  const Tensor w = channel_vector(weight, input, 1.0), b = channel_vector(bias, input, 0.0);
-  const Tensor m = acc_vector(mean, input), s = acc_vector(invstd, input);
   BNEXT_DISPATCH(input.scalar_type(), "batch_norm_elemt_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    const acc_t* sp = s.const_data_ptr<acc_t>();
-    normalize_channels<acc_t>(p, input.scalar_type(), out, m, [sp](int64_t c) { return sp[c]; }, w, b);
+    const int64_t C = p.layout.C;
+    const AccChannels<acc_t> w(weight, C, 1), b(bias, C, 0), m(mean, C), s(invstd, C);
+    const acc_t* sp = s.get();
+    normalize_channels<acc_t>(p, input.scalar_type(), out, m.get(), [sp](int64_t c) { return sp[c]; }, w.get(), b.get());
   });
   return out;
 }
@@ -95,15 +133,15 @@ Tensor batch_norm_eval_cpu(
   check_running_stat(running_var, input, op);
   const auto p = prepare(input);
   Tensor out = at::empty_like(p.x, p.fmt);
-  const Tensor w = channel_vector(weight, input, 1.0), b = channel_vector(bias, input, 0.0);
-  const Tensor m = acc_vector(running_mean, input), v = acc_vector(running_var, input);
   BNEXT_DISPATCH(input.scalar_type(), "batch_norm_eval_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
-    const acc_t* vp = v.const_data_ptr<acc_t>();
+    const int64_t C = p.layout.C;
+    const AccChannels<acc_t> w(weight, C, 1), b(bias, C, 0), m(running_mean, C), v(running_var, C);
+    const acc_t* vp = v.get();
     const acc_t eps_acc = static_cast<acc_t>(eps);
     normalize_channels<acc_t>(
-        p, input.scalar_type(), out, m, [vp, eps_acc](int64_t c) { return acc_t(1) / std::sqrt(vp[c] + eps_acc); }, w,
-        b);
+        p, input.scalar_type(), out, m.get(), [vp, eps_acc](int64_t c) { return acc_t(1) / std::sqrt(vp[c] + eps_acc); },
+        w.get(), b.get());
   });
   return out;
 }
@@ -121,10 +159,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward_cpu(
   Tensor mean = at::empty({p.layout.C}, opts);
   Tensor invstd = at::empty({p.layout.C}, opts);
   Tensor var = at::empty({p.layout.C}, opts);
-  const Tensor w = channel_vector(weight, input, 1.0), b = channel_vector(bias, input, 0.0);
-  cpu::kernels().forward(
-      input.scalar_type(), p.x.const_data_ptr(), out.data_ptr(), p.layout, w.const_data_ptr(), b.const_data_ptr(),
-      eps, mean.data_ptr(), invstd.data_ptr(), var.data_ptr());
+  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_forward_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const AccChannels<acc_t> w(weight, p.layout.C, 1), b(bias, p.layout.C, 0);
+    cpu::kernels().forward(
+        input.scalar_type(), p.x.const_data_ptr(), out.data_ptr(), p.layout, w.get(), b.get(), eps, mean.data_ptr(),
+        invstd.data_ptr(), var.data_ptr());
+  });
   return {out, mean, invstd, var};
 }
 
@@ -140,10 +181,12 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cpu(
   const auto opts = input.options().dtype(acc_dtype(input.scalar_type()));
   Tensor sum_dy = at::empty({p.layout.C}, opts);
   Tensor sum_dy_xmu = at::empty({p.layout.C}, opts);
-  const Tensor m = acc_vector(mean, input);
-  cpu::kernels().backward_reduce(
-      input.scalar_type(), dy.const_data_ptr(), p.x.const_data_ptr(), p.layout, m.const_data_ptr(),
-      sum_dy.data_ptr(), sum_dy_xmu.data_ptr());
+  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_backward_reduce_cpu", [&] {
+    const AccChannels<acc_type_t<scalar_t>> m(mean, p.layout.C);
+    cpu::kernels().backward_reduce(
+        input.scalar_type(), dy.const_data_ptr(), p.x.const_data_ptr(), p.layout, m.get(), sum_dy.data_ptr(),
+        sum_dy_xmu.data_ptr());
+  });
   return {sum_dy, sum_dy_xmu};
 }
 
@@ -160,18 +203,16 @@ Tensor batch_norm_backward_elemt_cpu(
   const auto p = prepare(input);
   const Tensor dy = grad_out.contiguous(p.fmt);
   Tensor dx = at::empty_like(p.x, p.fmt);
-  const Tensor w = channel_vector(weight, input, 1.0);
-  const Tensor m = acc_vector(mean, input), s = acc_vector(invstd, input);
-  const Tensor mdy = acc_vector(mean_dy, input), mdxm = acc_vector(mean_dy_xmu, input);
   BNEXT_DISPATCH(input.scalar_type(), "batch_norm_backward_elemt_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const int64_t C = p.layout.C;
+    const AccChannels<acc_t> w(weight, C, 1), m(mean, C), s(invstd, C), mdy(mean_dy, C), mdxm(mean_dy_xmu, C);
     std::vector<BackwardCoeffs<acc_t>> coeffs(C);
-    const acc_t* mp = m.const_data_ptr<acc_t>();
-    const acc_t* sp = s.const_data_ptr<acc_t>();
-    const acc_t* wp = w.const_data_ptr<acc_t>();
-    const acc_t* mdyp = mdy.const_data_ptr<acc_t>();
-    const acc_t* mdxmp = mdxm.const_data_ptr<acc_t>();
+    const acc_t* mp = m.get();
+    const acc_t* sp = s.get();
+    const acc_t* wp = w.get();
+    const acc_t* mdyp = mdy.get();
+    const acc_t* mdxmp = mdxm.get();
     for (int64_t c = 0; c < C; ++c) {
       coeffs[c] = backward_coeffs(mp[c], sp[c], wp[c], mdyp[c], mdxmp[c]);
     }
@@ -196,11 +237,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   Tensor dx = at::empty_like(p.x, p.fmt);
   Tensor sum_dy = at::empty({p.layout.C}, opts);
   Tensor sum_dy_xmu = at::empty({p.layout.C}, opts);
-  const Tensor w = channel_vector(weight, input, 1.0);
-  const Tensor m = acc_vector(save_mean, input), s = acc_vector(save_invstd, input);
-  cpu::kernels().backward(
-      input.scalar_type(), dy.const_data_ptr(), p.x.const_data_ptr(), dx.data_ptr(), p.layout, w.const_data_ptr(),
-      m.const_data_ptr(), s.const_data_ptr(), sum_dy.data_ptr(), sum_dy_xmu.data_ptr());
+  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_backward_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const int64_t C = p.layout.C;
+    const AccChannels<acc_t> w(weight, C, 1), m(save_mean, C), s(save_invstd, C);
+    cpu::kernels().backward(
+        input.scalar_type(), dy.const_data_ptr(), p.x.const_data_ptr(), dx.data_ptr(), p.layout, w.get(), m.get(),
+        s.get(), sum_dy.data_ptr(), sum_dy_xmu.data_ptr());
+  });
   return {dx, sum_dy, sum_dy_xmu};
 }
 

@@ -34,8 +34,11 @@ namespace BNEXT_CPU_ISA_NS {
 // second pass of the block (squared deviations) reads L1.
 constexpr int64_t kBlock = 4096;
 // Channels-last reductions give each chunk of about this many values its own per-channel
-// partials (second pass from L2), merged in chunk order.
-constexpr int64_t kChunkValues = 16384;
+// partials (second pass from L2: 256 KiB of float32), merged in chunk order. Every chunk costs a
+// fold and a merge of C partials: chunks of 16384 values (32 rows of C = 512) spent a tenth of
+// the statistics' time there; measured with two threads, (32, 512, 14, 14) channels_last float32
+// statistics 544 -> 356 us, bfloat16 359 -> 216 us (131072 values per chunk: the same).
+constexpr int64_t kChunkValues = 65536;
 // ... but a chunk has at least this many super-rows, so that the per-chunk work on C partials
 // (fold, merge) stays small next to the chunk's rows when C is large (2048: 32 rows, 256 KiB).
 constexpr int64_t kMinChunkRows = 32;
@@ -43,7 +46,7 @@ constexpr int64_t kMinChunkRows = 32;
 // small C (3, 17, ...) still fills vector registers.
 constexpr int64_t kMinLanes = 64;
 // Channels-last rows (super-rows) of at least this many values are walked one row at a time, in
-// memory order, by every row pass (see row_group and rows_wide).
+// memory order, by every row pass (see row_group and rows_wide_by4).
 constexpr int64_t kWideRow = 256;
 // Work per task below which at::parallel_for keeps a range on one thread.
 constexpr int64_t kGrainElems = 32768;
@@ -329,6 +332,112 @@ inline void seg_m2(const scalar_t* p, int64_t len, acc_t pivot, acc_t mean, VecS
       });
 }
 
+// 16-bit inputs (bfloat16, float16) take their statistics in ONE pass of shifted sums,
+// sum(x - pivot) and sum((x - pivot)^2), where wider types take two (mean, then squared
+// deviations from L1). The second pass cost as much as the first: the conversion of every value
+// to float made both compute-bound ((32, 256, 28, 28) bfloat16, two threads: statistics 570 us
+// against 316 us for x.sum(); one pass: 411 us). It is accurate enough here: a 16-bit value has
+// 8 or 11 significant bits, so x - pivot and its square lose at most the last bits of a float,
+// and the main error is the float accumulation of the sums (a block, or a chunk's rows), which
+// M2 = sum2 - sum1 * mean (taken in double) scales by sum2 / M2 = 1 + (mean - pivot)^2 / var,
+// near 1 with the pivot used here (the mean of the channel's first values, see nchw_pivot). Checked
+// by tests/test_cpu_kernels.py to 1e-4 of the variance with a first value 30 deviations out.
+template <typename scalar_t>
+constexpr bool kOnePassStats = sizeof(scalar_t) == 2;
+
+// Sums of d = x - pivot into s1 and of d * d into s2, over one segment.
+template <typename scalar_t, typename acc_t>
+inline void seg_moments(const scalar_t* p, int64_t len, acc_t pivot, VecSum<acc_t>& s1, VecSum<acc_t>& s2) {
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::W;
+  const vec pv = vec{} + pivot;
+  int64_t i = 0;
+  for (; i + 4 * W <= len; i += 4 * W) {
+    vec v0, v1, v2, v3;
+    vload2<scalar_t, acc_t>(p + i, v0, v1);
+    vload2<scalar_t, acc_t>(p + i + 2 * W, v2, v3);
+    v0 -= pv;
+    v1 -= pv;
+    v2 -= pv;
+    v3 -= pv;
+    s1.a0 += v0;
+    s1.a1 += v1;
+    s1.a2 += v2;
+    s1.a3 += v3;
+    s2.a0 += v0 * v0;
+    s2.a1 += v1 * v1;
+    s2.a2 += v2 * v2;
+    s2.a3 += v3 * v3;
+  }
+  for (; i + W <= len; i += W) {
+    const vec v = vload<scalar_t, acc_t>(p + i) - pv;
+    s1.a0 += v;
+    s2.a0 += v * v;
+  }
+  for (; i < len; ++i) {
+    const acc_t d = load<scalar_t, acc_t>(p, i) - pivot;
+    s1.tail += d;
+    s2.tail += d * d;
+  }
+}
+
+// Mean and M2 of `count` values of x - pivot from their sum and sum of squares.
+template <typename acc_t>
+inline Welford<merge_t> moments_to_welford(acc_t sum1, acc_t sum2, int64_t count) {
+  if (count == 0) {
+    return {0, 0, 0};
+  }
+  const merge_t mean = static_cast<merge_t>(sum1) / static_cast<merge_t>(count);
+  const merge_t m2 = static_cast<merge_t>(sum2) - static_cast<merge_t>(sum1) * mean;
+  return {mean, m2 < 0 ? merge_t(0) : m2, count};  // NaN stays NaN
+}
+
+// The pivot of channel c: its first value, or for one-pass statistics the mean of its first
+// (up to) kPivotValues values, so that one value far out in the channel's tail cannot make
+// sum2 / M2 large (a first value 30 deviations out cost bfloat16 statistics of 16384 rows per
+// lane 0.4% of their variance; a mean of 32 values moves about 1/32 as far).
+constexpr int64_t kPivotValues = 32;
+
+template <typename scalar_t, typename acc_t>
+inline acc_t nchw_pivot(const scalar_t* x, const Layout& l, int64_t c) {
+  if (l.N == 0 || l.HxW == 0) {
+    return acc_t(0);
+  }
+  if constexpr (!kOnePassStats<scalar_t>) {
+    return load<scalar_t, acc_t>(x, c * l.HxW);
+  } else {
+    acc_t sum = 0;
+    int64_t count = 0;
+    for (int64_t n = 0; n < l.N && count < kPivotValues; ++n) {
+      const scalar_t* run = x + (n * l.C + c) * l.HxW;
+      for (int64_t i = 0; i < l.HxW && count < kPivotValues; ++i, ++count) {
+        sum += load<scalar_t, acc_t>(run, i);
+      }
+    }
+    return sum / static_cast<acc_t>(count);
+  }
+}
+
+// The same for every channel of R rows of C values (channels-last): the first row, or the mean of
+// the first (up to) kPivotValues rows.
+template <typename scalar_t, typename acc_t>
+inline void rows_pivots(const scalar_t* x, int64_t R, int64_t C, acc_t* pivot) {
+  const int64_t rows = R == 0 ? 0 : (kOnePassStats<scalar_t> ? std::min(R, kPivotValues) : 1);
+  for (int64_t c = 0; c < C; ++c) {
+    pivot[c] = 0;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < C; ++c) {
+      pivot[c] += load<scalar_t, acc_t>(x, r * C + c);
+    }
+  }
+  if (rows > 1) {
+    for (int64_t c = 0; c < C; ++c) {
+      pivot[c] /= static_cast<acc_t>(rows);
+    }
+  }
+}
+
 // sum(dy) into a, sum(dy * (x - mean)) into b, over one segment.
 template <typename scalar_t, typename acc_t>
 inline void seg_reduce(const scalar_t* dy, const scalar_t* x, int64_t len, acc_t mean, VecSum<acc_t>& a, VecSum<acc_t>& b) {
@@ -455,25 +564,40 @@ inline void for_column_blocks(int64_t width, const F4& f4, const F1& f1, const F
   }
 }
 
-// Wide rows: one row after the other in memory order, each lane's accumulator updated in place
-// (the lane arrays stay in L1). A column block walking down the rows of a chunk instead strides
-// a whole row per step, every row of a 4 KiB width mapping to the same L1 sets: measured on
+// Wide rows (width >= kWideRow) are walked in memory order, each lane's sum updated in place (the
+// lane arrays stay in L1). A column block walking down the rows of a chunk instead strides a whole
+// row per step, every row of a 4 KiB width mapping to the same L1 sets: measured on
 // (32, 1024, 14, 14) channels_last float32, one thread, statistics 2.3 ms that way and 0.9 ms
-// row by row. f2(row, j) handles lanes [j, j + 2W), f1(row, j) [j, j + W), fs(row, j) lane j.
-template <typename acc_t, typename F2, typename F1, typename FS>
-inline void rows_wide(int64_t nrows, int64_t width, const F2& f2, const F1& f1, const FS& fs) {
+// row by row. They go four at a time, for the reductions: four(x0, j) adds lanes
+// [j, j + W) of the four rows from x0 into its lane sums, four_s(x0, j) lane j; one(x0, j) and
+// one_s(x0, j) the same for the single rows left over. One row at a time, the sums' loads and
+// stores (two per vector of x for each sum), not x, bounded these loops: (32, 512, 14, 14)
+// channels_last, two threads, with the chunk size below: statistics float32 544 -> 379 us,
+// bfloat16 (one pass) 482 -> 199 us. The functors capture by value and are inlined: pointers held
+// in a closure by reference were reloaded after every vector store (the stores may alias them).
+template <typename scalar_t, typename acc_t, typename Four, typename FourS, typename One, typename OneS>
+__attribute__((always_inline)) inline void rows_wide_by4(
+    const scalar_t* x, int64_t nrows, int64_t width, Four four, FourS four_s, One one, OneS one_s) {
   constexpr int64_t W = Vec<acc_t>::W;
-  for (int64_t r = 0; r < nrows; ++r) {
-    const int64_t off = r * width;
+  int64_t r = 0;
+  for (; r + 4 <= nrows; r += 4) {
+    const scalar_t* x0 = x + r * width;
     int64_t j = 0;
-    for (; j + 2 * W <= width; j += 2 * W) {
-      f2(off, j);
-    }
     for (; j + W <= width; j += W) {
-      f1(off, j);
+      four(x0, j);
     }
     for (; j < width; ++j) {
-      fs(off, j);
+      four_s(x0, j);
+    }
+  }
+  for (; r < nrows; ++r) {
+    const scalar_t* x0 = x + r * width;
+    int64_t j = 0;
+    for (; j + W <= width; j += W) {
+      one(x0, j);
+    }
+    for (; j < width; ++j) {
+      one_s(x0, j);
     }
   }
 }
@@ -484,18 +608,24 @@ inline void rows_mean(const scalar_t* x, int64_t nrows, int64_t width, const acc
   constexpr int64_t W = Vec<acc_t>::W;
   const vec iv = vec{} + inv_count;
   if (width >= kWideRow) {
-    rows_wide<acc_t>(
-        nrows, width,
-        [&](int64_t off, int64_t j) {
-          vec a, b;
-          vload2<scalar_t, acc_t>(x + off + j, a, b);
-          vstore_acc(acc + j, vload_acc(acc + j) + (a - vload_acc(pivot + j)) * iv);
-          vstore_acc(acc + j + W, vload_acc(acc + j + W) + (b - vload_acc(pivot + j + W)) * iv);
+    rows_wide_by4<scalar_t, acc_t>(
+        x, nrows, width,
+        [=](const scalar_t* x0, int64_t j) {
+          const vec pv = vload_acc(pivot + j);
+          const vec t0 = (vload<scalar_t, acc_t>(x0 + j) - pv) * iv, t1 = (vload<scalar_t, acc_t>(x0 + width + j) - pv) * iv;
+          const vec t2 = (vload<scalar_t, acc_t>(x0 + 2 * width + j) - pv) * iv;
+          const vec t3 = (vload<scalar_t, acc_t>(x0 + 3 * width + j) - pv) * iv;
+          vstore_acc(acc + j, vload_acc(acc + j) + ((t0 + t1) + (t2 + t3)));
         },
-        [&](int64_t off, int64_t j) {
-          vstore_acc(acc + j, vload_acc(acc + j) + (vload<scalar_t, acc_t>(x + off + j) - vload_acc(pivot + j)) * iv);
+        [=](const scalar_t* x0, int64_t j) {
+          for (int64_t k = 0; k < 4; ++k) {
+            acc[j] += (load<scalar_t, acc_t>(x0, k * width + j) - pivot[j]) * inv_count;
+          }
         },
-        [&](int64_t off, int64_t j) { acc[j] += (load<scalar_t, acc_t>(x, off + j) - pivot[j]) * inv_count; });
+        [=](const scalar_t* x0, int64_t j) {
+          vstore_acc(acc + j, vload_acc(acc + j) + (vload<scalar_t, acc_t>(x0 + j) - vload_acc(pivot + j)) * iv);
+        },
+        [=](const scalar_t* x0, int64_t j) { acc[j] += (load<scalar_t, acc_t>(x0, j) - pivot[j]) * inv_count; });
     return;
   }
   for_column_blocks<acc_t>(
@@ -532,26 +662,109 @@ inline void rows_mean(const scalar_t* x, int64_t nrows, int64_t width, const acc
       });
 }
 
+// One pass for 16-bit inputs (see kOnePassStats): sums of d = x - pivot into s1, of d * d into s2.
+template <typename scalar_t, typename acc_t>
+inline void rows_moments(
+    const scalar_t* x, int64_t nrows, int64_t width, const acc_t* pivot, acc_t* s1, acc_t* s2) {
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::W;
+  if (width >= kWideRow) {
+    rows_wide_by4<scalar_t, acc_t>(
+        x, nrows, width,
+        [=](const scalar_t* x0, int64_t j) {
+          const vec pv = vload_acc(pivot + j);
+          const vec d0 = vload<scalar_t, acc_t>(x0 + j) - pv, d1 = vload<scalar_t, acc_t>(x0 + width + j) - pv;
+          const vec d2 = vload<scalar_t, acc_t>(x0 + 2 * width + j) - pv, d3 = vload<scalar_t, acc_t>(x0 + 3 * width + j) - pv;
+          vstore_acc(s1 + j, vload_acc(s1 + j) + ((d0 + d1) + (d2 + d3)));
+          vstore_acc(s2 + j, vload_acc(s2 + j) + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)));
+        },
+        [=](const scalar_t* x0, int64_t j) {
+          for (int64_t k = 0; k < 4; ++k) {
+            const acc_t d = load<scalar_t, acc_t>(x0, k * width + j) - pivot[j];
+            s1[j] += d;
+            s2[j] += d * d;
+          }
+        },
+        [=](const scalar_t* x0, int64_t j) {
+          const vec d = vload<scalar_t, acc_t>(x0 + j) - vload_acc(pivot + j);
+          vstore_acc(s1 + j, vload_acc(s1 + j) + d);
+          vstore_acc(s2 + j, vload_acc(s2 + j) + d * d);
+        },
+        [=](const scalar_t* x0, int64_t j) {
+          const acc_t d = load<scalar_t, acc_t>(x0, j) - pivot[j];
+          s1[j] += d;
+          s2[j] += d * d;
+        });
+    return;
+  }
+  for_column_blocks<acc_t>(
+      width,
+      [&](int64_t j) {
+        vec a[4], q[4], pv[4];
+        for (int v = 0; v < 4; ++v) {
+          a[v] = vload_acc(s1 + j + v * W);
+          q[v] = vload_acc(s2 + j + v * W);
+          pv[v] = vload_acc(pivot + j + v * W);
+        }
+        for (int64_t r = 0; r < nrows; ++r) {
+          const scalar_t* row = x + r * width + j;
+          for (int v = 0; v < 4; ++v) {
+            const vec d = vload<scalar_t, acc_t>(row + v * W) - pv[v];
+            a[v] += d;
+            q[v] += d * d;
+          }
+        }
+        for (int v = 0; v < 4; ++v) {
+          vstore_acc(s1 + j + v * W, a[v]);
+          vstore_acc(s2 + j + v * W, q[v]);
+        }
+      },
+      [&](int64_t j) {
+        vec a = vload_acc(s1 + j), q = vload_acc(s2 + j);
+        const vec pv = vload_acc(pivot + j);
+        for (int64_t r = 0; r < nrows; ++r) {
+          const vec d = vload<scalar_t, acc_t>(x + r * width + j) - pv;
+          a += d;
+          q += d * d;
+        }
+        vstore_acc(s1 + j, a);
+        vstore_acc(s2 + j, q);
+      },
+      [&](int64_t j) {
+        for (int64_t r = 0; r < nrows; ++r) {
+          const acc_t d = load<scalar_t, acc_t>(x, r * width + j) - pivot[j];
+          s1[j] += d;
+          s2[j] += d * d;
+        }
+      });
+}
+
 template <typename scalar_t, typename acc_t>
 inline void rows_m2(const scalar_t* x, int64_t nrows, int64_t width, const acc_t* pivot, const acc_t* mean, acc_t* acc) {
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::W;
   if (width >= kWideRow) {
-    auto m2 = [&](int64_t j, vec v) {
-      const vec d = (v - vload_acc(pivot + j)) - vload_acc(mean + j);
-      vstore_acc(acc + j, vload_acc(acc + j) + d * d);
-    };
-    rows_wide<acc_t>(
-        nrows, width,
-        [&](int64_t off, int64_t j) {
-          vec a, b;
-          vload2<scalar_t, acc_t>(x + off + j, a, b);
-          m2(j, a);
-          m2(j + W, b);
+    rows_wide_by4<scalar_t, acc_t>(
+        x, nrows, width,
+        [=](const scalar_t* x0, int64_t j) {
+          const vec pv = vload_acc(pivot + j), mv = vload_acc(mean + j);
+          const vec d0 = (vload<scalar_t, acc_t>(x0 + j) - pv) - mv, d1 = (vload<scalar_t, acc_t>(x0 + width + j) - pv) - mv;
+          const vec d2 = (vload<scalar_t, acc_t>(x0 + 2 * width + j) - pv) - mv;
+          const vec d3 = (vload<scalar_t, acc_t>(x0 + 3 * width + j) - pv) - mv;
+          vstore_acc(acc + j, vload_acc(acc + j) + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)));
         },
-        [&](int64_t off, int64_t j) { m2(j, vload<scalar_t, acc_t>(x + off + j)); },
-        [&](int64_t off, int64_t j) {
-          const acc_t d = (load<scalar_t, acc_t>(x, off + j) - pivot[j]) - mean[j];
+        [=](const scalar_t* x0, int64_t j) {
+          for (int64_t k = 0; k < 4; ++k) {
+            const acc_t d = (load<scalar_t, acc_t>(x0, k * width + j) - pivot[j]) - mean[j];
+            acc[j] += d * d;
+          }
+        },
+        [=](const scalar_t* x0, int64_t j) {
+          const vec d = (vload<scalar_t, acc_t>(x0 + j) - vload_acc(pivot + j)) - vload_acc(mean + j);
+          vstore_acc(acc + j, vload_acc(acc + j) + d * d);
+        },
+        [=](const scalar_t* x0, int64_t j) {
+          const acc_t d = (load<scalar_t, acc_t>(x0, j) - pivot[j]) - mean[j];
           acc[j] += d * d;
         });
     return;
@@ -604,24 +817,36 @@ inline void rows_reduce(const scalar_t* dy, const scalar_t* x, int64_t nrows, in
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::W;
   if (width >= kWideRow) {
-    auto add = [&](int64_t j, vec g, vec v) {
-      vstore_acc(a + j, vload_acc(a + j) + g);
-      vstore_acc(b + j, vload_acc(b + j) + g * (v - vload_acc(mean + j)));
-    };
-    rows_wide<acc_t>(
-        nrows, width,
-        [&](int64_t off, int64_t j) {
-          vec g0, g1, x0, x1;
-          vload2<scalar_t, acc_t>(dy + off + j, g0, g1);
-          vload2<scalar_t, acc_t>(x + off + j, x0, x1);
-          add(j, g0, x0);
-          add(j + W, g1, x1);
+    rows_wide_by4<scalar_t, acc_t>(
+        x, nrows, width,
+        [=](const scalar_t* x0, int64_t j) {
+          const scalar_t* g0 = dy + (x0 - x);
+          const vec mv = vload_acc(mean + j);
+          vec ga[4], xa[4];
+          for (int k = 0; k < 4; ++k) {
+            ga[k] = vload<scalar_t, acc_t>(g0 + k * width + j);
+            xa[k] = vload<scalar_t, acc_t>(x0 + k * width + j) - mv;
+          }
+          vstore_acc(a + j, vload_acc(a + j) + ((ga[0] + ga[1]) + (ga[2] + ga[3])));
+          vstore_acc(b + j, vload_acc(b + j) + ((ga[0] * xa[0] + ga[1] * xa[1]) + (ga[2] * xa[2] + ga[3] * xa[3])));
         },
-        [&](int64_t off, int64_t j) { add(j, vload<scalar_t, acc_t>(dy + off + j), vload<scalar_t, acc_t>(x + off + j)); },
-        [&](int64_t off, int64_t j) {
-          const acc_t g = load<scalar_t, acc_t>(dy, off + j);
+        [=](const scalar_t* x0, int64_t j) {
+          const scalar_t* g0 = dy + (x0 - x);
+          for (int64_t k = 0; k < 4; ++k) {
+            const acc_t g = load<scalar_t, acc_t>(g0, k * width + j);
+            a[j] += g;
+            b[j] += g * (load<scalar_t, acc_t>(x0, k * width + j) - mean[j]);
+          }
+        },
+        [=](const scalar_t* x0, int64_t j) {
+          const vec g = vload<scalar_t, acc_t>(dy + (x0 - x) + j);
+          vstore_acc(a + j, vload_acc(a + j) + g);
+          vstore_acc(b + j, vload_acc(b + j) + g * (vload<scalar_t, acc_t>(x0 + j) - vload_acc(mean + j)));
+        },
+        [=](const scalar_t* x0, int64_t j) {
+          const acc_t g = load<scalar_t, acc_t>(dy + (x0 - x), j);
           a[j] += g;
-          b[j] += g * (load<scalar_t, acc_t>(x, off + j) - mean[j]);
+          b[j] += g * (load<scalar_t, acc_t>(x0, j) - mean[j]);
         });
     return;
   }
@@ -903,6 +1128,13 @@ inline Welford<merge_t> block_stats(
   plan.range(l, j, n0, n1, h0, h1);
   const int64_t len = h1 - h0;
   const int64_t count = (n1 - n0) * len;
+  if constexpr (kOnePassStats<scalar_t>) {
+    VecSum<acc_t> s1, s2;
+    for (int64_t n = n0; n < n1; ++n) {
+      seg_moments<scalar_t, acc_t>(x + (n * l.C + c) * l.HxW + h0, len, pivot, s1, s2);
+    }
+    return moments_to_welford<acc_t>(s1.total(), s2.total(), count);
+  }
   const acc_t inv_count = acc_t(1) / static_cast<acc_t>(count);
   VecSum<acc_t> sum;
   for (int64_t n = n0; n < n1; ++n) {
@@ -967,7 +1199,7 @@ template <typename scalar_t, typename acc_t>
 void nchw_stats(const scalar_t* x, const Layout& l, ChannelStats<acc_t>& st) {
   const BlockPlan plan(l);
   for (int64_t c = 0; c < l.C; ++c) {
-    st.pivot.p[c] = l.N > 0 && l.HxW > 0 ? load<scalar_t, acc_t>(x, c * l.HxW) : acc_t(0);
+    st.pivot.p[c] = nchw_pivot<scalar_t, acc_t>(x, l, c);
   }
   Buffer<Welford<merge_t>> partials(l.C * plan.nblocks);
   const int64_t tasks = l.C * plan.nblocks;
@@ -1063,9 +1295,7 @@ template <typename scalar_t, typename acc_t>
 void rows_stats(const scalar_t* x, const Layout& l, ChannelStats<acc_t>& st) {
   const RowPlan plan(l);
   const int64_t C = l.C;
-  for (int64_t c = 0; c < C; ++c) {
-    st.pivot.p[c] = plan.R > 0 ? load<scalar_t, acc_t>(x, c) : acc_t(0);
-  }
+  rows_pivots<scalar_t, acc_t>(x, plan.R, C, st.pivot.p);
   Buffer<acc_t> lanes_pivot(plan.P);
   replicate(st.pivot.p, C, plan.k, lanes_pivot.p);
   Buffer<acc_t> pmean(plan.nchunks * C), pm2(plan.nchunks * C);
@@ -1073,6 +1303,19 @@ void rows_stats(const scalar_t* x, const Layout& l, ChannelStats<acc_t>& st) {
     Buffer<acc_t> acc(plan.P), lanes_mean(plan.P), mean(C);
     for (int64_t q = begin; q < end; ++q) {
       const int64_t r0 = q * plan.rows_per_chunk, r1 = r0 + plan.chunk_rows(q);
+      if constexpr (kOnePassStats<scalar_t>) {
+        acc_t* s1 = acc.p;
+        acc_t* s2 = lanes_mean.p;
+        std::fill(s1, s1 + plan.P, acc_t(0));
+        std::fill(s2, s2 + plan.P, acc_t(0));
+        for_super_rows(plan, r0, r1, [&](int64_t off, int64_t nrows, int64_t width) {
+          rows_moments<scalar_t, acc_t>(x + off, nrows, width, lanes_pivot.p, s1, s2);
+        });
+        // The chunk's raw sums: the merge below turns them into its mean and M2.
+        fold(s1, C, plan.k, pmean.p + q * C);
+        fold(s2, C, plan.k, pm2.p + q * C);
+        continue;
+      }
       const acc_t inv = acc_t(1) / static_cast<acc_t>(r1 - r0);
       std::fill(acc.p, acc.p + plan.P, acc_t(0));
       for_super_rows(plan, r0, r1, [&](int64_t off, int64_t nrows, int64_t width) {
@@ -1093,27 +1336,41 @@ void rows_stats(const scalar_t* x, const Layout& l, ChannelStats<acc_t>& st) {
   at::parallel_for(0, C, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, plan.nchunks)), [&](int64_t c0, int64_t c1) {
     merge_t* mean = st.mean.p;
     merge_t* m2 = st.var.p;
+    // Chunk q's mean and M2 in merge_t: as stored, or (one pass) from its sums of d and d * d,
+    // M2 = sum2 - sum1 * mean (moments_to_welford; a chunk's M2 can come out a rounding below
+    // zero, the total is clamped).
+    auto chunk = [&](int64_t q, int64_t c, merge_t inv_rows, merge_t& qmean, merge_t& qm2) {
+      const merge_t a = pmean.p[q * C + c], b = pm2.p[q * C + c];
+      if constexpr (kOnePassStats<scalar_t>) {
+        qmean = a * inv_rows;
+        qm2 = b - a * qmean;
+      } else {
+        qmean = a;
+        qm2 = b;
+      }
+    };
+    const merge_t inv0 = merge_t(1) / static_cast<merge_t>(std::max<int64_t>(1, plan.chunk_rows(0)));
     for (int64_t c = c0; c < c1; ++c) {
-      mean[c] = pmean.p[c];
-      m2[c] = pm2.p[c];
+      chunk(0, c, inv0, mean[c], m2[c]);
     }
     int64_t na = plan.chunk_rows(0);
     for (int64_t q = 1; q < plan.nchunks; ++q) {
       const int64_t nb = plan.chunk_rows(q);
       const merge_t f = static_cast<merge_t>(nb) / static_cast<merge_t>(na + nb);
       const merge_t g = static_cast<merge_t>(na) * f;
-      const acc_t* qm = pmean.p + q * C;
-      const acc_t* qm2 = pm2.p + q * C;
+      const merge_t inv = merge_t(1) / static_cast<merge_t>(nb);
 #pragma omp simd
       for (int64_t c = c0; c < c1; ++c) {
-        const merge_t delta = static_cast<merge_t>(qm[c]) - mean[c];
-        mean[c] = mean[c] * (merge_t(1) - f) + static_cast<merge_t>(qm[c]) * f;
-        m2[c] += static_cast<merge_t>(qm2[c]) + delta * delta * g;
+        merge_t qmean, qm2;
+        chunk(q, c, inv, qmean, qm2);
+        const merge_t delta = qmean - mean[c];
+        mean[c] = mean[c] * (merge_t(1) - f) + qmean * f;
+        m2[c] += qm2 + delta * delta * g;
       }
       na += nb;
     }
     for (int64_t c = c0; c < c1; ++c) {
-      m2[c] = plan.R > 0 ? m2[c] / static_cast<merge_t>(plan.R) : merge_t(0);
+      m2[c] = plan.R > 0 && !(m2[c] < 0) ? m2[c] / static_cast<merge_t>(plan.R) : merge_t(0);
     }
   });
 }
@@ -1345,7 +1602,7 @@ void forward_kernel(
     with_streaming(stream_planes(y, l, 2), [&](auto nt) {
       at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
-          const acc_t pivot = load<scalar_t, acc_t>(x, c * l.HxW);
+          const acc_t pivot = nchw_pivot<scalar_t, acc_t>(x, l, c);
           Welford<merge_t> w{0, 0, 0};
           for (int64_t j = 0; j < plan.nblocks; ++j) {
             w = welford_combine(w, block_stats<scalar_t, acc_t>(x, l, plan, c, j, pivot));
