@@ -298,8 +298,16 @@ inline void seg_accumulate(const scalar_t* p, int64_t len, VecSum<acc_t>& s, con
     s.a2 += vterm(v2);
     s.a3 += vterm(v3);
   }
-  for (; i + W <= len; i += W) {
+  // The last (up to three) vectors of a run into different accumulators: runs of 7x7 or 14x14
+  // values end with two or three, and one accumulator made them a chain of dependent adds.
+  if (i + 2 * W <= len) {
     s.a0 += vterm(vload<scalar_t, acc_t>(p + i));
+    s.a1 += vterm(vload<scalar_t, acc_t>(p + i + W));
+    i += 2 * W;
+  }
+  if (i + W <= len) {
+    s.a2 += vterm(vload<scalar_t, acc_t>(p + i));
+    i += W;
   }
   for (; i < len; ++i) {
     s.tail += term(load<scalar_t, acc_t>(p, i));
@@ -369,10 +377,20 @@ inline void seg_moments(const scalar_t* p, int64_t len, acc_t pivot, VecSum<acc_
     s2.a2 += v2 * v2;
     s2.a3 += v3 * v3;
   }
-  for (; i + W <= len; i += W) {
+  // The last (up to three) vectors into different accumulators, as in seg_accumulate.
+  if (i + 2 * W <= len) {
+    const vec v0 = vload<scalar_t, acc_t>(p + i) - pv, v1 = vload<scalar_t, acc_t>(p + i + W) - pv;
+    s1.a0 += v0;
+    s2.a0 += v0 * v0;
+    s1.a1 += v1;
+    s2.a1 += v1 * v1;
+    i += 2 * W;
+  }
+  if (i + W <= len) {
     const vec v = vload<scalar_t, acc_t>(p + i) - pv;
-    s1.a0 += v;
-    s2.a0 += v * v;
+    s1.a2 += v;
+    s2.a2 += v * v;
+    i += W;
   }
   for (; i < len; ++i) {
     const acc_t d = load<scalar_t, acc_t>(p, i) - pivot;
