@@ -256,6 +256,71 @@ inline void vstore2(scalar_t* p, typename Vec<acc_t>::type a, typename Vec<acc_t
   }
 }
 
+// The tail of a run (n < W values) as one masked vector load and store where the ISA has them
+// (AVX-512; float and bfloat16 values in float vectors): a run of 7x7 or 14x14 values ends in 1
+// or 4 of them, which one at a time (a bfloat16 store is a dozen scalar instructions) cost as
+// much as the run's vectors. Masked-off lanes load as zero; the reductions zero their terms.
+#if BNEXT_CPU_ISA_LEVEL >= 2
+template <typename scalar_t, typename acc_t>
+constexpr bool kMaskedTails =
+    std::is_same_v<acc_t, float> && (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>);
+
+inline __mmask16 tail_mask(int64_t n) {
+  return static_cast<__mmask16>((1u << n) - 1u);
+}
+
+template <typename scalar_t, typename acc_t>
+inline typename Vec<acc_t>::type vload_part(const scalar_t* p, int64_t n) {
+  static_assert(kMaskedTails<scalar_t, acc_t>);
+  typename Vec<acc_t>::type v;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const __m512 r = _mm512_maskz_loadu_ps(tail_mask(n), p);
+    std::memcpy(&v, &r, sizeof(v));
+  } else {
+    // (Vector-extension widening: the _mm512 conversion intrinsics warn under GCC 12.)
+    typedef uint16_t u16x16 __attribute__((vector_size(32)));
+    typedef uint32_t u32x16 __attribute__((vector_size(64)));
+    const __m256i h = _mm256_maskz_loadu_epi16(tail_mask(n), p);
+    u16x16 hv;
+    std::memcpy(&hv, &h, sizeof(hv));
+    const u32x16 r = __builtin_convertvector(hv, u32x16) << 16;
+    std::memcpy(&v, &r, sizeof(v));
+  }
+  return v;
+}
+
+template <typename scalar_t, typename acc_t>
+inline void vstore_part(scalar_t* p, typename Vec<acc_t>::type v, int64_t n) {
+  static_assert(kMaskedTails<scalar_t, acc_t>);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    __m512 r;
+    std::memcpy(&r, &v, sizeof(r));
+    _mm512_mask_storeu_ps(p, tail_mask(n), r);
+  } else {
+    typedef uint16_t u16x16 __attribute__((vector_size(32)));
+    const bnext_u16x32 w = bf16_in_high_halves(v);
+    const u16x16 h = __builtin_shufflevector(w, w, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    __m256i r;
+    std::memcpy(&r, &h, sizeof(r));
+    _mm256_mask_storeu_epi16(p, tail_mask(n), r);
+  }
+}
+
+// Lanes [0, n) of v, zero elsewhere.
+template <typename acc_t>
+inline typename Vec<acc_t>::type first_lanes(typename Vec<acc_t>::type v, int64_t n) {
+  using vec = typename Vec<acc_t>::type;
+  vec lane;
+  for (int64_t j = 0; j < Vec<acc_t>::W; ++j) {
+    lane[j] = static_cast<acc_t>(j);
+  }
+  return lane < static_cast<acc_t>(n) ? v : vec{};
+}
+#else
+template <typename scalar_t, typename acc_t>
+constexpr bool kMaskedTails = false;
+#endif
+
 template <typename acc_t>
 inline acc_t hsum(typename Vec<acc_t>::type v) {
   acc_t s = 0;
@@ -309,8 +374,14 @@ inline void seg_accumulate(const scalar_t* p, int64_t len, VecSum<acc_t>& s, con
     s.a2 += vterm(vload<scalar_t, acc_t>(p + i));
     i += W;
   }
-  for (; i < len; ++i) {
-    s.tail += term(load<scalar_t, acc_t>(p, i));
+  if constexpr (kMaskedTails<scalar_t, acc_t>) {
+    if (i < len) {
+      s.a3 += first_lanes<acc_t>(vterm(vload_part<scalar_t, acc_t>(p + i, len - i)), len - i);
+    }
+  } else {
+    for (; i < len; ++i) {
+      s.tail += term(load<scalar_t, acc_t>(p, i));
+    }
   }
 }
 
@@ -392,10 +463,18 @@ inline void seg_moments(const scalar_t* p, int64_t len, acc_t pivot, VecSum<acc_
     s2.a2 += v * v;
     i += W;
   }
-  for (; i < len; ++i) {
-    const acc_t d = load<scalar_t, acc_t>(p, i) - pivot;
-    s1.tail += d;
-    s2.tail += d * d;
+  if constexpr (kMaskedTails<scalar_t, acc_t>) {
+    if (i < len) {
+      const vec v = first_lanes<acc_t>(vload_part<scalar_t, acc_t>(p + i, len - i) - pv, len - i);
+      s1.a3 += v;
+      s2.a3 += v * v;
+    }
+  } else {
+    for (; i < len; ++i) {
+      const acc_t d = load<scalar_t, acc_t>(p, i) - pivot;
+      s1.tail += d;
+      s2.tail += d * d;
+    }
   }
 }
 
@@ -477,10 +556,18 @@ inline void seg_reduce(const scalar_t* dy, const scalar_t* x, int64_t len, acc_t
     a.a2 += g;
     b.a2 += g * (vload<scalar_t, acc_t>(x + i) - m);
   }
-  for (; i < len; ++i) {
-    const acc_t g = load<scalar_t, acc_t>(dy, i);
-    a.tail += g;
-    b.tail += g * (load<scalar_t, acc_t>(x, i) - mean);
+  if constexpr (kMaskedTails<scalar_t, acc_t>) {
+    if (i < len) {
+      const vec g = vload_part<scalar_t, acc_t>(dy + i, len - i);
+      a.a3 += g;
+      b.a3 += first_lanes<acc_t>(g * (vload_part<scalar_t, acc_t>(x + i, len - i) - m), len - i);
+    }
+  } else {
+    for (; i < len; ++i) {
+      const acc_t g = load<scalar_t, acc_t>(dy, i);
+      a.tail += g;
+      b.tail += g * (load<scalar_t, acc_t>(x, i) - mean);
+    }
   }
 }
 
@@ -517,8 +604,14 @@ inline void seg_affine(const scalar_t* x, scalar_t* y, int64_t len, const Normal
   for (; i + W <= len; i += W) {
     vstore<scalar_t, acc_t, NT && kVecIsLine<scalar_t, acc_t>>(y + i, (vload<scalar_t, acc_t>(x + i) - pv) * s + t);
   }
-  for (; i < len; ++i) {
-    store<scalar_t, acc_t>(y, i, normalize(load<scalar_t, acc_t>(x, i), k.pivot, k.scale, k.shift));
+  if constexpr (kMaskedTails<scalar_t, acc_t>) {
+    if (i < len) {
+      vstore_part<scalar_t, acc_t>(y + i, (vload_part<scalar_t, acc_t>(x + i, len - i) - pv) * s + t, len - i);
+    }
+  } else {
+    for (; i < len; ++i) {
+      store<scalar_t, acc_t>(y, i, normalize(load<scalar_t, acc_t>(x, i), k.pivot, k.scale, k.shift));
+    }
   }
 }
 
@@ -543,9 +636,17 @@ inline void seg_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, in
     vstore<scalar_t, acc_t, NT && kVecIsLine<scalar_t, acc_t>>(
         dx + i, a * vload<scalar_t, acc_t>(dy + i) + b * (vload<scalar_t, acc_t>(x + i) - m) + d);
   }
-  for (; i < len; ++i) {
-    store<scalar_t, acc_t>(
-        dx, i, backward_elemt(load<scalar_t, acc_t>(dy, i), load<scalar_t, acc_t>(x, i), k.mean, k.a, k.b, k.d));
+  if constexpr (kMaskedTails<scalar_t, acc_t>) {
+    if (i < len) {
+      const int64_t n = len - i;
+      vstore_part<scalar_t, acc_t>(
+          dx + i, a * vload_part<scalar_t, acc_t>(dy + i, n) + b * (vload_part<scalar_t, acc_t>(x + i, n) - m) + d, n);
+    }
+  } else {
+    for (; i < len; ++i) {
+      store<scalar_t, acc_t>(
+          dx, i, backward_elemt(load<scalar_t, acc_t>(dy, i), load<scalar_t, acc_t>(x, i), k.mean, k.a, k.b, k.d));
+    }
   }
 }
 
