@@ -59,6 +59,8 @@ CASES = [
     ((16, 5), torch.contiguous_format, torch.float64, torch.float64),
     ((4, 6, 3, 5, 5), torch.channels_last_3d, torch.bfloat16, torch.float32),
     ((8, 6, 7), torch.contiguous_format, torch.float16, torch.float16),
+    # bfloat16 parameters and statistics: converted, blended and rounded on the host by the C++ path
+    ((8, 6, 5, 5), torch.channels_last, torch.bfloat16, torch.bfloat16),
 ]
 
 

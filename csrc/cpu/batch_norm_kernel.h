@@ -1283,16 +1283,23 @@ inline void block_reduce(
   s_dyxmu = b.total();
 }
 
-// NCHW backward with enough channels and long runs: one task per channel reduces the channel
-// and writes its dx while (dy, x) of the channel are still in L2. Otherwise (and always for
+// NCHW backward with enough channels and long runs, or runs of at least a cache line whose (dy, x)
+// per channel fit in 1 MiB: one task per channel reduces the channel and writes its dx while
+// (dy, x) of the channel are still in L2. Measured with two threads on this kind of machine, the
+// second condition (added to HxW >= 1024): float32 backward (32, 512, 28, 28) 5.4 -> 3.6 ms,
+// (32, 1024, 14, 14) 3.8 -> 2.1 ms, (32, 128, 28, 28) 1.26 -> 0.83 ms; bfloat16 5-13% less.
+// Otherwise (and always for
 // statistics and the forward, where streaming the tensor in memory order measured faster than
 // per-channel strided reads: (32,64,56,56) float32, one thread, forward 3.6 ms against 4.2 ms),
 // tasks are (block, channel) pairs in memory order and the elementwise pass is separate. The blocks
 // and their merge order are the same either way, so this choice (which depends on the thread
 // count) never changes a bit of the result.
+template <typename scalar_t>
 inline bool fused_channel_backward(const Layout& l) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  return l.HxW >= 1024 && (l.C >= 4 * threads || l.C % threads == 0);
+  const int64_t run_bytes = l.HxW * static_cast<int64_t>(sizeof(scalar_t));
+  const bool fits = run_bytes >= 64 && 2 * l.N * run_bytes <= (int64_t(1) << 20);
+  return (l.HxW >= 1024 || fits) && (l.C >= 4 * threads || l.C % threads == 0);
 }
 
 // NCHW training forward, one task per channel (statistics, then normalization from L2): where a
@@ -1825,7 +1832,7 @@ void backward_kernel(
     acc_t* sum_dy,
     acc_t* sum_dy_xmu) {
   const acc_t inv_count = l.rows() > 0 ? acc_t(1) / static_cast<acc_t>(l.rows()) : acc_t(0);
-  if (!l.channels_last && fused_channel_backward(l)) {
+  if (!l.channels_last && fused_channel_backward<scalar_t>(l)) {
     const BlockPlan plan(l);
     with_streaming(stream_planes(dx, l, 3), [&](auto nt) {
       at::parallel_for(0, l.C, channel_grain(l), [&](int64_t begin, int64_t end) {
