@@ -73,26 +73,35 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
   return {mean, var};
 }
 
-// out = (x - mean[c]) * invstd(c) * weight[c] + bias[c], the per-channel coefficients folded once.
-// mean, weight and bias are C accumulation-type values; invstd(c) gives channel c's.
-template <typename acc_t, typename Invstd>
-void normalize_channels(
-    const Prepared& p,
-    at::ScalarType dtype,
-    Tensor& out,
-    const acc_t* mp,
-    const Invstd& invstd,
-    const acc_t* wp,
-    const acc_t* bp) {
-  const int64_t C = p.layout.C;
-  std::vector<acc_t> pivot(C), scale(C), shift(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const auto k = normalize_coeffs(mp[c], invstd(c), wp[c], bp[c]);
-    pivot[c] = k.pivot;
-    scale[c] = k.scale;
-    shift[c] = k.shift;
-  }
-  cpu::kernels().affine(dtype, p.x.const_data_ptr(), out.data_ptr(), p.layout, pivot.data(), scale.data(), shift.data());
+// out = (x - mean[c]) * invstd * weight[c] + bias[c], the per-channel coefficients folded once,
+// with invstd = to_invstd(spread[c]) in the accumulation type: the invstd itself (elemt) or the
+// running variance it comes from (eval). Arguments checked by the caller.
+template <typename ToInvstd>
+Tensor normalize_cpu(
+    const Tensor& input,
+    const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias,
+    const Tensor& mean,
+    const Tensor& spread,
+    const ToInvstd& to_invstd) {
+  const auto p = prepare(input);
+  Tensor out = at::empty_like(p.x, p.fmt);
+  BNEXT_DISPATCH(input.scalar_type(), "bnext_normalize_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const int64_t C = p.layout.C;
+    const AccChannels<acc_t> w(weight, C, 1), b(bias, C, 0), m(mean, C), v(spread, C);
+    const acc_t *wp = w.get(), *bp = b.get(), *mp = m.get(), *vp = v.get();
+    std::vector<acc_t> pivot(C), scale(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const auto k = normalize_coeffs(mp[c], static_cast<acc_t>(to_invstd(vp[c])), wp[c], bp[c]);
+      pivot[c] = k.pivot;
+      scale[c] = k.scale;
+      shift[c] = k.shift;
+    }
+    cpu::kernels().affine(
+        input.scalar_type(), p.x.const_data_ptr(), out.data_ptr(), p.layout, pivot.data(), scale.data(), shift.data());
+  });
+  return out;
 }
 
 Tensor batch_norm_elemt_cpu(
@@ -101,18 +110,8 @@ Tensor batch_norm_elemt_cpu(
     const c10::optional<Tensor>& bias,
     const Tensor& mean,
     const Tensor& invstd) {
-  const char* op = "bnext.batch_norm_elemt";
-  check_elemt_args(input, weight, bias, mean, invstd, op);
-  const auto p = prepare(input);
-  Tensor out = at::empty_like(p.x, p.fmt);
-  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_elemt_cpu", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    const int64_t C = p.layout.C;
-    const AccChannels<acc_t> w(weight, C, 1), b(bias, C, 0), m(mean, C), s(invstd, C);
-    const acc_t* sp = s.get();
-    normalize_channels<acc_t>(p, input.scalar_type(), out, m.get(), [sp](int64_t c) { return sp[c]; }, w.get(), b.get());
-  });
-  return out;
+  check_elemt_args(input, weight, bias, mean, invstd, "bnext.batch_norm_elemt");
+  return normalize_cpu(input, weight, bias, mean, invstd, [](auto s) { return s; });
 }
 
 // bnext::_batch_norm_eval (eager inference, see csrc/train_forward.cpp) without the small ops of
@@ -131,19 +130,10 @@ Tensor batch_norm_eval_cpu(
   check_optional_channel_vector(bias, "bias", input, op);
   check_running_stat(running_mean, input, op);
   check_running_stat(running_var, input, op);
-  const auto p = prepare(input);
-  Tensor out = at::empty_like(p.x, p.fmt);
-  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_eval_cpu", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    const int64_t C = p.layout.C;
-    const AccChannels<acc_t> w(weight, C, 1), b(bias, C, 0), m(running_mean, C), v(running_var, C);
-    const acc_t* vp = v.get();
-    const acc_t eps_acc = static_cast<acc_t>(eps);
-    normalize_channels<acc_t>(
-        p, input.scalar_type(), out, m.get(), [vp, eps_acc](int64_t c) { return acc_t(1) / std::sqrt(vp[c] + eps_acc); },
-        w.get(), b.get());
+  return normalize_cpu(input, weight, bias, running_mean, running_var, [eps](auto v) {
+    using acc_t = decltype(v);
+    return acc_t(1) / std::sqrt(v + static_cast<acc_t>(eps));
   });
-  return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward_cpu(
