@@ -1,7 +1,7 @@
 """Every bnext CPU op against float64 references, for each CPU kernel variant (ISA) this CPU runs.
 
-The variant is forced with BNEXT_CPU_ISA (read at every op call), so the baseline, AVX2 and
-AVX-512 builds of csrc/cpu/batch_norm_kernel.h are each checked on awkward shapes: C=1, C=3,
+The variant is forced with BNEXT_CPU_ISA (read at every op call), so the baseline, AVX2,
+AVX-512 and AVX-512 + BF16 builds of csrc/cpu/batch_norm_kernel.h are each checked on awkward shapes: C=1, C=3,
 C=17, HxW=1, odd HxW tails, a run longer than a statistics block, N=1, (N, C) and (N, C, L),
 channels_last and channels_last_3d, and a strided input, in half, bfloat16, float and double.
 """
@@ -10,7 +10,7 @@ import torch
 
 import bnext
 
-ISAS = ["baseline", "avx2", "avx512"]
+ISAS = ["baseline", "avx2", "avx512", "avx512bf16"]
 
 # (shape, memory format)
 CASES = [
@@ -208,6 +208,50 @@ def test_bfloat16_rounding_matches_torch(isa):
     assert torch.equal(out[~nan].view(torch.int16), expected[~nan].view(torch.int16))
 
 
+def _cpu_supports(name):
+    return bnext.build_info()["cpu_isa"] == name
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 9, 11), (2, 3, 7, 7), (5, 3, 1, 1), (64, 3)], ids=str)
+def test_bfloat16_hardware_rounding_is_exact(monkeypatch, shape):
+    # The avx512bf16 variant rounds float -> bfloat16 with vcvtneps2bf16, which flushes denormals
+    # to zero and keeps NaN payloads; vectors holding such lanes must take the exact rounding, so
+    # every output bit equals the avx512 variant's and c10's (NaN -> 0x7FC0). Vector pairs, single
+    # vectors and masked tails (HxW = 99, 49, 1; (N, C)) each meet denormal, NaN, Inf and tie lanes.
+    monkeypatch.setenv("BNEXT_CPU_ISA", "avx512bf16")
+    if not _cpu_supports("avx512bf16"):
+        pytest.skip("this CPU has no AVX512-BF16")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=gen)
+    # Channel 1 holds 1 + k / 128, which its bias 2**-8 puts exactly halfway between two
+    # bfloat16 values (ties, rounded to even: down for even k, up for odd k).
+    x[:, 1] = 1 + torch.randint(0, 128, x[:, 1].shape, generator=gen) / 128
+    special = torch.rand(shape, generator=gen) < 0.05
+    x[special] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])[
+        torch.randint(0, 4, (int(special.sum()),), generator=gen)]
+    x = x.to(torch.bfloat16)
+    # Channel 0's products are denormal (1e-39 is itself denormal), channel 2's ordinary.
+    scale, bias = torch.tensor([1e-39, 1.0, 1.37]), torch.tensor([0.0, 2.0 ** -8, 0.0])
+    zeros, ones = torch.zeros(3), torch.ones(3)
+    exact = x.float() * bcast(scale, x) + bcast(bias, x)
+    expected = exact.to(torch.bfloat16)
+    assert ((exact.view(torch.int32) & 0xFFFF) == 0x8000).sum() > 0 and expected[:, 0].view(torch.int16).ne(0).any()
+    nan = expected.isnan()
+    outs = {}
+    for isa in ("avx512bf16", "avx512"):
+        monkeypatch.setenv("BNEXT_CPU_ISA", isa)
+        out = torch.ops.bnext.batch_norm_elemt(x, scale, bias, zeros, ones)
+        assert torch.equal(out.isnan(), nan)
+        assert torch.equal(out[~nan].view(torch.int16), expected[~nan].view(torch.int16)), isa
+        assert (out[nan].view(torch.int16) == 0x7FC0).all(), isa
+        dy = (x.float() * 1e-38).to(torch.bfloat16)  # dx lands among the denormals too
+        w = torch.full((3,), 0.5)
+        outs[isa] = [out] + _all_outputs(x, dy, w, None)
+    for a, b in zip(outs["avx512bf16"], outs["avx512"]):
+        assert torch.equal(a.view(torch.int16) if a.dtype == torch.bfloat16 else a.nan_to_num(7.0),
+                           b.view(torch.int16) if b.dtype == torch.bfloat16 else b.nan_to_num(7.0))
+
+
 def test_forced_isa_is_reported(isa):
     assert bnext.build_info()["cpu_isa"] == isa
 
@@ -225,7 +269,7 @@ def test_default_isa_is_the_best_supported(monkeypatch):
     assert best in ISAS
     flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
     if " avx512bw " in flags and " avx512vl " in flags and " avx512dq " in flags:
-        assert best == "avx512"
+        assert best == ("avx512bf16" if " avx512_bf16 " in flags else "avx512")
     elif " avx2 " in flags and " fma " in flags:
         assert best == "avx2"
 

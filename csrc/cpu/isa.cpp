@@ -37,11 +37,15 @@ bool has_avx512() {
   return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
+bool has_avx512bf16() {
+  return has_avx512() && __builtin_cpu_supports("avx512bf16");
+}
 #endif
 
 // Best first.
 const Variant kVariants[] = {
 #if defined(__x86_64__)
+    {"avx512bf16", has_avx512bf16, avx512bf16::table},
     {"avx512", has_avx512, avx512::table},
     {"avx2", has_avx2, avx2::table},
 #endif

@@ -6,7 +6,7 @@
 namespace bnext {
 namespace cpu {
 
-// Name of the CPU kernel variant in use: "avx512", "avx2" or "baseline" (the portable x86-64 /
+// Name of the CPU kernel variant in use: "avx512bf16", "avx512", "avx2" or "baseline" (the portable x86-64 /
 // aarch64 build). BNEXT_CPU_ISA forces a supported variant.
 const char* active_isa();
 

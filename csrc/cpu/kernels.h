@@ -46,6 +46,9 @@ const KernelTable& table();
 namespace avx512 {
 const KernelTable& table();
 }
+namespace avx512bf16 {
+const KernelTable& table();
+}
 #endif
 
 // Whether an elementwise pass moving `bytes` (reads + writes) writes its output with streaming
@@ -55,7 +58,7 @@ const KernelTable& table();
 // so tests can exercise both paths on small tensors).
 bool stream_outputs(int64_t bytes);
 
-// The table of the variant in use: BNEXT_CPU_ISA (baseline|avx2|avx512) when set, else the best
+// The table of the variant in use: BNEXT_CPU_ISA (baseline|avx2|avx512|avx512bf16) when set, else the best
 // one this CPU supports. The variable is read at every call so tests can switch variants.
 const KernelTable& kernels();
 
