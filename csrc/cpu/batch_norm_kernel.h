@@ -1286,47 +1286,78 @@ struct ChannelStats {
   Buffer<merge_t> var;
 };
 
+// Statistics of block j of channels c0 .. c0 + G - 1 (a channel group, see channel_group), each
+// channel's sums carried over its runs in run order. The runs are walked in memory order (run n
+// of every channel of the group, then run n + 1): a channel's values are summed in the same order
+// whatever G is, so G never changes a bit, but the reads are G runs long instead of one run a
+// plane apart. Measured with two threads, NCHW training forward, G = 1 -> 8: (32, 2048, 7, 7)
+// bfloat16 989 -> 621 us, float32 1160 -> 881 us; (32, 512, 7, 7) bfloat16 203 -> 154 us;
+// (32, 512, 14, 14) bfloat16 505 -> 453 us.
+constexpr int64_t kMaxGroup = 16;
+
 template <typename scalar_t, typename acc_t>
-inline Welford<merge_t> block_stats(
-    const scalar_t* x, const Layout& l, const BlockPlan& plan, int64_t c, int64_t j, acc_t pivot) {
+inline void group_block_stats(
+    const scalar_t* x, const Layout& l, const BlockPlan& plan, int64_t c0, int64_t G, int64_t j, const acc_t* pivot,
+    Welford<merge_t>* out) {
   int64_t n0, n1, h0, h1;
   plan.range(l, j, n0, n1, h0, h1);
   const int64_t len = h1 - h0;
   const int64_t count = (n1 - n0) * len;
+  const scalar_t* base = x + c0 * l.HxW + h0;
+  const int64_t stride = l.C * l.HxW;
   if constexpr (kOnePassStats<scalar_t>) {
-    VecSum<acc_t> s1, s2;
+    VecSum<acc_t> s1[kMaxGroup], s2[kMaxGroup];
     for (int64_t n = n0; n < n1; ++n) {
-      seg_moments<scalar_t, acc_t>(x + (n * l.C + c) * l.HxW + h0, len, pivot, s1, s2);
+      for (int64_t g = 0; g < G; ++g) {
+        seg_moments<scalar_t, acc_t>(base + n * stride + g * l.HxW, len, pivot[g], s1[g], s2[g]);
+      }
     }
-    return moments_to_welford<acc_t>(s1.total(), s2.total(), count);
+    for (int64_t g = 0; g < G; ++g) {
+      out[g] = moments_to_welford<acc_t>(s1[g].total(), s2[g].total(), count);
+    }
+    return;
   }
   const acc_t inv_count = acc_t(1) / static_cast<acc_t>(count);
-  VecSum<acc_t> sum;
+  VecSum<acc_t> sum[kMaxGroup];
   for (int64_t n = n0; n < n1; ++n) {
-    seg_mean<scalar_t, acc_t>(x + (n * l.C + c) * l.HxW + h0, len, pivot, inv_count, sum);
+    for (int64_t g = 0; g < G; ++g) {
+      seg_mean<scalar_t, acc_t>(base + n * stride + g * l.HxW, len, pivot[g], inv_count, sum[g]);
+    }
   }
-  const acc_t mean = sum.total();
-  VecSum<acc_t> m2;
+  acc_t mean[kMaxGroup];
+  for (int64_t g = 0; g < G; ++g) {
+    mean[g] = sum[g].total();
+  }
+  VecSum<acc_t> m2[kMaxGroup];
   for (int64_t n = n0; n < n1; ++n) {
-    seg_m2<scalar_t, acc_t>(x + (n * l.C + c) * l.HxW + h0, len, pivot, mean, m2);
+    for (int64_t g = 0; g < G; ++g) {
+      seg_m2<scalar_t, acc_t>(base + n * stride + g * l.HxW, len, pivot[g], mean[g], m2[g]);
+    }
   }
-  return {mean, m2.total(), count};
+  for (int64_t g = 0; g < G; ++g) {
+    out[g] = {mean[g], m2[g].total(), count};
+  }
 }
 
-// Block sums of dy and dy * (x - mean), in acc_t; callers add the blocks in merge_t.
+// Block sums of dy and dy * (x - mean) of a channel group (as group_block_stats), in acc_t;
+// callers add the blocks in merge_t.
 template <typename scalar_t, typename acc_t>
-inline void block_reduce(
-    const scalar_t* dy, const scalar_t* x, const Layout& l, const BlockPlan& plan, int64_t c, int64_t j, acc_t mean,
-    acc_t& s_dy, acc_t& s_dyxmu) {
+inline void group_block_reduce(
+    const scalar_t* dy, const scalar_t* x, const Layout& l, const BlockPlan& plan, int64_t c0, int64_t G, int64_t j,
+    const acc_t* mean, acc_t* s_dy, acc_t* s_dyxmu) {
   int64_t n0, n1, h0, h1;
   plan.range(l, j, n0, n1, h0, h1);
-  VecSum<acc_t> a, b;
+  VecSum<acc_t> a[kMaxGroup], b[kMaxGroup];
   for (int64_t n = n0; n < n1; ++n) {
-    const int64_t off = (n * l.C + c) * l.HxW + h0;
-    seg_reduce<scalar_t, acc_t>(dy + off, x + off, h1 - h0, mean, a, b);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t off = (n * l.C + c0 + g) * l.HxW + h0;
+      seg_reduce<scalar_t, acc_t>(dy + off, x + off, h1 - h0, mean[g], a[g], b[g]);
+    }
   }
-  s_dy = a.total();
-  s_dyxmu = b.total();
+  for (int64_t g = 0; g < G; ++g) {
+    s_dy[g] = a[g].total();
+    s_dyxmu[g] = b[g].total();
+  }
 }
 
 // NCHW backward with enough channels and long runs, or runs of at least a cache line whose (dy, x)
@@ -1363,6 +1394,22 @@ inline bool fused_channel_forward(const Layout& l) {
       (l.C >= 4 * threads || l.C % threads == 0);
 }
 
+// Channels per task of the NCHW reductions (see group_block_stats): enough that a task reads
+// runs of at least 2 KiB of each sample (7x7 runs are 98 or 196 bytes), at most kMaxGroup; fewer
+// where the group's (x, dy) would not stay in L2 for the fused passes' second read (float32
+// (32, 128, 28, 28) backward: 0.89 ms with one channel per task, 1.22 ms with 16), or where there
+// would be fewer than four groups per thread.
+template <typename scalar_t>
+inline int64_t channel_group(const Layout& l) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t run_bytes = std::max<int64_t>(1, l.HxW * static_cast<int64_t>(sizeof(scalar_t)));
+  int64_t G = std::min<int64_t>(kMaxGroup, (2048 + run_bytes - 1) / run_bytes);
+  while (G > 1 && (2 * G * l.N * run_bytes > (int64_t(512) << 10) || (l.C + G - 1) / G < 4 * threads)) {
+    G /= 2;
+  }
+  return G;
+}
+
 inline int64_t channel_grain(const Layout& l) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, l.N * l.HxW));
 }
@@ -1374,12 +1421,17 @@ void nchw_stats(const scalar_t* x, const Layout& l, ChannelStats<acc_t>& st) {
     st.pivot.p[c] = nchw_pivot<scalar_t, acc_t>(x, l, c);
   }
   Buffer<Welford<merge_t>> partials(l.C * plan.nblocks);
-  const int64_t tasks = l.C * plan.nblocks;
-  at::parallel_for(0, tasks, plan.task_grain(l), [&](int64_t begin, int64_t end) {
+  const int64_t G = channel_group<scalar_t>(l), groups = (l.C + G - 1) / G;
+  const int64_t tasks = groups * plan.nblocks;
+  at::parallel_for(0, tasks, std::max<int64_t>(1, plan.task_grain(l) / G), [&](int64_t begin, int64_t end) {
     // Tasks in memory order (block-major), partials stored channel-major for the merge.
+    Welford<merge_t> part[kMaxGroup];
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t j = t / l.C, c = t % l.C;
-      partials.p[c * plan.nblocks + j] = block_stats<scalar_t, acc_t>(x, l, plan, c, j, st.pivot.p[c]);
+      const int64_t j = t / groups, c0 = (t % groups) * G, g_n = std::min(G, l.C - c0);
+      group_block_stats<scalar_t, acc_t>(x, l, plan, c0, g_n, j, st.pivot.p + c0, part);
+      for (int64_t g = 0; g < g_n; ++g) {
+        partials.p[(c0 + g) * plan.nblocks + j] = part[g];
+      }
     }
   });
   for (int64_t c = 0; c < l.C; ++c) {
@@ -1771,18 +1823,33 @@ void forward_kernel(
     // One task per channel: its blocks' statistics (merged in block order, exactly as
     // nchw_stats merges them), then its normalization while the channel is still in L2.
     const BlockPlan plan(l);
+    const int64_t G = channel_group<scalar_t>(l);
+    const int64_t groups = (C + G - 1) / G;
     with_streaming(stream_planes(y, l, 2), [&](auto nt) {
-      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          const acc_t pivot = nchw_pivot<scalar_t, acc_t>(x, l, c);
-          Welford<merge_t> w{0, 0, 0};
-          for (int64_t j = 0; j < plan.nblocks; ++j) {
-            w = welford_combine(w, block_stats<scalar_t, acc_t>(x, l, plan, c, j, pivot));
+      at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t q = begin; q < end; ++q) {
+          const int64_t c0 = q * G, g_n = std::min(G, C - c0);
+          acc_t pivot[kMaxGroup];
+          Welford<merge_t> w[kMaxGroup], part[kMaxGroup];
+          for (int64_t g = 0; g < g_n; ++g) {
+            pivot[g] = nchw_pivot<scalar_t, acc_t>(x, l, c0 + g);
+            w[g] = {0, 0, 0};
           }
-          const auto k = finish(c, pivot, w.mean, welford_var(w));
+          for (int64_t j = 0; j < plan.nblocks; ++j) {
+            group_block_stats<scalar_t, acc_t>(x, l, plan, c0, g_n, j, pivot, part);
+            for (int64_t g = 0; g < g_n; ++g) {
+              w[g] = welford_combine(w[g], part[g]);
+            }
+          }
+          NormalizeCoeffs<acc_t> k[kMaxGroup];
+          for (int64_t g = 0; g < g_n; ++g) {
+            k[g] = finish(c0 + g, pivot[g], w[g].mean, welford_var(w[g]));
+          }
           for (int64_t n = 0; n < l.N; ++n) {
-            const int64_t off = (n * C + c) * l.HxW;
-            seg_affine<scalar_t, acc_t, nt.value>(x + off, y + off, l.HxW, k);
+            for (int64_t g = 0; g < g_n; ++g) {
+              const int64_t off = (n * C + c0 + g) * l.HxW;
+              seg_affine<scalar_t, acc_t, nt.value>(x + off, y + off, l.HxW, k[g]);
+            }
           }
         }
         end_streaming<nt.value>();
@@ -1802,19 +1869,25 @@ void forward_kernel(
   affine_kernel<scalar_t, acc_t>(x, y, l, pivot.p, scale.p, shift.p);
 }
 
+// sum_dy and sum_dy_xmu of a channel group, its blocks added in block order in merge_t (as
+// backward_reduce_kernel adds them).
 template <typename scalar_t, typename acc_t>
-inline void channel_reduce_nchw(
-    const scalar_t* dy, const scalar_t* x, const Layout& l, const BlockPlan& plan, int64_t c, acc_t mean, acc_t& sum_dy,
-    acc_t& sum_dy_xmu) {
-  merge_t s_dy = 0, s_dyxmu = 0;
+inline void group_reduce_nchw(
+    const scalar_t* dy, const scalar_t* x, const Layout& l, const BlockPlan& plan, int64_t c0, int64_t G,
+    const acc_t* mean, acc_t* sum_dy, acc_t* sum_dy_xmu) {
+  merge_t s_dy[kMaxGroup] = {}, s_dyxmu[kMaxGroup] = {};
   for (int64_t j = 0; j < plan.nblocks; ++j) {
-    acc_t a, b;
-    block_reduce<scalar_t, acc_t>(dy, x, l, plan, c, j, mean, a, b);
-    s_dy += a;
-    s_dyxmu += b;
+    acc_t a[kMaxGroup], b[kMaxGroup];
+    group_block_reduce<scalar_t, acc_t>(dy, x, l, plan, c0, G, j, mean, a, b);
+    for (int64_t g = 0; g < G; ++g) {
+      s_dy[g] += a[g];
+      s_dyxmu[g] += b[g];
+    }
   }
-  sum_dy = static_cast<acc_t>(s_dy);
-  sum_dy_xmu = static_cast<acc_t>(s_dyxmu);
+  for (int64_t g = 0; g < G; ++g) {
+    sum_dy[g] = static_cast<acc_t>(s_dy[g]);
+    sum_dy_xmu[g] = static_cast<acc_t>(s_dyxmu[g]);
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -1825,13 +1898,18 @@ void backward_reduce_kernel(
     return;
   }
   const BlockPlan plan(l);
-  const int64_t tasks = l.C * plan.nblocks;
-  Buffer<acc_t> pa(tasks), pb(tasks);
-  at::parallel_for(0, tasks, plan.task_grain(l), [&](int64_t begin, int64_t end) {
+  const int64_t G = channel_group<scalar_t>(l), groups = (l.C + G - 1) / G;
+  const int64_t tasks = groups * plan.nblocks;
+  Buffer<acc_t> pa(l.C * plan.nblocks), pb(l.C * plan.nblocks);
+  at::parallel_for(0, tasks, std::max<int64_t>(1, plan.task_grain(l) / G), [&](int64_t begin, int64_t end) {
+    acc_t a[kMaxGroup], b[kMaxGroup];
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t j = t / l.C, c = t % l.C;
-      const int64_t i = c * plan.nblocks + j;
-      block_reduce<scalar_t, acc_t>(dy, x, l, plan, c, j, mean[c], pa.p[i], pb.p[i]);
+      const int64_t j = t / groups, c0 = (t % groups) * G, g_n = std::min(G, l.C - c0);
+      group_block_reduce<scalar_t, acc_t>(dy, x, l, plan, c0, g_n, j, mean + c0, a, b);
+      for (int64_t g = 0; g < g_n; ++g) {
+        pa.p[(c0 + g) * plan.nblocks + j] = a[g];
+        pb.p[(c0 + g) * plan.nblocks + j] = b[g];
+      }
     }
   });
   for (int64_t c = 0; c < l.C; ++c) {
@@ -1880,15 +1958,21 @@ void backward_kernel(
   const acc_t inv_count = l.rows() > 0 ? acc_t(1) / static_cast<acc_t>(l.rows()) : acc_t(0);
   if (!l.channels_last && fused_channel_backward<scalar_t>(l)) {
     const BlockPlan plan(l);
+    const int64_t G = channel_group<scalar_t>(l), groups = (l.C + G - 1) / G;
     with_streaming(stream_planes(dx, l, 3), [&](auto nt) {
-      at::parallel_for(0, l.C, channel_grain(l), [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          channel_reduce_nchw<scalar_t, acc_t>(dy, x, l, plan, c, mean[c], sum_dy[c], sum_dy_xmu[c]);
-          const auto k =
-              backward_coeffs(mean[c], invstd[c], weight[c], sum_dy[c] * inv_count, sum_dy_xmu[c] * inv_count);
+      at::parallel_for(0, groups, std::max<int64_t>(1, channel_grain(l) / G), [&](int64_t begin, int64_t end) {
+        for (int64_t q = begin; q < end; ++q) {
+          const int64_t c0 = q * G, g_n = std::min(G, l.C - c0);
+          group_reduce_nchw<scalar_t, acc_t>(dy, x, l, plan, c0, g_n, mean + c0, sum_dy + c0, sum_dy_xmu + c0);
+          BackwardCoeffs<acc_t> k[kMaxGroup];
+          for (int64_t g = 0, c = c0; g < g_n; ++g, ++c) {
+            k[g] = backward_coeffs(mean[c], invstd[c], weight[c], sum_dy[c] * inv_count, sum_dy_xmu[c] * inv_count);
+          }
           for (int64_t n = 0; n < l.N; ++n) {
-            const int64_t off = (n * l.C + c) * l.HxW;
-            seg_backward<scalar_t, acc_t, nt.value>(dy + off, x + off, dx + off, l.HxW, k);
+            for (int64_t g = 0; g < g_n; ++g) {
+              const int64_t off = (n * l.C + c0 + g) * l.HxW;
+              seg_backward<scalar_t, acc_t, nt.value>(dy + off, x + off, dx + off, l.HxW, k[g]);
+            }
           }
         }
         end_streaming<nt.value>();
