@@ -316,6 +316,29 @@ def restore_threads():
     torch.set_num_threads(n)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("shape", [(2, 64, 7, 7), (4, 24, 14, 14), (3, 40, 7, 7)], ids=str)
+def test_channel_groups_change_no_bit(isa, restore_threads, shape, dtype):
+    # NCHW reductions and the elementwise passes of short planes work on groups of channels whose
+    # size follows the thread count (one thread: 16 channels of 7x7, whose runs per sample fill
+    # whole vectors with per-lane coefficients; four threads: 4 or 1 channels, run by run). Every
+    # output of every op must be the same bits either way.
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(shape, generator=gen) * 2 + 1).to(dtype)
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    C = shape[1]
+    w = (torch.rand(C, generator=gen) + 0.5).to(acc(dtype))
+    b = torch.randn(C, generator=gen).to(acc(dtype))
+    ops = torch.ops.bnext
+    outs = []
+    for n in (1, 4):
+        torch.set_num_threads(n)
+        y, mean, invstd, var = ops.batch_norm_forward(x, w, b, 1e-5)
+        outs.append(_all_outputs(x, dy, w, b) + [ops._batch_norm_eval(x, w, b, mean, var, 1e-5), y])
+    for p, q in zip(*outs):
+        assert torch.equal(p.view(-1).view(torch.uint8), q.view(-1).view(torch.uint8))
+
+
 def test_kernels_run_on_torch_threads(isa, restore_threads):
     # The kernels' at::parallel_for must run on torch's intra-op threads and follow
     # torch.set_num_threads: a kernel TU built without OpenMP compiles it to a serial loop, and
