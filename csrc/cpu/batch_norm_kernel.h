@@ -3,11 +3,11 @@
 // raw pointers of tensors that are contiguous in that format.
 //
 // This header is compiled once per instruction set (kernels_baseline.cpp, kernels_avx2.cpp,
-// kernels_avx512.cpp, kernels_avx512bf16.cpp). Each of those includes kernel_deps.h first, then switches the target ISA
-// with `#pragma GCC target`, then includes this file inside the namespace BNEXT_CPU_ISA_NS. So
-// every function defined here exists once per ISA under its own name, and shared inline/template
-// code (ATen, c10, libstdc++) keeps the baseline ISA: the linker can never hand an AVX-512 copy of
-// a shared inline function to a baseline caller.
+// kernels_avx512.cpp, kernels_avx512bf16.cpp). Each of those includes kernel_deps.h first, then
+// switches the target ISA with `#pragma GCC target`, then includes this file inside the namespace
+// BNEXT_CPU_ISA_NS. So every function defined here exists once per ISA under its own name, and
+// shared inline/template code (ATen, c10, libstdc++) keeps the baseline ISA: the linker can never
+// hand an AVX-512 copy of a shared inline function to a baseline caller.
 //
 // Determinism: every reduction is split into pieces whose boundaries depend only on the shape
 // (fixed blocks of a channel in NCHW, fixed chunks of rows in channels-last), never on the thread
@@ -16,8 +16,9 @@
 // changes the summation order inside a block).
 //
 // Memory traffic (what makes batch norm fast): statistics are taken per block with two passes,
-// the second one over data still in L1; the NCHW training forward/backward finish one channel
-// (statistics, then normalize) while it is still in L2; per-channel coefficients are folded once
+// the second one over data still in L1 (16-bit inputs: one pass); the NCHW training
+// forward/backward finish a group of channels (one of long planes, up to 16 of short ones:
+// statistics, then normalize) while it is still in L2; per-channel coefficients are folded once
 // (y = x * scale + shift, dx = a * dy + b * x + d); no full-size temporary is ever allocated.
 #ifndef BNEXT_CPU_ISA_NS
 #error "batch_norm_kernel.h is compiled through csrc/cpu/kernels_<isa>.cpp, which names BNEXT_CPU_ISA_NS"
@@ -215,9 +216,10 @@ inline bnext_u16x32 bf16_in_high_halves(typename Vec<float>::type v) {
 // With AVX512-BF16 (the avx512bf16 variant) vcvtneps2bf16 rounds 16 floats in one instruction,
 // to the same bits as c10 except in two kinds of lanes: NaN (c10: 0x7FC0; the instruction keeps
 // the payload) and denormals (the instruction flushes them to zero). A vector with any such lane
-// takes the exact shift-and-add rounding instead. Measured with two threads, bfloat16 NCHW
-// (32, 512, 7, 7): normalize 102 -> 90 us, eval 86 -> 77 us; (32, 64, 56, 56) backward
-// 1065 -> 968 us (passes that read and write main memory gain little).
+// takes the exact shift-and-add rounding instead. Measured with two threads, bfloat16 NCHW,
+// avx512 -> avx512bf16 in one process: (32, 512, 7, 7) normalize 98 -> 87 us, eval 93 -> 83 us;
+// (32, 256, 14, 14) forward 241 -> 194 us; (32, 64, 56, 56) backward 1053 -> 982 us (passes that
+// read and write main memory gain little).
 #if BNEXT_CPU_BF16
 inline bool bf16_exact_lanes(typename Vec<float>::type v, __mmask16 lanes = 0xFFFF) {
   __m512 r;
