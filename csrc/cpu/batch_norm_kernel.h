@@ -395,42 +395,71 @@ struct VecSum {
   acc_t total() const {
     return hsum<acc_t>((a0 + a1) + (a2 + a3)) + tail;
   }
+  // Accumulator K (0-3) of the four chains.
+  template <int K>
+  vec& at() {
+    static_assert(K >= 0 && K < 4);
+    if constexpr (K == 0) {
+      return a0;
+    } else if constexpr (K == 1) {
+      return a1;
+    } else if constexpr (K == 2) {
+      return a2;
+    } else {
+      return a3;
+    }
+  }
 };
 
-// Adds term(x) of every value of a segment into s (vector lanes, then the scalar tail).
-template <typename scalar_t, typename acc_t, typename VecTerm, typename Term>
-inline void seg_accumulate(const scalar_t* p, int64_t len, VecSum<acc_t>& s, const VecTerm& vterm, const Term& term) {
+template <int K>
+using Slot = std::integral_constant<int, K>;
+
+// Walks one segment of a run for the reductions: vadd(Slot<k>, v) for each whole vector v, k
+// (0-3, one accumulator chain each) fixed by the vector's place in the run; vtail(v, n) for the
+// last n < W values as one masked vector where the ISA has them (lanes >= n load as zero; vtail
+// zeroes its terms there), else sadd(x) for each of them.
+template <typename scalar_t, typename acc_t, typename VecAdd, typename TailAdd, typename ScalarAdd>
+inline void seg_walk(const scalar_t* p, int64_t len, const VecAdd& vadd, const TailAdd& vtail, const ScalarAdd& sadd) {
   constexpr int64_t W = Vec<acc_t>::W;
   int64_t i = 0;
   for (; i + 4 * W <= len; i += 4 * W) {
     typename Vec<acc_t>::type v0, v1, v2, v3;
     vload2<scalar_t, acc_t>(p + i, v0, v1);
     vload2<scalar_t, acc_t>(p + i + 2 * W, v2, v3);
-    s.a0 += vterm(v0);
-    s.a1 += vterm(v1);
-    s.a2 += vterm(v2);
-    s.a3 += vterm(v3);
+    vadd(Slot<0>(), v0);
+    vadd(Slot<1>(), v1);
+    vadd(Slot<2>(), v2);
+    vadd(Slot<3>(), v3);
   }
   // The last (up to three) vectors of a run into different accumulators: runs of 7x7 or 14x14
   // values end with two or three, and one accumulator made them a chain of dependent adds.
   if (i + 2 * W <= len) {
-    s.a0 += vterm(vload<scalar_t, acc_t>(p + i));
-    s.a1 += vterm(vload<scalar_t, acc_t>(p + i + W));
+    vadd(Slot<0>(), vload<scalar_t, acc_t>(p + i));
+    vadd(Slot<1>(), vload<scalar_t, acc_t>(p + i + W));
     i += 2 * W;
   }
   if (i + W <= len) {
-    s.a2 += vterm(vload<scalar_t, acc_t>(p + i));
+    vadd(Slot<2>(), vload<scalar_t, acc_t>(p + i));
     i += W;
   }
   if constexpr (kMaskedTails<scalar_t, acc_t>) {
     if (i < len) {
-      s.a3 += first_lanes<acc_t>(vterm(vload_part<scalar_t, acc_t>(p + i, len - i)), len - i);
+      vtail(vload_part<scalar_t, acc_t>(p + i, len - i), len - i);
     }
   } else {
     for (; i < len; ++i) {
-      s.tail += term(load<scalar_t, acc_t>(p, i));
+      sadd(load<scalar_t, acc_t>(p, i));
     }
   }
+}
+
+// Adds term(x) of every value of a segment into s.
+template <typename scalar_t, typename acc_t, typename VecTerm, typename Term>
+inline void seg_accumulate(const scalar_t* p, int64_t len, VecSum<acc_t>& s, const VecTerm& vterm, const Term& term) {
+  using vec = typename Vec<acc_t>::type;
+  seg_walk<scalar_t, acc_t>(
+      p, len, [&](auto k, vec v) { s.template at<k.value>() += vterm(v); },
+      [&](auto v, int64_t n) { s.a3 += first_lanes<acc_t>(vterm(v), n); }, [&](acc_t v) { s.tail += term(v); });
 }
 
 // Sum of (x - pivot) * inv_count.
@@ -476,54 +505,24 @@ constexpr bool kOnePassStats = sizeof(scalar_t) == 2;
 template <typename scalar_t, typename acc_t>
 inline void seg_moments(const scalar_t* p, int64_t len, acc_t pivot, VecSum<acc_t>& s1, VecSum<acc_t>& s2) {
   using vec = typename Vec<acc_t>::type;
-  constexpr int64_t W = Vec<acc_t>::W;
   const vec pv = vec{} + pivot;
-  int64_t i = 0;
-  for (; i + 4 * W <= len; i += 4 * W) {
-    vec v0, v1, v2, v3;
-    vload2<scalar_t, acc_t>(p + i, v0, v1);
-    vload2<scalar_t, acc_t>(p + i + 2 * W, v2, v3);
-    v0 -= pv;
-    v1 -= pv;
-    v2 -= pv;
-    v3 -= pv;
-    s1.a0 += v0;
-    s1.a1 += v1;
-    s1.a2 += v2;
-    s1.a3 += v3;
-    s2.a0 += v0 * v0;
-    s2.a1 += v1 * v1;
-    s2.a2 += v2 * v2;
-    s2.a3 += v3 * v3;
-  }
-  // The last (up to three) vectors into different accumulators, as in seg_accumulate.
-  if (i + 2 * W <= len) {
-    const vec v0 = vload<scalar_t, acc_t>(p + i) - pv, v1 = vload<scalar_t, acc_t>(p + i + W) - pv;
-    s1.a0 += v0;
-    s2.a0 += v0 * v0;
-    s1.a1 += v1;
-    s2.a1 += v1 * v1;
-    i += 2 * W;
-  }
-  if (i + W <= len) {
-    const vec v = vload<scalar_t, acc_t>(p + i) - pv;
-    s1.a2 += v;
-    s2.a2 += v * v;
-    i += W;
-  }
-  if constexpr (kMaskedTails<scalar_t, acc_t>) {
-    if (i < len) {
-      const vec v = first_lanes<acc_t>(vload_part<scalar_t, acc_t>(p + i, len - i) - pv, len - i);
-      s1.a3 += v;
-      s2.a3 += v * v;
-    }
-  } else {
-    for (; i < len; ++i) {
-      const acc_t d = load<scalar_t, acc_t>(p, i) - pivot;
-      s1.tail += d;
-      s2.tail += d * d;
-    }
-  }
+  seg_walk<scalar_t, acc_t>(
+      p, len,
+      [&](auto k, vec v) {
+        const vec d = v - pv;
+        s1.template at<k.value>() += d;
+        s2.template at<k.value>() += d * d;
+      },
+      [&](auto v, int64_t n) {  // generic: instantiated only where masked tails exist
+        const vec d = first_lanes<acc_t>(v - pv, n);
+        s1.a3 += d;
+        s2.a3 += d * d;
+      },
+      [&](acc_t v) {
+        const acc_t d = v - pivot;
+        s1.tail += d;
+        s2.tail += d * d;
+      });
 }
 
 // Mean and M2 of `count` values of x - pivot from their sum and sum of squares.
@@ -1309,15 +1308,18 @@ inline void group_block_stats(
   plan.range(l, j, n0, n1, h0, h1);
   const int64_t len = h1 - h0;
   const int64_t count = (n1 - n0) * len;
-  const scalar_t* base = x + c0 * l.HxW + h0;
-  const int64_t stride = l.C * l.HxW;
-  if constexpr (kOnePassStats<scalar_t>) {
-    VecSum<acc_t> s1[kMaxGroup], s2[kMaxGroup];
+  // f(g, run): the block's runs of the group in memory order.
+  auto each_run = [&](const auto& f) {
     for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t g = 0; g < G; ++g) {
-        seg_moments<scalar_t, acc_t>(base + n * stride + g * l.HxW, len, pivot[g], s1[g], s2[g]);
+      const scalar_t* run = x + (n * l.C + c0) * l.HxW + h0;
+      for (int64_t g = 0; g < G; ++g, run += l.HxW) {
+        f(g, run);
       }
     }
+  };
+  if constexpr (kOnePassStats<scalar_t>) {
+    VecSum<acc_t> s1[kMaxGroup], s2[kMaxGroup];
+    each_run([&](int64_t g, const scalar_t* run) { seg_moments<scalar_t, acc_t>(run, len, pivot[g], s1[g], s2[g]); });
     for (int64_t g = 0; g < G; ++g) {
       out[g] = moments_to_welford<acc_t>(s1[g].total(), s2[g].total(), count);
     }
@@ -1325,21 +1327,13 @@ inline void group_block_stats(
   }
   const acc_t inv_count = acc_t(1) / static_cast<acc_t>(count);
   VecSum<acc_t> sum[kMaxGroup];
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t g = 0; g < G; ++g) {
-      seg_mean<scalar_t, acc_t>(base + n * stride + g * l.HxW, len, pivot[g], inv_count, sum[g]);
-    }
-  }
+  each_run([&](int64_t g, const scalar_t* run) { seg_mean<scalar_t, acc_t>(run, len, pivot[g], inv_count, sum[g]); });
   acc_t mean[kMaxGroup];
   for (int64_t g = 0; g < G; ++g) {
     mean[g] = sum[g].total();
   }
   VecSum<acc_t> m2[kMaxGroup];
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t g = 0; g < G; ++g) {
-      seg_m2<scalar_t, acc_t>(base + n * stride + g * l.HxW, len, pivot[g], mean[g], m2[g]);
-    }
-  }
+  each_run([&](int64_t g, const scalar_t* run) { seg_m2<scalar_t, acc_t>(run, len, pivot[g], mean[g], m2[g]); });
   for (int64_t g = 0; g < G; ++g) {
     out[g] = {mean[g], m2[g].total(), count};
   }
@@ -1899,12 +1893,16 @@ inline void group_backward(
   }
 }
 
-// Whether the elementwise NCHW passes (normalize, backward dx) work group by group with
-// GroupLanes (short planes in cache: not streamed) instead of plane by plane in memory order.
+// The channel group size with which the elementwise NCHW passes (normalize, backward dx) work
+// group by group with GroupLanes (short planes in cache: not streamed), or 0: plane by plane in
+// memory order.
 template <typename scalar_t, typename acc_t>
-inline bool lanes_pass(const Layout& l, int64_t passes) {
-  return !l.channels_last && !stream_pass<scalar_t>(l, passes) &&
-      group_lanes_fit<scalar_t, acc_t>(l, channel_group<scalar_t>(l));
+inline int64_t lanes_pass(const Layout& l, int64_t passes) {
+  if (l.channels_last || stream_pass<scalar_t>(l, passes)) {
+    return 0;
+  }
+  const int64_t G = channel_group<scalar_t>(l);
+  return group_lanes_fit<scalar_t, acc_t>(l, G) ? G : 0;
 }
 
 // y = (x - pivot[c]) * scale[c] + shift[c] over the whole tensor.
@@ -1914,8 +1912,8 @@ void affine_kernel(const scalar_t* x, scalar_t* y, const Layout& l, const acc_t*
     rows_affine_all<scalar_t, acc_t>(x, y, l, pivot, scale, shift);
     return;
   }
-  if (lanes_pass<scalar_t, acc_t>(l, 2)) {
-    const int64_t G = channel_group<scalar_t>(l), groups = (l.C + G - 1) / G;
+  if (const int64_t G = lanes_pass<scalar_t, acc_t>(l, 2); G > 0) {
+    const int64_t groups = (l.C + G - 1) / G;
     at::parallel_for(0, groups, std::max<int64_t>(1, channel_grain(l) / G), [&](int64_t begin, int64_t end) {
       NormalizeCoeffs<acc_t> k[kMaxGroup];
       for (int64_t q = begin; q < end; ++q) {
@@ -2080,8 +2078,8 @@ void backward_elemt_kernel(
     rows_backward_all<scalar_t, acc_t>(dy, x, dx, l, coeffs);
     return;
   }
-  if (lanes_pass<scalar_t, acc_t>(l, 3)) {
-    const int64_t G = channel_group<scalar_t>(l), groups = (l.C + G - 1) / G;
+  if (const int64_t G = lanes_pass<scalar_t, acc_t>(l, 3); G > 0) {
+    const int64_t groups = (l.C + G - 1) / G;
     at::parallel_for(0, groups, std::max<int64_t>(1, channel_grain(l) / G), [&](int64_t begin, int64_t end) {
       for (int64_t q = begin; q < end; ++q) {
         const int64_t c0 = q * G;
