@@ -435,8 +435,9 @@ def write_markdown(path, info, s, rows, chart_rel, json_rel, args, elapsed):
                  "on every call and every timer of those cases, x.clone() included, measures page zeroing (x.clone() "
                  "of a 103 MB tensor: 50 ms instead of 8 ms) with run-to-run swings of 2x.")
     lines.append("- Ratios below 1 to the floor are real: W is x.clone(), whose ordinary stores read every output "
-                 "line before writing it; bnext writes the output of a pass that moves more than 3/4 of its share "
-                 "of the last-level cache (at most 4 MiB per CPU) with streaming (non-temporal) stores, which skip that read.")
+                 "line before writing it; bnext writes the output of a pass that moves more than a cache-sized threshold "
+                 "(AMD: half the L3 of the core complex; otherwise 3/4 of the process's share of the last-level cache, "
+                 "at most 4 MiB per CPU) with streaming (non-temporal) stores, which skip that read.")
     lines.append("- Floor ratios of small inputs measure fixed per-call cost (module, autograd Function, running-stat "
                  "update, op dispatch: tens of microseconds of Python and dispatcher time), not memory traffic: "
                  "x.clone() of a 128 KiB tensor takes about 10 us.")

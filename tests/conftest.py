@@ -30,6 +30,19 @@ TOL = {
 }
 
 
+# The CPU kernel variants (csrc/cpu/isa.cpp), best last.
+ISAS = ["baseline", "avx2", "avx512", "avx512bf16"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    """Forces each CPU kernel variant this CPU runs (BNEXT_CPU_ISA is read at every op call)."""
+    monkeypatch.setenv("BNEXT_CPU_ISA", request.param)
+    if bnext.build_info()["cpu_isa"] != request.param:
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import torch
 
 import bnext
 
-ISAS = ["baseline", "avx2", "avx512", "avx512bf16"]
+from conftest import ISAS
 
 # (shape, memory format)
 CASES = [
@@ -50,15 +50,6 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 OUT_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # Per-channel results are accumulated in float32 (float64 for double) from the exact input values.
 ACC_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("BNEXT_CPU_ISA", request.param)
-    active = bnext.build_info()["cpu_isa"]
-    if active != request.param:
-        pytest.skip(f"this CPU cannot run the {request.param} kernels")
-    return request.param
 
 
 @pytest.fixture(params=["auto", "always"])

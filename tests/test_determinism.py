@@ -3,7 +3,7 @@
 Reductions are cut into pieces fixed by the shape alone and merged in a fixed order, so every
 output (forward: output, save_mean, save_invstd, save_var; backward: all gradients) must be
 bitwise identical for 1, 2, 3 and 4 threads (more threads than cores is fine for this) and from
-one run to the next. The shapes make every parallel path split work: many channels, fewer
+one run to the next, for every CPU kernel variant (ISA) this CPU runs. The shapes make every parallel path split work: many channels, fewer
 channels than threads (blocks of one channel across threads), runs longer than a statistics
 block, and many channels-last row chunks.
 """
@@ -63,7 +63,8 @@ def run_all(x, dy, w, b):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("shape,fmt", CASES, ids=[f"{'x'.join(map(str, s))}-{f}" for s, f in CASES])
-def test_bitwise_identical_across_thread_counts(shape, fmt, dtype, restore_threads):
+def test_bitwise_identical_across_thread_counts(shape, fmt, dtype, isa, restore_threads):
+    # Every variant the CPU runs (isa): each sums a block in the order of its own vector width.
     gen = torch.Generator().manual_seed(1)
     x = make(shape, fmt, dtype, gen)
     dy = make(shape, fmt, dtype, gen)
