@@ -3,9 +3,9 @@
 Reductions are cut into pieces fixed by the shape alone and merged in a fixed order, so every
 output (forward: output, save_mean, save_invstd, save_var; backward: all gradients) must be
 bitwise identical for 1, 2, 3 and 4 threads (more threads than cores is fine for this) and from
-one run to the next, for every CPU kernel variant (ISA) this CPU runs. The shapes make every parallel path split work: many channels, fewer
-channels than threads (blocks of one channel across threads), runs longer than a statistics
-block, and many channels-last row chunks.
+one run to the next, for every CPU kernel variant (ISA) this CPU runs. The shapes make every
+parallel path split work: many channels, fewer channels than threads (blocks of one channel
+across threads), runs longer than a statistics block, and many channels-last row chunks.
 """
 import pytest
 import torch

@@ -117,21 +117,11 @@ inline typename Vec<acc_t>::type vload(const scalar_t* p) {
   typename Vec<acc_t>::type v;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::memcpy(&v, p, sizeof(v));
-  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && Vec<acc_t>::W != 16 && std::is_same_v<acc_t, float>) {
-    // Zero-extend and shift (AVX2: one vpmovzxwd from memory and one vpslld).
-#if BNEXT_CPU_ISA_LEVEL == 1
-    const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
-#else
-    typedef uint16_t u16xW __attribute__((vector_size(Vec<float>::W * 2)));
-    typedef uint32_t u32xW __attribute__((vector_size(Vec<float>::W * 4)));
-    u16xW h;
-    std::memcpy(&h, p, sizeof(h));
-    const u32xW w = __builtin_convertvector(h, u32xW) << 16;
-#endif
-    std::memcpy(&v, &w, sizeof(v));
-  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && Vec<acc_t>::W == 16) {
-    // Each value into the high half of a 32-bit lane with one word shuffle against zero (GCC
-    // turns the equivalent zero-extend-and-shift into two half-width extends and an insert).
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    // Each value into the high half of a 32-bit lane.
+#if BNEXT_CPU_ISA_LEVEL >= 2
+    // One word shuffle against zero (GCC turns the equivalent zero-extend-and-shift into two
+    // half-width extends and an insert).
     typedef uint16_t u16x16 __attribute__((vector_size(32)));
     typedef uint16_t u16x32 __attribute__((vector_size(64)));
     u16x16 h;
@@ -140,6 +130,16 @@ inline typename Vec<acc_t>::type vload(const scalar_t* p) {
     const u16x32 w = __builtin_shufflevector(
         z, h, 0, 16, 0, 17, 0, 18, 0, 19, 0, 20, 0, 21, 0, 22, 0, 23, 0, 24, 0, 25, 0, 26, 0, 27, 0, 28, 0, 29, 0, 30,
         0, 31);
+#elif BNEXT_CPU_ISA_LEVEL == 1
+    // One vpmovzxwd from memory and one vpslld.
+    const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+#else
+    typedef uint16_t u16x4 __attribute__((vector_size(8)));
+    typedef uint32_t u32x4 __attribute__((vector_size(16)));
+    u16x4 h;
+    std::memcpy(&h, p, sizeof(h));
+    const u32x4 w = __builtin_convertvector(h, u32x4) << 16;
+#endif
     std::memcpy(&v, &w, sizeof(v));
   } else {
     for (int64_t j = 0; j < Vec<acc_t>::W; ++j) {
@@ -304,14 +304,21 @@ inline bnext_u32xW bf16_bits(typename Vec<float>::type v) {
 inline bnext_bf16xW bf16_round(typename Vec<float>::type v) {
   return __builtin_convertvector(bf16_bits(v), bnext_bf16xW);
 }
+// The 2 W bfloat16 values of a, then b.
 #if BNEXT_CPU_ISA_LEVEL == 1
-// The 16 bfloat16 values of a, then b: one pack (per 128-bit half) and one permute for both.
+// One pack (per 128-bit half) and one permute for both vectors.
 inline __m256i bf16_round2(typename Vec<float>::type a, typename Vec<float>::type b) {
   const bnext_u32xW ra = bf16_bits(a), rb = bf16_bits(b);
   __m256i ia, ib;
   std::memcpy(&ia, &ra, sizeof(ia));
   std::memcpy(&ib, &rb, sizeof(ib));
   return _mm256_permute4x64_epi64(_mm256_packus_epi32(ia, ib), 0xD8);
+}
+#else
+// One 16-byte vector, as streaming stores need.
+typedef uint16_t bnext_u16x8 __attribute__((vector_size(16)));
+inline bnext_u16x8 bf16_round2(typename Vec<float>::type a, typename Vec<float>::type b) {
+  return __builtin_shufflevector(bf16_round(a), bf16_round(b), 0, 1, 2, 3, 4, 5, 6, 7);
 }
 #endif
 #endif
@@ -350,19 +357,8 @@ inline void vload2(const scalar_t* p, typename Vec<acc_t>::type& a, typename Vec
 template <typename scalar_t, typename acc_t, bool NT = false>
 inline void vstore2(scalar_t* p, typename Vec<acc_t>::type a, typename Vec<acc_t>::type b) {
   constexpr int64_t W = Vec<acc_t>::W;
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && W == 16) {
-    put<NT, 64>(p, bf16_round2(a, b));
-#if BNEXT_CPU_ISA_LEVEL == 1
-  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
-    put<NT, 32>(p, bf16_round2(a, b));
-#endif
-#if BNEXT_CPU_ISA_LEVEL == 0
-  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
-    // (Baseline: the pair is one 16-byte vector, as streaming stores need.)
-    const bnext_bf16xW ra = bf16_round(a), rb = bf16_round(b);
-    typedef uint16_t u16x8 __attribute__((vector_size(16)));
-    put<NT, 16>(p, u16x8(__builtin_shufflevector(ra, rb, 0, 1, 2, 3, 4, 5, 6, 7)));
-#endif
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    put<NT, 4 * W>(p, bf16_round2(a, b));
   } else if constexpr (NT && !std::is_same_v<scalar_t, acc_t> && W * sizeof(scalar_t) < 16) {
     // (float16 on the baseline: the pair is the smallest streaming store, 16 bytes.)
     struct alignas(16) Values {
