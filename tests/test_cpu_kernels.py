@@ -26,6 +26,13 @@ CASES = [
     ((2, 17, 3, 5, 7), "channels_last"),  # channels_last_3d
     ((2, 3, 4, 5, 6), "contiguous"),
     ((9, 130, 3, 3), "channels_last"),  # C > the super-row width
+    # At least 2 MiB (kWideBytes) in every 16-bit and wider dtype: below AVX-512 the 64-value rows
+    # (C = 64, and super-rows of two C = 32 rows) walk in memory order, four rows at a time.
+    ((16, 64, 32, 33), "channels_last"),
+    ((32, 32, 32, 33), "channels_last"),
+    # Above 1 MiB in float32 and wider: below AVX-512 the NCHW forward takes the memory-order
+    # passes instead of per-channel tasks (16-bit dtypes keep the tasks).
+    ((8, 64, 24, 24), "contiguous"),
     ((4, 6, 10, 12), "strided"),
     # Planes / super-rows that start on 64-byte lines, so the streaming-store paths run when
     # BNEXT_CPU_STREAM_BYTES=0 (pairs of vectors, single vectors and scalar tails).
