@@ -808,23 +808,7 @@ inline void for_column_blocks(int64_t width, const F4& f4, const F1& f1, const F
   }
 }
 
-// Wide rows (see RowPlan::wide) are walked in memory order, each lane's sum updated in place (the
-// lane arrays stay in L1). A column block walking down the rows of a chunk instead strides a whole
-// row per step, every row of a 4 KiB width mapping to the same L1 sets: measured on
-// (32, 1024, 14, 14) channels_last float32, one thread, statistics 2.3 ms that way and 0.9 ms
-// row by row. They go four at a time, for the reductions: four(x0, j) adds lanes
-// [j, j + W) of the four rows from x0 into its lane sums, four_s(x0, j) lane j; one(x0, j) and
-// one_s(x0, j) the same for the single rows left over. One row at a time, the sums' loads and
-// stores (two per vector of x for each sum), not x, bounded these loops: (32, 512, 14, 14)
-// channels_last, two threads, with the chunk size below: statistics float32 544 -> 379 us,
-// bfloat16 (one pass) 482 -> 199 us. The functors capture by value and are inlined: pointers held
-// in a closure by reference were reloaded after every vector store (the stores may alias them).
-// Each 4-row step also prefetches the rows about kPrefetchBytes on (of x, and of x2 where given:
-// dy of the backward reduction): the hardware prefetchers did not keep four interleaved row
-// streams ahead. Measured with two threads on an AMD EPYC (Zen 3) VM, AVX2, channels_last, in
-// one process, no prefetch -> 8 rows (8 KiB) ahead: (32, 256, 28, 28) float32 statistics 3.85 ->
-// 1.50 ms, bfloat16 1.73 -> 0.57 ms, bfloat16 backward reduction 3.64 -> 1.00 ms;
-// (32, 1024, 14, 14) bfloat16 backward reduction 2.80 -> 0.99 ms (x.sum(): 0.38 ms).
+// Software prefetch distance of the row walks and per-channel tasks (see rows_wide_by4).
 constexpr int64_t kPrefetchBytes = 8192;
 
 // Prefetches the lines of [p, p + nbytes) (p as an integer: it may lie past the tensor, which a
@@ -841,6 +825,24 @@ inline int64_t prefetch_ahead(int64_t row_bytes) {
   row_bytes = std::max<int64_t>(1, row_bytes);
   return std::max<int64_t>(4, (kPrefetchBytes / row_bytes + 3) / 4 * 4) * row_bytes;
 }
+
+// Wide rows (see RowPlan::wide) are walked in memory order, each lane's sum updated in place (the
+// lane arrays stay in L1). A column block walking down the rows of a chunk instead strides a whole
+// row per step, every row of a 4 KiB width mapping to the same L1 sets: measured on
+// (32, 1024, 14, 14) channels_last float32, one thread, statistics 2.3 ms that way and 0.9 ms
+// row by row. They go four at a time, for the reductions: four(x0, j) adds lanes
+// [j, j + W) of the four rows from x0 into its lane sums, four_s(x0, j) lane j; one(x0, j) and
+// one_s(x0, j) the same for the single rows left over. One row at a time, the sums' loads and
+// stores (two per vector of x for each sum), not x, bounded these loops: (32, 512, 14, 14)
+// channels_last, two threads, with the chunk size below: statistics float32 544 -> 379 us,
+// bfloat16 (one pass) 482 -> 199 us. The functors capture by value and are inlined: pointers held
+// in a closure by reference were reloaded after every vector store (the stores may alias them).
+// Each 4-row step also prefetches the rows about kPrefetchBytes on (of x, and of x2 where given:
+// dy of the backward reduction): the hardware prefetchers did not keep four interleaved row
+// streams ahead. Measured with two threads on an AMD EPYC (Zen 3) VM, AVX2, channels_last, in
+// one process, no prefetch -> 8 rows (8 KiB) ahead: (32, 256, 28, 28) float32 statistics 3.85 ->
+// 1.50 ms, bfloat16 1.73 -> 0.57 ms, bfloat16 backward reduction 3.64 -> 1.00 ms;
+// (32, 1024, 14, 14) bfloat16 backward reduction 2.80 -> 0.99 ms (x.sum(): 0.40 ms).
 template <typename scalar_t, typename acc_t, typename Four, typename FourS, typename One, typename OneS>
 __attribute__((always_inline)) inline void rows_wide_by4(
     const scalar_t* x, int64_t nrows, int64_t width, Four four, FourS four_s, One one, OneS one_s,
