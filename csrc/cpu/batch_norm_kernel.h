@@ -861,11 +861,9 @@ __attribute__((always_inline)) inline void rows_wide_by4(
     int64_t j = 0;
     for (; j + W <= width; j += W) {
       const uintptr_t o = static_cast<uintptr_t>(4 * j * static_cast<int64_t>(sizeof(scalar_t)));
-      for (int64_t b = 0; b < kStep; b += 64) {
-        __builtin_prefetch(reinterpret_cast<const void*>(p1 + o + b));
-        if (x2 != nullptr) {
-          __builtin_prefetch(reinterpret_cast<const void*>(p2 + o + b));
-        }
+      prefetch_lines(p1 + o, kStep);
+      if (x2 != nullptr) {
+        prefetch_lines(p2 + o, kStep);
       }
       four(x0, j);
     }
