@@ -1,7 +1,29 @@
 """BatchNormFunction: the single-device training and eval path on the fused bnext ops."""
 import torch
 
+from ._fake import acc_dtype
 from ._ops import below_autograd, ops
+
+
+def _constant(t, input_dtype):
+    """t detached, in the accumulation type of input_dtype (no op where it already is both)."""
+    acc = acc_dtype(input_dtype)
+    if t.requires_grad:
+        t = t.detach()
+    return t if t.dtype == acc else t.to(acc)
+
+
+def eval_coefficients(mean, invstd, weight, bias, input_dtype):
+    """Eval's folded coefficients: out = x * scale + shift, torch's own eval formula.
+
+    scale = invstd * weight, shift = bias - mean * scale, in the accumulation type, with the
+    operations and order of the CPU kernel (csrc/cpu/batch_norm_cpu.cpp, normalize_cpu) and of the
+    device-generic eval (csrc/train_forward.cpp); batch_norm_elemt(x, None, shift, 0, scale) then
+    gives the same bits on every eval path.
+    """
+    scale = invstd if weight is None else invstd * _constant(weight, input_dtype)
+    shift = -(mean * scale) if bias is None else _constant(bias, input_dtype) - mean * scale
+    return scale, shift
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -24,7 +46,9 @@ class BatchNormFunction(torch.autograd.Function):
             if training:
                 output, save_mean, save_invstd, save_var = ops().batch_norm_forward(input, weight, bias, eps)
             else:
-                output = ops().batch_norm_elemt(input, weight, bias, mean, invstd)
+                # Folded as on every eval path (eval_coefficients): the same bits.
+                scale, shift = eval_coefficients(mean, invstd, weight, bias, input.dtype)
+                output = ops().batch_norm_elemt(input, None, shift, torch.zeros_like(scale), scale)
                 save_mean, save_invstd = mean, invstd
         ctx.training = training
         ctx.eps = eps

@@ -5,9 +5,8 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the ops)
-from ._fake import acc_dtype
 from ._ops import below_autograd, namespace, ops
-from .autograd import BatchNormFunction
+from .autograd import BatchNormFunction, _constant, eval_coefficients
 
 _NAME = "bnext.batch_norm"
 
@@ -106,14 +105,6 @@ def _blend_(running, batch, momentum, scale=1.0):
         running.lerp_(batch, momentum)
 
 
-def _constant(t, input_dtype):
-    """t detached, in the accumulation type of input_dtype (no op where it already is both)."""
-    acc = acc_dtype(input_dtype)
-    if t.requires_grad:
-        t = t.detach()
-    return t if t.dtype == acc else t.to(acc)
-
-
 def _empty_batch(input, weight, bias):
     # torch returns a graph-connected empty output; there is nothing to normalize or reduce.
     out = input.clone()
@@ -175,8 +166,9 @@ def batch_norm_impl(
     invstd = torch.rsqrt(_constant(running_var, input.dtype) + eps)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (input, weight, bias)):
         # Nothing to differentiate (inference): the op alone, without recording an autograd node.
+        scale, shift = eval_coefficients(mean, invstd, weight, bias, input.dtype)
         with below_autograd(nothing_requires_grad=True):
-            return ops().batch_norm_elemt(input, weight, bias, mean, invstd)
+            return ops().batch_norm_elemt(input, None, shift, torch.zeros_like(scale), scale)
     return BatchNormFunction.apply(input, weight, bias, mean, invstd, False, eps)
 
 

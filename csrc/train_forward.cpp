@@ -283,8 +283,9 @@ Tensor batch_norm_train(
 }
 
 // Inference with the running statistics (bnext.batch_norm's eval branch when nothing requires
-// grad): mean and invstd = rsqrt(running_var + eps) in the accumulation type, then the
-// normalization, exactly as the Python path computes them.
+// grad): mean and invstd = rsqrt(running_var + eps) in the accumulation type, folded into
+// out = x * scale + shift (scale = invstd * weight, shift = bias - mean * scale), then the
+// normalization with mean 0, invstd = scale and no weight, exactly as the Python path does.
 Tensor batch_norm_eval(
     const Tensor& input,
     const OptTensor& weight,
@@ -296,8 +297,10 @@ Tensor batch_norm_eval(
   const auto acc = acc_dtype(input.scalar_type());
   const Tensor mean = running_mean.detach().to(acc);
   const Tensor invstd = at::rsqrt(running_var.detach().to(acc) + eps);
+  const Tensor scale = weight.has_value() && weight->defined() ? invstd * weight->detach().to(acc) : invstd;
+  const Tensor shift = bias.has_value() && bias->defined() ? bias->detach().to(acc) - mean * scale : -(mean * scale);
   at::AutoDispatchBelowADInplaceOrView below;  // nothing to record: skip the op's autograd kernel
-  return elemt_op().call(input, weight, bias, mean, invstd);
+  return elemt_op().call(input, c10::nullopt, shift, at::zeros_like(scale), scale);
 }
 
 }  // namespace

@@ -136,6 +136,21 @@ def test_ops_match_float64(isa, stream, shape, fmt, dtype):
     y_er = (xd - bcast(save_mean.double(), x)) * bcast(save_invstd.double(), x)
     close(y_e, y_er, OUT_TOL[dtype], "batch_norm_elemt output")
 
+    # Eval with running statistics: folded coefficients, y = x * scale + shift (every pivot +0: the
+    # passes leave the subtraction out), against float64; the same values as the passes that
+    # subtract the pivot (a -0.0 pivot is not +0, so that call takes them).
+    rm, rv = save_mean - 0.25, save_var * 1.5
+    y_ev = ops._batch_norm_eval(x, w, b, rm, rv, eps)
+    s_r = w.double() / torch.sqrt(rv.double() + eps)
+    close(y_ev, (xd - bcast(rm.double(), x)) * bcast(s_r, x) + bcast(b.double(), x), OUT_TOL[dtype], "_batch_norm_eval")
+    scale = w / torch.sqrt(rv + eps)
+    shift = b - rm * scale
+    zeros, ones = torch.zeros_like(scale), torch.ones_like(scale)
+    folded = ops.batch_norm_elemt(x, scale, shift, zeros, ones)
+    centered = ops.batch_norm_elemt(x, scale, shift, zeros.index_fill(0, torch.tensor([0]), -0.0), ones)
+    assert torch.equal(folded, centered)
+    close(folded, y_ev, OUT_TOL[dtype], "batch_norm_elemt with folded coefficients")
+
     # Backward against the closed form in float64 with the kernel's own saved statistics.
     m, s = save_mean.double(), save_invstd.double()
     sum_dy_r = dyd.sum(dims(x))

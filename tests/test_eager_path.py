@@ -214,6 +214,16 @@ def test_eval_with_grad_takes_the_autograd_path(monkeypatch):
     g_ref = torch.autograd.grad(out_ref.square().sum(), (x, ref.weight, ref.bias))
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b)
+    # The autograd path folds the eval coefficients as the one-call inference path does: same bits.
+    with torch.no_grad():
+        assert torch.equal(m(x), out)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-1, 1)
+    out = m(x)
+    assert out.requires_grad
+    with torch.no_grad():
+        assert torch.equal(m(x), out)
 
 
 @pytest.mark.parametrize("bad", ["running_var_shape", "running_mean_meta", "running_var_int", "no_running_var"])

@@ -151,6 +151,21 @@ def test_large_mean_tiny_spread_no_worse_than_torch(layout):
     assert (rv_o.double() - rv_ref).abs().max() <= (rv_t.double() - rv_ref).abs().max() + 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_eval_offset_running_mean_no_worse_than_torch(layout, dtype):
+    # Eval folds the running mean into the shift, out = x * scale + (bias - mean * scale): torch's
+    # own eval formula, whose error grows with |mean| / std; it stays within torch's.
+    torch.manual_seed(4)
+    x = (torch.randn(8, 4, 16, 16) + 100).to(dtype).contiguous(memory_format=layout)
+    rm, rv = 100 + 0.1 * torch.randn(4), torch.rand(4) + 0.5
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    ref = F.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double())
+    e_torch = _err(F.batch_norm(x, rm, rv, w, b), ref)
+    e_ours = _err(bnext.batch_norm(x, rm, rv, w, b), ref)
+    assert e_ours <= 2 * e_torch, f"bnext error {e_ours}, torch error {e_torch}"
+
+
 def test_bfloat16_large_offset_no_worse_than_torch():
     torch.manual_seed(2)
     x = (torch.randn(8, 4, 16, 16) + 100).bfloat16()

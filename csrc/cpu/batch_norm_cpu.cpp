@@ -76,6 +76,14 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
 // out = (x - mean[c]) * invstd * weight[c] + bias[c], the per-channel coefficients folded once,
 // with invstd = to_invstd(spread[c]) in the accumulation type: the invstd itself (elemt) or the
 // running variance it comes from (eval). Arguments checked by the caller.
+// fold_mean (eval): out = x * scale[c] + shift[c] with scale = invstd * weight and shift = bias -
+// mean * scale (-(mean * scale) without bias), torch's own eval formula: one multiply-add per
+// value instead of a subtraction and a multiply-add, and no pivot vectors in the channels_last
+// passes. Its error grows with |mean| / std as torch's does; the training paths keep x - mean
+// unfolded. bnext.batch_norm's other eval paths (Python, autograd, device-generic) compute the
+// same two coefficients with the same operations and pass them to batch_norm_elemt as mean 0,
+// invstd = scale, no weight and bias = shift, which gives these coefficients again: every eval
+// path gives the same bits.
 template <typename ToInvstd>
 Tensor normalize_cpu(
     const Tensor& input,
@@ -83,7 +91,8 @@ Tensor normalize_cpu(
     const c10::optional<Tensor>& bias,
     const Tensor& mean,
     const Tensor& spread,
-    const ToInvstd& to_invstd) {
+    const ToInvstd& to_invstd,
+    bool fold_mean) {
   const auto p = prepare(input);
   Tensor out = at::empty_like(p.x, p.fmt);
   BNEXT_DISPATCH(input.scalar_type(), "bnext_normalize_cpu", [&] {
@@ -92,8 +101,16 @@ Tensor normalize_cpu(
     const AccChannels<acc_t> w(weight, C, 1), b(bias, C, 0), m(mean, C), v(spread, C);
     const acc_t *wp = w.get(), *bp = b.get(), *mp = m.get(), *vp = v.get();
     std::vector<acc_t> pivot(C), scale(C), shift(C);
+    const bool has_bias = bias.has_value() && bias->defined();
     for (int64_t c = 0; c < C; ++c) {
-      const auto k = normalize_coeffs(mp[c], static_cast<acc_t>(to_invstd(vp[c])), wp[c], bp[c]);
+      const acc_t invstd = static_cast<acc_t>(to_invstd(vp[c]));
+      NormalizeCoeffs<acc_t> k;
+      if (fold_mean) {
+        const acc_t sc = invstd * wp[c];
+        k = normalize_coeffs(acc_t(0), acc_t(1), sc, has_bias ? bp[c] - mp[c] * sc : -(mp[c] * sc));
+      } else {
+        k = normalize_coeffs(mp[c], invstd, wp[c], bp[c]);
+      }
       pivot[c] = k.pivot;
       scale[c] = k.scale;
       shift[c] = k.shift;
@@ -111,7 +128,7 @@ Tensor batch_norm_elemt_cpu(
     const Tensor& mean,
     const Tensor& invstd) {
   check_elemt_args(input, weight, bias, mean, invstd, "bnext.batch_norm_elemt");
-  return normalize_cpu(input, weight, bias, mean, invstd, [](auto s) { return s; });
+  return normalize_cpu(input, weight, bias, mean, invstd, [](auto s) { return s; }, false);
 }
 
 // bnext::_batch_norm_eval (eager inference, see csrc/train_forward.cpp) without the small ops of
@@ -133,7 +150,7 @@ Tensor batch_norm_eval_cpu(
   return normalize_cpu(input, weight, bias, running_mean, running_var, [eps](auto v) {
     using acc_t = decltype(v);
     return acc_t(1) / std::sqrt(v + static_cast<acc_t>(eps));
-  });
+  }, true);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward_cpu(
