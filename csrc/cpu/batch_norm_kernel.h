@@ -1366,8 +1366,8 @@ inline bool stream_planes(const scalar_t* out, const Layout& l, int64_t passes) 
 // f(std::true_type) or f(std::false_type): a choice (streaming, centering) as a compile-time
 // constant.
 template <typename F>
-inline void with_constant(bool nt, const F& f) {
-  if (nt) {
+inline void with_constant(bool flag, const F& f) {
+  if (flag) {
     f(std::true_type());
   } else {
     f(std::false_type());
