@@ -42,13 +42,17 @@ CASES = [
     ((3, 256, 2, 3), "channels_last"),
 ]
 ALIGNED_CASES = CASES[-4:]
-# NCHW planes that do not start on lines, streamed line by line (lines straddling two planes):
-# 49 and 20 values per plane, 9 (shorter than a float vector, not streamed), and enough planes
-# for two tasks, whose shared boundary lines are stored normally.
+# NCHW planes that do not start on lines, streamed line by line (lines straddling two planes; a
+# line is one vector or, for 16-bit values on AVX-512 and 32-bit ones on AVX2, two): 49, 48 (a
+# two-vector line whose second vector starts the next plane) and 20 values per plane, 9 (shorter
+# than a line, not streamed), 196 (14x14), and enough planes for two tasks, whose shared boundary
+# lines are stored normally.
 STREAM_CASES = ALIGNED_CASES + [
     ((3, 5, 7, 7), "contiguous"),
+    ((3, 5, 6, 8), "contiguous"),
     ((2, 3, 5, 4), "contiguous"),
     ((2, 3, 3, 3), "contiguous"),
+    ((2, 9, 14, 14), "contiguous"),
     ((4, 63, 13, 13), "contiguous"),  # two tasks of 126 planes: their boundary is mid-line
 ]
 
@@ -294,7 +298,8 @@ def _all_outputs(x, dy, w, b):
     dx, sum_dy, sum_dy_xmu = ops.batch_norm_backward(dy, x, w, mean, invstd)
     M = x.numel() // x.shape[1]
     dx_e = ops.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy / M, sum_dy_xmu / M)
-    return [y, mean, invstd, var, y_e, dx, sum_dy, sum_dy_xmu, dx_e]
+    y_ev = ops._batch_norm_eval(x, w, b, mean, var, 1e-5)  # folded coefficients: the passes without a pivot
+    return [y, mean, invstd, var, y_e, dx, sum_dy, sum_dy_xmu, dx_e, y_ev]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
