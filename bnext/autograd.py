@@ -26,6 +26,13 @@ def eval_coefficients(mean, invstd, weight, bias, input_dtype):
     return scale, shift
 
 
+def eval_normalize(input, mean, invstd, weight, bias):
+    """Eval's output with the folded coefficients (eval_coefficients): batch_norm_elemt with mean 0,
+    invstd = scale, no weight and bias = shift. Records nothing; the caller chooses the dispatch."""
+    scale, shift = eval_coefficients(mean, invstd, weight, bias, input.dtype)
+    return ops().batch_norm_elemt(input, None, shift, torch.zeros_like(scale), scale)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Batch norm with the closed-form backward.
 
@@ -46,9 +53,8 @@ class BatchNormFunction(torch.autograd.Function):
             if training:
                 output, save_mean, save_invstd, save_var = ops().batch_norm_forward(input, weight, bias, eps)
             else:
-                # Folded as on every eval path (eval_coefficients): the same bits.
-                scale, shift = eval_coefficients(mean, invstd, weight, bias, input.dtype)
-                output = ops().batch_norm_elemt(input, None, shift, torch.zeros_like(scale), scale)
+                # Folded as on every eval path: the same bits.
+                output = eval_normalize(input, mean, invstd, weight, bias)
                 save_mean, save_invstd = mean, invstd
         ctx.training = training
         ctx.eps = eps

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (registers the ops)
 from ._ops import below_autograd, namespace, ops
-from .autograd import BatchNormFunction, _constant, eval_coefficients
+from .autograd import BatchNormFunction, _constant, eval_normalize
 
 _NAME = "bnext.batch_norm"
 
@@ -166,9 +166,8 @@ def batch_norm_impl(
     invstd = torch.rsqrt(_constant(running_var, input.dtype) + eps)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (input, weight, bias)):
         # Nothing to differentiate (inference): the op alone, without recording an autograd node.
-        scale, shift = eval_coefficients(mean, invstd, weight, bias, input.dtype)
         with below_autograd(nothing_requires_grad=True):
-            return ops().batch_norm_elemt(input, None, shift, torch.zeros_like(scale), scale)
+            return eval_normalize(input, mean, invstd, weight, bias)
     return BatchNormFunction.apply(input, weight, bias, mean, invstd, False, eps)
 
 

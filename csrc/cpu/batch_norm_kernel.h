@@ -1805,7 +1805,8 @@ void rows_stats(const scalar_t* x, const Layout& l, ChannelStats<acc_t>& st) {
   });
 }
 
-template <typename scalar_t, typename acc_t>
+// affine_kernel over channels_last rows; !Centered: every pivot is +0 (see vnormalize).
+template <typename scalar_t, typename acc_t, bool Centered>
 void rows_affine_all(const scalar_t* x, scalar_t* y, const Layout& l, const acc_t* pivot, const acc_t* scale, const acc_t* shift) {
   const RowPlan plan(l, sizeof(scalar_t));
   Buffer<acc_t> pv(plan.P), s(plan.P), t(plan.P);
@@ -1813,20 +1814,17 @@ void rows_affine_all(const scalar_t* x, scalar_t* y, const Layout& l, const acc_
   replicate(scale, l.C, plan.k, s.p);
   replicate(shift, l.C, plan.k, t.p);
   const int64_t nsuper = plan.R / plan.k;
-  with_constant(!pivots_all_zero(pivot, l.C), [&](auto centered) {
-    constexpr bool kCentered = decltype(centered)::value;
-    with_constant(stream_rows<scalar_t, acc_t>(y, l, plan, 2), [&](auto nt) {
-      at::parallel_for(0, nsuper, std::max<int64_t>(1, kGrainElems / plan.P), [&](int64_t begin, int64_t end) {
-        rows_affine<scalar_t, acc_t, nt.value, kCentered>(
-            x + begin * plan.P, y + begin * plan.P, end - begin, plan.P, plan.wide, pv.p, s.p, t.p);
-        end_streaming<nt.value>();
-      });
+  with_constant(stream_rows<scalar_t, acc_t>(y, l, plan, 2), [&](auto nt) {
+    at::parallel_for(0, nsuper, std::max<int64_t>(1, kGrainElems / plan.P), [&](int64_t begin, int64_t end) {
+      rows_affine<scalar_t, acc_t, nt.value, Centered>(
+          x + begin * plan.P, y + begin * plan.P, end - begin, plan.P, plan.wide, pv.p, s.p, t.p);
+      end_streaming<nt.value>();
     });
-    const int64_t tail = (plan.R - nsuper * plan.k) * l.C;
-    if (tail > 0) {
-      rows_affine<scalar_t, acc_t, false, kCentered>(x + nsuper * plan.P, y + nsuper * plan.P, 1, tail, plan.wide, pv.p, s.p, t.p);
-    }
   });
+  const int64_t tail = (plan.R - nsuper * plan.k) * l.C;
+  if (tail > 0) {
+    rows_affine<scalar_t, acc_t, false, Centered>(x + nsuper * plan.P, y + nsuper * plan.P, 1, tail, plan.wide, pv.p, s.p, t.p);
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -2179,12 +2177,13 @@ void affine_nchw(const scalar_t* x, scalar_t* y, const Layout& l, const acc_t* p
 // every pivot is +0: eval's folded coefficients).
 template <typename scalar_t, typename acc_t>
 void affine_kernel(const scalar_t* x, scalar_t* y, const Layout& l, const acc_t* pivot, const acc_t* scale, const acc_t* shift) {
-  if (l.channels_last) {
-    rows_affine_all<scalar_t, acc_t>(x, y, l, pivot, scale, shift);
-    return;
-  }
   with_constant(!pivots_all_zero(pivot, l.C), [&](auto centered) {
-    affine_nchw<scalar_t, acc_t, decltype(centered)::value>(x, y, l, pivot, scale, shift);
+    constexpr bool kCentered = decltype(centered)::value;
+    if (l.channels_last) {
+      rows_affine_all<scalar_t, acc_t, kCentered>(x, y, l, pivot, scale, shift);
+    } else {
+      affine_nchw<scalar_t, acc_t, kCentered>(x, y, l, pivot, scale, shift);
+    }
   });
 }
 
