@@ -46,7 +46,9 @@ ALIGNED_CASES = CASES[-4:]
 # line is one vector or, for 16-bit values on AVX-512 and 32-bit ones on AVX2, two): 49, 48 (a
 # two-vector line whose second vector starts the next plane) and 20 values per plane, 9 (shorter
 # than a line, not streamed), 196 (14x14), and enough planes for two tasks, whose shared boundary
-# lines are stored normally.
+# lines are stored normally. Then channel groups whose planes share lines but whose runs per
+# sample are whole lines (line groups, float32 and bfloat16 on AVX-512): 16 or 32 channels of
+# 7x7, 4 or 8 of 14x14, 2 of bfloat16 28x28, streamed group by group with per-lane coefficients.
 STREAM_CASES = ALIGNED_CASES + [
     ((3, 5, 7, 7), "contiguous"),
     ((3, 5, 6, 8), "contiguous"),
@@ -54,6 +56,9 @@ STREAM_CASES = ALIGNED_CASES + [
     ((2, 3, 3, 3), "contiguous"),
     ((2, 9, 14, 14), "contiguous"),
     ((4, 63, 13, 13), "contiguous"),  # two tasks of 126 planes: their boundary is mid-line
+    ((2, 256, 7, 7), "contiguous"),
+    ((2, 64, 14, 14), "contiguous"),
+    ((2, 16, 28, 28), "contiguous"),
 ]
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -334,13 +339,16 @@ def restore_threads():
     torch.set_num_threads(n)
 
 
+@pytest.mark.parametrize("stream", ["never", "always"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("shape", [(2, 64, 7, 7), (4, 24, 14, 14), (3, 40, 7, 7)], ids=str)
-def test_channel_groups_change_no_bit(isa, restore_threads, shape, dtype):
+@pytest.mark.parametrize("shape", [(2, 64, 7, 7), (4, 24, 14, 14), (3, 40, 7, 7), (2, 256, 7, 7)], ids=str)
+def test_channel_groups_change_no_bit(isa, restore_threads, monkeypatch, shape, dtype, stream):
     # NCHW reductions and the elementwise passes of short planes work on groups of channels whose
     # size follows the thread count (one thread: 16 channels of 7x7, whose runs per sample fill
-    # whole vectors with per-lane coefficients; four threads: 4 or 1 channels, run by run). Every
-    # output of every op must be the same bits either way.
+    # whole vectors with per-lane coefficients; four threads: 4 or 1 channels, run by run; streamed,
+    # (2, 256, 7, 7) has line groups of 16 or 32 channels with one thread and none with four).
+    # Every output of every op must be the same bits either way.
+    monkeypatch.setenv("BNEXT_CPU_STREAM_BYTES", str(1 << 62) if stream == "never" else "0")
     gen = torch.Generator().manual_seed(5)
     x = (torch.randn(shape, generator=gen) * 2 + 1).to(dtype)
     dy = torch.randn(shape, generator=gen).to(dtype)

@@ -1354,13 +1354,19 @@ inline bool stream_pass(const Layout& l, int64_t passes) {
   return stream_outputs(passes * l.N * l.C * l.HxW * static_cast<int64_t>(sizeof(scalar_t)));
 }
 
-// NCHW passes stream only when every HxW plane starts on a line: planes that share lines would
-// mix streamed and ordinary stores in those lines and store their heads one value at a time
-// (measured slower than not streaming: (32, 1024, 14, 14) bfloat16, 1.85 ms against 0.99 ms).
+// NCHW passes stream plane by plane only when every HxW plane starts on a line: planes that
+// share lines would mix streamed and ordinary stores in those lines and store their heads one
+// value at a time (measured slower than not streaming: (32, 1024, 14, 14) bfloat16, 1.85 ms
+// against 0.99 ms). Planes that share lines stream by channel groups (line_group) or line by line
+// (planes_affine_lines).
+template <typename scalar_t>
+inline bool planes_on_lines(const Layout& l) {
+  return (l.HxW * static_cast<int64_t>(sizeof(scalar_t))) % kStreamAlign == 0;
+}
+
 template <typename scalar_t>
 inline bool stream_planes(const scalar_t* out, const Layout& l, int64_t passes) {
-  return stream_pass<scalar_t>(l, passes) && store_aligned(out) &&
-      (l.HxW * static_cast<int64_t>(sizeof(scalar_t))) % kStreamAlign == 0;
+  return stream_pass<scalar_t>(l, passes) && store_aligned(out) && planes_on_lines<scalar_t>(l);
 }
 
 // f(std::true_type) or f(std::false_type): a choice (streaming, centering) as a compile-time
@@ -1451,11 +1457,15 @@ struct ChannelStats {
 // plane apart. Measured with two threads, NCHW training forward, G = 1 -> 8: (32, 2048, 7, 7)
 // bfloat16 989 -> 621 us, float32 1160 -> 881 us; (32, 512, 7, 7) bfloat16 203 -> 154 us;
 // (32, 512, 14, 14) bfloat16 505 -> 453 us.
-constexpr int64_t kMaxGroup = 16;
+constexpr int64_t kGroupTarget = 16;
+// The most channels in a group: kGroupTarget, or twice that for a line group (see line_group).
+constexpr int64_t kMaxGroup = 32;
 // See GroupLanes: float lanes per vector on every ISA (Vec<float>::W), and the most vectors of
 // one sample's runs of a channel group laid out per lane.
 constexpr int64_t kLaneWidth = 16;
 constexpr int64_t kMaxLaneVecs = 64;
+// ... and of a line group's (see line_group).
+constexpr int64_t kMaxLineLaneVecs = 128;
 
 // The per-channel (fused) NCHW tasks walk a channel group's runs sample by sample, G * len
 // adjacent values a plane of C channels apart; each sample prefetches the group's runs of the
@@ -1603,7 +1613,7 @@ inline int64_t channel_group(const Layout& l) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t run_bytes = std::max<int64_t>(1, l.HxW * static_cast<int64_t>(sizeof(scalar_t)));
   const int64_t unit = kLaneWidth / std::gcd<int64_t>(std::max<int64_t>(1, l.HxW), kLaneWidth);
-  int64_t G = std::min<int64_t>(kMaxGroup, (2048 + run_bytes - 1) / run_bytes);
+  int64_t G = std::min<int64_t>(kGroupTarget, (2048 + run_bytes - 1) / run_bytes);
   if (unit > 1 && G > 1) {
     G = std::max(unit, G / unit * unit);
   }
@@ -2017,6 +2027,40 @@ inline bool group_lanes_fit(const Layout& l, int64_t G) {
   return kMaskedTails<scalar_t, acc_t> && G > 1 && (G * l.HxW) % W == 0 && G * l.HxW / W <= kMaxLaneVecs;
 }
 
+// NCHW planes that do not start on a cache line (7x7, 14x14; 28x28 of a 16-bit type) share
+// lines with their neighbours, so no single plane can be streamed; but the G * HxW values of a
+// group of G channels in one sample are whole lines where G * HxW * sizeof(scalar_t) is a
+// multiple of 64 and so is C * HxW * sizeof(scalar_t) (every sample starts on a line). Returns
+// the smallest multiple of G (a channel_group) that makes such a line group, whose lanes fit and
+// that divides C; 0 where there is none. Its runs are then streamed whole lines at a time with
+// the per-lane coefficients of GroupLanes (the same arithmetic: the same bits).
+template <typename scalar_t, typename acc_t>
+inline int64_t line_group(const Layout& l, int64_t G) {
+  constexpr int64_t W = Vec<acc_t>::W;
+  const int64_t run_bytes = l.HxW * static_cast<int64_t>(sizeof(scalar_t));
+  if (!kMaskedTails<scalar_t, acc_t> || G < 1 || l.HxW < 1 || (l.C * run_bytes) % kStreamAlign != 0) {
+    return 0;
+  }
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  for (int64_t g = G; g <= kMaxGroup && l.C / g >= 4 * threads; g += G) {
+    if ((g * run_bytes) % kStreamAlign == 0 && (g * l.HxW) % W == 0 && g * l.HxW / W <= kMaxLineLaneVecs &&
+        l.C % g == 0) {
+      return g;
+    }
+  }
+  return 0;
+}
+
+// The line group with which an NCHW pass of `passes` passes over the tensor streams `out` where
+// its planes do not start on a line (see line_group), or 0: not streamed that way.
+template <typename scalar_t, typename acc_t>
+inline int64_t stream_line_group(const scalar_t* out, const Layout& l, int64_t passes) {
+  if (l.channels_last || planes_on_lines<scalar_t>(l) || !stream_pass<scalar_t>(l, passes) || !store_aligned(out)) {
+    return 0;
+  }
+  return line_group<scalar_t, acc_t>(l, channel_group<scalar_t>(l));
+}
+
 // The per-lane copies of per-channel values: out[i] = value of channel i / HxW, i < G * HxW.
 template <typename acc_t, typename Get>
 inline void spread_lanes(int64_t HxW, int64_t G, const Get& get, acc_t* out) {
@@ -2025,7 +2069,7 @@ inline void spread_lanes(int64_t HxW, int64_t G, const Get& get, acc_t* out) {
   }
 }
 
-template <typename scalar_t, typename acc_t, bool Centered = true>
+template <typename scalar_t, typename acc_t, bool Centered = true, bool NT = false>
 inline void lanes_affine(
     const scalar_t* x, scalar_t* y, int64_t nvec, const acc_t* pv, const acc_t* s, const acc_t* t) {
   using vec = typename Vec<acc_t>::type;
@@ -2038,15 +2082,15 @@ inline void lanes_affine(
     const int64_t i = v * W;
     vec a, b;
     vload2<scalar_t, acc_t>(x + i, a, b);
-    vstore2<scalar_t, acc_t>(y + i, one(i, a), one(i + W, b));
+    vstore2<scalar_t, acc_t, NT>(y + i, one(i, a), one(i + W, b));
   }
   if (v < nvec) {
     const int64_t i = v * W;
-    vstore<scalar_t, acc_t>(y + i, one(i, vload<scalar_t, acc_t>(x + i)));
+    vstore<scalar_t, acc_t, NT && kVecIsLine<scalar_t, acc_t>>(y + i, one(i, vload<scalar_t, acc_t>(x + i)));
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool NT = false>
 inline void lanes_backward(
     const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t nvec, const acc_t* m, const acc_t* a, const acc_t* b,
     const acc_t* d) {
@@ -2060,11 +2104,12 @@ inline void lanes_backward(
     typename Vec<acc_t>::type g0, g1, x0, x1;
     vload2<scalar_t, acc_t>(dy + i, g0, g1);
     vload2<scalar_t, acc_t>(x + i, x0, x1);
-    vstore2<scalar_t, acc_t>(dx + i, one(i, g0, x0), one(i + W, g1, x1));
+    vstore2<scalar_t, acc_t, NT>(dx + i, one(i, g0, x0), one(i + W, g1, x1));
   }
   if (v < nvec) {
     const int64_t i = v * W;
-    vstore<scalar_t, acc_t>(dx + i, one(i, vload<scalar_t, acc_t>(dy + i), vload<scalar_t, acc_t>(x + i)));
+    vstore<scalar_t, acc_t, NT && kVecIsLine<scalar_t, acc_t>>(
+        dx + i, one(i, vload<scalar_t, acc_t>(dy + i), vload<scalar_t, acc_t>(x + i)));
   }
 }
 
@@ -2073,8 +2118,9 @@ inline void lanes_backward(
 template <typename scalar_t, typename acc_t, bool NT, bool Centered = true>
 inline void group_affine(
     const scalar_t* x, scalar_t* y, const Layout& l, int64_t c0, int64_t G, const NormalizeCoeffs<acc_t>* k) {
-  if (!NT && group_lanes_fit<scalar_t, acc_t>(l, G)) {
-    constexpr int64_t kLanes = kMaxLaneVecs * kLaneWidth;
+  // Streamed planes that do not start on a line: G is a line_group (the caller's choice).
+  if (NT ? !planes_on_lines<scalar_t>(l) : group_lanes_fit<scalar_t, acc_t>(l, G)) {
+    constexpr int64_t kLanes = kMaxLineLaneVecs * kLaneWidth;
     alignas(64) acc_t pv[kLanes], sv[kLanes], tv[kLanes];
     spread_lanes<acc_t>(l.HxW, G, [&](int64_t g) { return k[g].pivot; }, pv);
     spread_lanes<acc_t>(l.HxW, G, [&](int64_t g) { return k[g].scale; }, sv);
@@ -2082,7 +2128,7 @@ inline void group_affine(
     const int64_t nvec = G * l.HxW / Vec<acc_t>::W;
     for (int64_t n = 0; n < l.N; ++n) {
       const int64_t off = (n * l.C + c0) * l.HxW;
-      lanes_affine<scalar_t, acc_t, Centered>(x + off, y + off, nvec, pv, sv, tv);
+      lanes_affine<scalar_t, acc_t, Centered, NT>(x + off, y + off, nvec, pv, sv, tv);
     }
     return;
   }
@@ -2099,8 +2145,8 @@ template <typename scalar_t, typename acc_t, bool NT>
 inline void group_backward(
     const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Layout& l, int64_t c0, int64_t G,
     const BackwardCoeffs<acc_t>* k) {
-  if (!NT && group_lanes_fit<scalar_t, acc_t>(l, G)) {
-    constexpr int64_t kLanes = kMaxLaneVecs * kLaneWidth;
+  if (NT ? !planes_on_lines<scalar_t>(l) : group_lanes_fit<scalar_t, acc_t>(l, G)) {
+    constexpr int64_t kLanes = kMaxLineLaneVecs * kLaneWidth;
     alignas(64) acc_t mv[kLanes], av[kLanes], bv[kLanes], dv[kLanes];
     spread_lanes<acc_t>(l.HxW, G, [&](int64_t g) { return k[g].mean; }, mv);
     spread_lanes<acc_t>(l.HxW, G, [&](int64_t g) { return k[g].a; }, av);
@@ -2109,7 +2155,7 @@ inline void group_backward(
     const int64_t nvec = G * l.HxW / Vec<acc_t>::W;
     for (int64_t n = 0; n < l.N; ++n) {
       const int64_t off = (n * l.C + c0) * l.HxW;
-      lanes_backward<scalar_t, acc_t>(dy + off, x + off, dx + off, nvec, mv, av, bv, dv);
+      lanes_backward<scalar_t, acc_t, NT>(dy + off, x + off, dx + off, nvec, mv, av, bv, dv);
     }
     return;
   }
@@ -2136,17 +2182,21 @@ inline int64_t lanes_pass(const Layout& l, int64_t passes) {
 // affine_kernel over an NCHW tensor; !Centered: every pivot is +0 (see vnormalize).
 template <typename scalar_t, typename acc_t, bool Centered>
 void affine_nchw(const scalar_t* x, scalar_t* y, const Layout& l, const acc_t* pivot, const acc_t* scale, const acc_t* shift) {
-  if (const int64_t G = lanes_pass<scalar_t, acc_t>(l, 2); G > 0) {
+  const int64_t LG = stream_line_group<scalar_t, acc_t>(y, l, 2);
+  if (const int64_t G = LG > 0 ? LG : lanes_pass<scalar_t, acc_t>(l, 2); G > 0) {
     const int64_t groups = (l.C + G - 1) / G;
-    at::parallel_for(0, groups, std::max<int64_t>(1, channel_grain(l) / G), [&](int64_t begin, int64_t end) {
-      NormalizeCoeffs<acc_t> k[kMaxGroup];
-      for (int64_t q = begin; q < end; ++q) {
-        const int64_t c0 = q * G, g_n = std::min(G, l.C - c0);
-        for (int64_t g = 0; g < g_n; ++g) {
-          k[g] = {pivot[c0 + g], scale[c0 + g], shift[c0 + g]};
+    with_constant(LG > 0, [&](auto nt) {
+      at::parallel_for(0, groups, std::max<int64_t>(1, channel_grain(l) / G), [&](int64_t begin, int64_t end) {
+        NormalizeCoeffs<acc_t> k[kMaxGroup];
+        for (int64_t q = begin; q < end; ++q) {
+          const int64_t c0 = q * G, g_n = std::min(G, l.C - c0);
+          for (int64_t g = 0; g < g_n; ++g) {
+            k[g] = {pivot[c0 + g], scale[c0 + g], shift[c0 + g]};
+          }
+          group_affine<scalar_t, acc_t, nt.value, Centered>(x, y, l, c0, g_n, k);
         }
-        group_affine<scalar_t, acc_t, false, Centered>(x, y, l, c0, g_n, k);
-      }
+        end_streaming<nt.value>();
+      });
     });
     return;
   }
@@ -2214,9 +2264,10 @@ void forward_kernel(
     // One task per channel: its blocks' statistics (merged in block order, exactly as
     // nchw_stats merges them), then its normalization while the channel is still in L2.
     const BlockPlan plan(l);
-    const int64_t G = channel_group<scalar_t>(l);
+    const int64_t LG = stream_line_group<scalar_t, acc_t>(y, l, 2);
+    const int64_t G = LG > 0 ? LG : channel_group<scalar_t>(l);
     const int64_t groups = (C + G - 1) / G;
-    with_constant(stream_planes(y, l, 2), [&](auto nt) {
+    with_constant(stream_planes(y, l, 2) || LG > 0, [&](auto nt) {
       at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
         for (int64_t q = begin; q < end; ++q) {
           const int64_t c0 = q * G, g_n = std::min(G, C - c0);
@@ -2316,13 +2367,17 @@ void backward_elemt_kernel(
     rows_backward_all<scalar_t, acc_t>(dy, x, dx, l, coeffs);
     return;
   }
-  if (const int64_t G = lanes_pass<scalar_t, acc_t>(l, 3); G > 0) {
+  const int64_t LG = stream_line_group<scalar_t, acc_t>(dx, l, 3);
+  if (const int64_t G = LG > 0 ? LG : lanes_pass<scalar_t, acc_t>(l, 3); G > 0) {
     const int64_t groups = (l.C + G - 1) / G;
-    at::parallel_for(0, groups, std::max<int64_t>(1, channel_grain(l) / G), [&](int64_t begin, int64_t end) {
-      for (int64_t q = begin; q < end; ++q) {
-        const int64_t c0 = q * G;
-        group_backward<scalar_t, acc_t, false>(dy, x, dx, l, c0, std::min(G, l.C - c0), coeffs + c0);
-      }
+    with_constant(LG > 0, [&](auto nt) {
+      at::parallel_for(0, groups, std::max<int64_t>(1, channel_grain(l) / G), [&](int64_t begin, int64_t end) {
+        for (int64_t q = begin; q < end; ++q) {
+          const int64_t c0 = q * G;
+          group_backward<scalar_t, acc_t, nt.value>(dy, x, dx, l, c0, std::min(G, l.C - c0), coeffs + c0);
+        }
+        end_streaming<nt.value>();
+      });
     });
     return;
   }
@@ -2354,11 +2409,12 @@ void backward_kernel(
   const acc_t inv_count = l.rows() > 0 ? acc_t(1) / static_cast<acc_t>(l.rows()) : acc_t(0);
   if (!l.channels_last && fused_channel_backward<scalar_t>(l)) {
     const BlockPlan plan(l);
-    const int64_t G = channel_group<scalar_t>(l), groups = (l.C + G - 1) / G;
+    const int64_t LG = stream_line_group<scalar_t, acc_t>(dx, l, 3);
+    const int64_t G = LG > 0 ? LG : channel_group<scalar_t>(l), groups = (l.C + G - 1) / G;
     // Half the forward's grain: a value here costs two reads, a reduction and a write (two
     // threads, (8, 64, 8, 8): 16.8 -> 13.7 us, float32 and bfloat16; larger inputs the same).
     const int64_t grain = std::max<int64_t>(1, channel_grain(l) / G / 2);
-    with_constant(stream_planes(dx, l, 3), [&](auto nt) {
+    with_constant(stream_planes(dx, l, 3) || LG > 0, [&](auto nt) {
       at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
         for (int64_t q = begin; q < end; ++q) {
           const int64_t c0 = q * G, g_n = std::min(G, l.C - c0);
