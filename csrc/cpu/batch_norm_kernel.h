@@ -2051,14 +2051,34 @@ inline int64_t line_group(const Layout& l, int64_t G) {
   return 0;
 }
 
-// The line group with which an NCHW pass of `passes` passes over the tensor streams `out` where
-// its planes do not start on a line (see line_group), or 0: not streamed that way.
+// The line group (a multiple of the channel group G) with which an NCHW pass of `passes` passes
+// over the tensor streams `out` where its planes do not start on a line, or 0: not streamed that
+// way.
 template <typename scalar_t, typename acc_t>
-inline int64_t stream_line_group(const scalar_t* out, const Layout& l, int64_t passes) {
+inline int64_t stream_line_group(const scalar_t* out, const Layout& l, int64_t passes, int64_t G) {
   if (l.channels_last || planes_on_lines<scalar_t>(l) || !stream_pass<scalar_t>(l, passes) || !store_aligned(out)) {
     return 0;
   }
-  return line_group<scalar_t, acc_t>(l, channel_group<scalar_t>(l));
+  return line_group<scalar_t, acc_t>(l, G);
+}
+
+// How an NCHW pass works group by group: G channels at a time (0: not by groups), its output
+// streamed (nt) or not.
+struct GroupPass {
+  int64_t G;
+  bool nt;
+};
+
+// The fused per-group NCHW tasks (training forward, backward): a line group, streamed, where the
+// planes share lines and the pass streams; else the channel group, streamed where the planes
+// start on lines.
+template <typename scalar_t, typename acc_t>
+inline GroupPass fused_group_pass(const scalar_t* out, const Layout& l, int64_t passes) {
+  const int64_t G = channel_group<scalar_t>(l);
+  if (const int64_t LG = stream_line_group<scalar_t, acc_t>(out, l, passes, G); LG > 0) {
+    return {LG, true};
+  }
+  return {G, stream_planes(out, l, passes)};
 }
 
 // The per-lane copies of per-channel values: out[i] = value of channel i / HxW, i < G * HxW.
@@ -2167,25 +2187,28 @@ inline void group_backward(
   }
 }
 
-// The channel group size with which the elementwise NCHW passes (normalize, backward dx) work
-// group by group with GroupLanes (short planes in cache: not streamed), or 0: plane by plane in
-// memory order.
+// How the elementwise NCHW passes (normalize, backward dx) work group by group with per-lane
+// coefficients: short planes in cache, not streamed (GroupLanes), or streamed line groups; G = 0:
+// plane by plane in memory order.
 template <typename scalar_t, typename acc_t>
-inline int64_t lanes_pass(const Layout& l, int64_t passes) {
-  if (l.channels_last || stream_pass<scalar_t>(l, passes)) {
-    return 0;
+inline GroupPass lanes_pass(const scalar_t* out, const Layout& l, int64_t passes) {
+  if (l.channels_last) {
+    return {0, false};
   }
   const int64_t G = channel_group<scalar_t>(l);
-  return group_lanes_fit<scalar_t, acc_t>(l, G) ? G : 0;
+  if (stream_pass<scalar_t>(l, passes)) {
+    const int64_t LG = stream_line_group<scalar_t, acc_t>(out, l, passes, G);
+    return {LG, LG > 0};
+  }
+  return {group_lanes_fit<scalar_t, acc_t>(l, G) ? G : 0, false};
 }
 
 // affine_kernel over an NCHW tensor; !Centered: every pivot is +0 (see vnormalize).
 template <typename scalar_t, typename acc_t, bool Centered>
 void affine_nchw(const scalar_t* x, scalar_t* y, const Layout& l, const acc_t* pivot, const acc_t* scale, const acc_t* shift) {
-  const int64_t LG = stream_line_group<scalar_t, acc_t>(y, l, 2);
-  if (const int64_t G = LG > 0 ? LG : lanes_pass<scalar_t, acc_t>(l, 2); G > 0) {
+  if (const auto [G, streamed] = lanes_pass<scalar_t, acc_t>(y, l, 2); G > 0) {
     const int64_t groups = (l.C + G - 1) / G;
-    with_constant(LG > 0, [&](auto nt) {
+    with_constant(streamed, [&](auto nt) {
       at::parallel_for(0, groups, std::max<int64_t>(1, channel_grain(l) / G), [&](int64_t begin, int64_t end) {
         NormalizeCoeffs<acc_t> k[kMaxGroup];
         for (int64_t q = begin; q < end; ++q) {
@@ -2264,10 +2287,9 @@ void forward_kernel(
     // One task per channel: its blocks' statistics (merged in block order, exactly as
     // nchw_stats merges them), then its normalization while the channel is still in L2.
     const BlockPlan plan(l);
-    const int64_t LG = stream_line_group<scalar_t, acc_t>(y, l, 2);
-    const int64_t G = LG > 0 ? LG : channel_group<scalar_t>(l);
+    const auto [G, streamed] = fused_group_pass<scalar_t, acc_t>(y, l, 2);
     const int64_t groups = (C + G - 1) / G;
-    with_constant(stream_planes(y, l, 2) || LG > 0, [&](auto nt) {
+    with_constant(streamed, [&](auto nt) {
       at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
         for (int64_t q = begin; q < end; ++q) {
           const int64_t c0 = q * G, g_n = std::min(G, C - c0);
@@ -2367,10 +2389,9 @@ void backward_elemt_kernel(
     rows_backward_all<scalar_t, acc_t>(dy, x, dx, l, coeffs);
     return;
   }
-  const int64_t LG = stream_line_group<scalar_t, acc_t>(dx, l, 3);
-  if (const int64_t G = LG > 0 ? LG : lanes_pass<scalar_t, acc_t>(l, 3); G > 0) {
+  if (const auto [G, streamed] = lanes_pass<scalar_t, acc_t>(dx, l, 3); G > 0) {
     const int64_t groups = (l.C + G - 1) / G;
-    with_constant(LG > 0, [&](auto nt) {
+    with_constant(streamed, [&](auto nt) {
       at::parallel_for(0, groups, std::max<int64_t>(1, channel_grain(l) / G), [&](int64_t begin, int64_t end) {
         for (int64_t q = begin; q < end; ++q) {
           const int64_t c0 = q * G;
@@ -2409,12 +2430,12 @@ void backward_kernel(
   const acc_t inv_count = l.rows() > 0 ? acc_t(1) / static_cast<acc_t>(l.rows()) : acc_t(0);
   if (!l.channels_last && fused_channel_backward<scalar_t>(l)) {
     const BlockPlan plan(l);
-    const int64_t LG = stream_line_group<scalar_t, acc_t>(dx, l, 3);
-    const int64_t G = LG > 0 ? LG : channel_group<scalar_t>(l), groups = (l.C + G - 1) / G;
+    const auto [G, streamed] = fused_group_pass<scalar_t, acc_t>(dx, l, 3);
+    const int64_t groups = (l.C + G - 1) / G;
     // Half the forward's grain: a value here costs two reads, a reduction and a write (two
     // threads, (8, 64, 8, 8): 16.8 -> 13.7 us, float32 and bfloat16; larger inputs the same).
     const int64_t grain = std::max<int64_t>(1, channel_grain(l) / G / 2);
-    with_constant(stream_planes(dx, l, 3) || LG > 0, [&](auto nt) {
+    with_constant(streamed, [&](auto nt) {
       at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
         for (int64_t q = begin; q < end; ++q) {
           const int64_t c0 = q * G, g_n = std::min(G, l.C - c0);
