@@ -179,9 +179,11 @@ def test_ops_match_float64(isa, stream, shape, fmt, dtype):
     close(dx_e, dx_r, OUT_TOL[dtype] * 4, "batch_norm_backward_elemt grad_input")
 
 
-def test_statistics_of_offset_data_are_accurate(isa):
+@pytest.mark.parametrize("shape", [(8, 5, 40, 40), (100, 5, 7, 7)], ids=str)
+def test_statistics_of_offset_data_are_accurate(isa, shape):
     # A large offset with a small spread: E[x^2] - E[x]^2 in float32 would lose every digit.
-    x = torch.randn(8, 5, 40, 40, dtype=torch.float64) * 0.01 + 1000.0
+    # (100, 5, 7, 7): short planes, summed per value position over two blocks of runs.
+    x = torch.randn(shape, dtype=torch.float64) * 0.01 + 1000.0
     mean, var = torch.ops.bnext.batch_norm_stats(x.float())
     ref = x.float().double()
     torch.testing.assert_close(var.double(), ref.var((0, 2, 3), unbiased=False), rtol=1e-3, atol=0)
@@ -194,6 +196,7 @@ def test_statistics_of_offset_data_are_accurate(isa):
     ((2, 3, 100, 90), "contiguous"),  # runs cut into blocks
     ((64, 8, 16, 16), "channels_last"),  # several chunks of rows (narrow rows)
     ((9, 300, 5, 5), "channels_last"),  # wide rows, four at a time, plus leftover rows
+    ((100, 6, 7, 7), "contiguous"),  # short planes: per-position sums, two blocks of runs
 ])
 def test_single_pass_16_bit_statistics_are_accurate(isa, shape, fmt, dtype):
     # 16-bit inputs take their statistics in one pass of sums of (x - pivot) and its square, the
