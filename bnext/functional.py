@@ -124,8 +124,10 @@ def batch_norm_impl(
     training: bool,
     momentum: Union[float, Tensor],
     eps: float,
+    num_batches_tracked: Optional[Tensor] = None,
 ) -> Tensor:
-    """bnext.batch_norm, also taking a 0-d tensor momentum (the modules' momentum=None)."""
+    """bnext.batch_norm, also taking a 0-d tensor momentum (the modules' momentum=None) and, for the
+    modules, a num_batches_tracked to increment by one after a training batch was normalized."""
     if training:
         _verify_batch_size(input.size())
     if training and eps <= 0.0:
@@ -138,7 +140,9 @@ def batch_norm_impl(
         # its arguments before writing anything; on any error, the Python path below runs the
         # argument checks and raises the error worded as bnext.batch_norm words it.
         try:
-            return ops()._batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps)
+            return ops()._batch_norm_train(
+                input, weight, bias, running_mean, running_var, momentum, eps, num_batches_tracked
+            )
         except Exception:
             pass
     elif not training and _eager_bnext() and input.numel() > 0 and not (
@@ -155,11 +159,16 @@ def batch_norm_impl(
             f"{_NAME}: running_mean and running_var must be defined in evaluation mode (training=False)"
         )
     if input.numel() == 0:
-        return _empty_batch(input, weight, bias)
+        out = _empty_batch(input, weight, bias)
+        if training and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return out
     if training:
         out, mean, var = BatchNormFunction.apply(input, weight, bias, None, None, True, eps)
         if running_mean is not None or running_var is not None:
             _update_running_stats(running_mean, running_var, mean, var, input.numel() // input.shape[1], momentum)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)  # an integer buffer: nothing to record
         return out
     # Running statistics are constants of the graph (torch does not differentiate through them).
     mean = _constant(running_mean, input.dtype)

@@ -44,16 +44,17 @@ class _BatchNormMixin:
             use_batch_stats,
             factor,
             self.eps,
+            num_batches_tracked if track else None,
         )
-        if track:
-            # An integer buffer: nothing to record, so no no_grad() block is needed.
-            num_batches_tracked.add_(1)
         return out
 
-    def _batch_norm(self, input, running_mean, running_var, weight, bias, training, momentum, eps):
+    def _batch_norm(self, input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked):
         # The one place subclasses change: SyncBatchNorm routes the batch-statistics path through
-        # its collectives; everything around it (checks, momentum, num_batches_tracked) is shared.
-        return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        # its collectives; everything around it (checks, momentum) is shared. num_batches_tracked
+        # (None: not counted) is incremented once the batch was normalized.
+        return batch_norm_impl(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
+        )
 
 
 class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):

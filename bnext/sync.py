@@ -262,10 +262,15 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
         nn.SyncBatchNorm._check_input_dim(self, input)
         nn.SyncBatchNorm._check_non_zero_input_channels(self, input)
 
-    def _batch_norm(self, input, running_mean, running_var, weight, bias, training, momentum, eps):
+    def _batch_norm(self, input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked):
         if training and self.training and sync_world_size(self.process_group) > 1:
-            return sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, self.process_group)
-        return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps)
+            out = sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, self.process_group)
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)  # an integer buffer: nothing to record
+            return out
+        return batch_norm_impl(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
+        )
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:

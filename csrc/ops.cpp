@@ -9,12 +9,13 @@
 TORCH_LIBRARY(bnext, m) {
   bnext::define_schemas(m);
   // Not part of the op set the Python layer composes: the eager training forward of
-  // bnext.batch_norm and the modules in one call, which updates the running statistics in place,
+  // bnext.batch_norm and the modules in one call, which updates the running statistics (and a
+  // module's num_batches_tracked) in place,
   // and their eager inference in one call (csrc/train_forward.cpp). Never traced: under
   // torch.compile the Python path composes the functional ops instead.
   m.def(
       "_batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
-      " Tensor(b!)? running_var, float momentum, float eps) -> Tensor");
+      " Tensor(b!)? running_var, float momentum, float eps, Tensor(c!)? num_batches_tracked=None) -> Tensor");
   m.def(
       "_batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean,"
       " Tensor running_var, float eps) -> Tensor");

@@ -1,5 +1,6 @@
 // bnext::_batch_norm_train: the eager training forward of bnext.batch_norm and the modules in one
-// call from Python (normalization with the batch statistics, autograd node, running statistics);
+// call from Python (normalization with the batch statistics, autograd node, running statistics,
+// a module's num_batches_tracked);
 // bnext::_batch_norm_eval: their eager inference (eval, nothing requires grad) in one call.
 //
 // It computes exactly what the Python path does (bnext/functional.py: BatchNormFunction, then
@@ -259,6 +260,20 @@ void check_args(
   }
 }
 
+// num_batches_tracked += 1, as the module's num_batches_tracked.add_(1) does: a CPU int64 count on
+// the host (the ATen op cost about 3.6 us a call, a tenth of a small layer's training forward).
+void count_batch(Tensor& n) {
+  if (n.device().is_cpu() && n.scalar_type() == at::kLong && n.numel() == 1) {
+    *n.mutable_data_ptr<int64_t>() += 1;
+    if (!n.is_inference()) {
+      torch::autograd::impl::bump_version(n);
+    }
+  } else {
+    at::NoGradGuard no_grad;
+    n.add_(1);
+  }
+}
+
 Tensor batch_norm_train(
     const Tensor& input,
     const OptTensor& weight,
@@ -266,7 +281,8 @@ Tensor batch_norm_train(
     OptTensor running_mean,
     OptTensor running_var,
     double momentum,
-    double eps) {
+    double eps,
+    OptTensor num_batches_tracked) {
   check_args("bnext._batch_norm_train", input, weight, bias, running_mean, running_var);
   auto outs = TrainFunction::apply(input, weight, bias, eps);
   if (running_mean || running_var) {
@@ -278,6 +294,9 @@ Tensor batch_norm_train(
     if (running_var) {
       update_running(*running_var, outs[2], momentum, count > 1 ? static_cast<double>(count) / (count - 1) : 1.0);
     }
+  }
+  if (num_batches_tracked && num_batches_tracked->defined()) {
+    count_batch(*num_batches_tracked);
   }
   return outs[0];
 }

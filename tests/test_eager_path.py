@@ -167,8 +167,11 @@ def test_failed_call_changes_nothing(bad):
 def test_module_training_uses_the_cpp_path(monkeypatch):
     calls = calls_cpp_path(monkeypatch)
     m = bnext.BatchNorm2d(3)
+    version = m.num_batches_tracked._version
     m(torch.randn(2, 3, 4, 4))
+    # Counted inside the C++ call, as an in-place add_ would (the version counter too).
     assert len(calls) == 1 and int(m.num_batches_tracked) == 1
+    assert m.num_batches_tracked._version == version + 1
     m.momentum = None  # cumulative average: a tensor momentum, so the Python path
     m(torch.randn(2, 3, 4, 4))
     assert len(calls) == 1 and int(m.num_batches_tracked) == 2
