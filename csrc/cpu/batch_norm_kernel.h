@@ -1749,12 +1749,12 @@ inline void group_block_reduce(
   GroupSums<acc_t> a(G), b(G);
   const GroupPrefetch ahead = group_prefetch<scalar_t>(l, G, h1 - h0, prefetch);
   for (int64_t n = n0; n < n1; ++n) {
-    const int64_t off = (n * l.C + c0) * l.HxW + h0;
+    const int64_t off = (n * l.C + c0) * l.HxW + h0;  // channel c0's run; channel c0 + g's is g planes on
     ahead(dy + off, n, l.N);
     ahead(x + off, n, l.N);
     for (int64_t g = 0; g < G; ++g) {
-      const int64_t off = (n * l.C + c0 + g) * l.HxW + h0;
-      seg_reduce<scalar_t, acc_t>(dy + off, x + off, h1 - h0, mean[g], a[g], b[g]);
+      const int64_t run = off + g * l.HxW;
+      seg_reduce<scalar_t, acc_t>(dy + run, x + run, h1 - h0, mean[g], a[g], b[g]);
     }
   }
   for (int64_t g = 0; g < G; ++g) {
