@@ -9,7 +9,6 @@ import torch  # noqa: F401  (loads libtorch/libc10, which the extension links ag
 from . import _C  # noqa: F401  (loads the extension: registers torch.ops.bnext.*)
 from . import _fake  # noqa: F401  (fake kernels: torch.compile, export, meta tensors)
 from . import _op_autograd  # noqa: F401  (autograd formulas of every op)
-from .autograd import BatchNormFunction
 from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
 from .sync import SyncBatchNorm
@@ -20,7 +19,6 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
-    "BatchNormFunction",
     "SyncBatchNorm",
     "batch_norm",
     "build_info",

@@ -16,7 +16,7 @@ def acc_dtype(dtype):
 
 def _check_input(input, op):
     torch._check(input.dim() >= 2, lambda: f"{op}: input must have at least 2 dimensions (N, C, ...), got {input.dim()}D input")
-    torch._check_type(
+    torch._check_not_implemented(
         input.dtype in _SUPPORTED,
         lambda: f"{op}: input must be a floating-point tensor (float16, bfloat16, float32 or float64), got {input.dtype}",
     )
@@ -30,7 +30,13 @@ def _check_channel(t, name, input, op):
         t.dim() == 1 and t.shape[0] == C,
         lambda: f"{op}: {name} must be a 1-D tensor with {C} elements (num_features, the input's size(1)), got shape {tuple(t.shape)}",
     )
-    torch._check_type(
+    # A meta tensor among CPU ones makes the dispatcher pick this kernel: say so, as the real
+    # kernels do (under FakeTensorMode every tensor has the same fake device).
+    torch._check(
+        t.device == input.device,
+        lambda: f"{op}: {name} must be on the input's device {input.device}, got {t.device}",
+    )
+    torch._check(
         t.dtype in (input.dtype, acc_dtype(input.dtype)),
         lambda: f"{op}: {name} must have dtype {input.dtype} or {acc_dtype(input.dtype)}, got {t.dtype}",
     )
@@ -41,7 +47,7 @@ def _check_like_input(t, name, input, op):
         t.shape == input.shape,
         lambda: f"{op}: {name} must have the input's shape {tuple(input.shape)}, got {tuple(t.shape)}",
     )
-    torch._check_type(t.dtype == input.dtype, lambda: f"{op}: {name} must have the input's dtype {input.dtype}, got {t.dtype}")
+    torch._check(t.dtype == input.dtype, lambda: f"{op}: {name} must have the input's dtype {input.dtype}, got {t.dtype}")
 
 
 def layout_format(input):
@@ -73,6 +79,17 @@ def _elemt_fake(input, weight, bias, mean, invstd):
     _check_input(input, op)
     for t, name in ((weight, "weight"), (bias, "bias"), (mean, "mean"), (invstd, "invstd")):
         _check_channel(t, name, input, op)
+    return _like_input(input)
+
+
+def _eval_fake(input, weight, bias, running_mean, running_var, eps):
+    op = "bnext.batch_norm_eval"
+    if input.numel() == 0:
+        return torch.empty_like(input)
+    _check_input(input, op)
+    for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"), (running_var, "running_var")):
+        torch._check(t is not None or name in ("weight", "bias"), lambda: f"{op}: {name} must be defined in evaluation mode")
+        _check_channel(t if t is None else t.reshape(-1), name, input, op)
     return _like_input(input)
 
 
@@ -114,6 +131,7 @@ def _backward_fake(grad_out, input, weight, save_mean, save_invstd):
 _FAKES = {
     "batch_norm_stats": _stats_fake,
     "batch_norm_elemt": _elemt_fake,
+    "batch_norm_eval": _eval_fake,
     "batch_norm_forward": _forward_fake,
     "batch_norm_backward_reduce": _backward_reduce_fake,
     "batch_norm_backward_elemt": _backward_elemt_fake,
@@ -128,3 +146,8 @@ def register_fakes(namespace: str) -> None:
 
 
 register_fakes("bnext")
+
+
+@torch.library.register_fake("bnext::update_running_stats")
+def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+    return None

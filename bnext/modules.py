@@ -1,57 +1,98 @@
 """bnext.BatchNorm1d/2d/3d: drop-in subclasses of torch.nn.BatchNorm1d/2d/3d."""
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import batch_norm_impl
 
 
+_MISSING = object()
+
+
 class _BatchNormMixin:
     """forward() of torch's _BatchNorm on bnext's kernels.
 
-    Differences from torch, all on purpose:
-    * num_batches_tracked is incremented only after the batch was normalized, so a call that
-      raises leaves every buffer unchanged;
-    * momentum=None computes its factor 1 / num_batches_tracked with tensor ops, so
-      torch.compile(fullgraph=True) keeps one graph.
+    Differences from torch, all on purpose (README, "Deliberate differences"):
+    * a call that raises leaves every buffer unchanged (torch increments num_batches_tracked first);
+    * momentum=None (the cumulative average) keeps one graph under torch.compile(fullgraph=True);
+    * a forward recomputed by torch.utils.checkpoint does not update the running statistics again.
     """
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            # TorchScript compiles this branch only: torch's own _BatchNorm.forward, so a scripted
+            # model records torch's batch_norm op and runs where bnext is not installed.
+            self._check_input_dim(input)
+            factor = 0.0
+            if self.momentum is not None:
+                factor = self.momentum
+            if self.training and self.track_running_stats:
+                if self.num_batches_tracked is not None:
+                    self.num_batches_tracked.add_(1)
+                    if self.momentum is None:
+                        factor = 1.0 / float(self.num_batches_tracked)
+            bn_training = self.training or (self.running_mean is None and self.running_var is None)
+            keep = not self.training or self.track_running_stats
+            return F.batch_norm(
+                input,
+                self.running_mean if keep else None,
+                self.running_var if keep else None,
+                self.weight,
+                self.bias,
+                bn_training,
+                factor,
+                self.eps,
+            )
+        if isinstance(input, torch.fx.Proxy):
+            # torch.fx: a leaf call_module, as torch's own batch norm layers are, whatever the
+            # tracer (FX passes, torchvision's feature extraction and quantization see the layer).
+            tracer = input.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
         self._check_input_dim(input)
-        # Buffers and parameters read from their dicts once (nn.Module.__getattr__ costs about
-        # half a microsecond per read, a visible part of a small layer's call).
-        buffers, params = self._buffers, self._parameters
-        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
-        num_batches_tracked = buffers.get("num_batches_tracked")
-        training = self.training
-        track = training and self.track_running_stats and num_batches_tracked is not None
-        momentum = self.momentum
-        if momentum is None:
-            if track:
-                # Cumulative moving average over the batches seen, this one included.
-                factor = 1.0 / (num_batches_tracked + 1).to(torch.float64)
-            else:
-                factor = 0.0
+        if type(self) in _PLAIN:
+            # The dictionaries nn.Module.__getattr__ would read (half a microsecond per attribute,
+            # a visible part of a small layer's call); anything else (a plain tensor set in place of
+            # a parameter) is read as an attribute.
+            params, buffers = self._parameters, self._buffers
+            weight, bias = params.get("weight", _MISSING), params.get("bias", _MISSING)
+            running_mean, running_var = buffers.get("running_mean", _MISSING), buffers.get("running_var", _MISSING)
+            num_batches_tracked = buffers.get("num_batches_tracked", _MISSING)
+            if weight is _MISSING:
+                weight = self.weight
+            if bias is _MISSING:
+                bias = self.bias
+            if running_mean is _MISSING:
+                running_mean = self.running_mean
+            if running_var is _MISSING:
+                running_var = self.running_var
+            if num_batches_tracked is _MISSING:
+                num_batches_tracked = self.num_batches_tracked
         else:
-            factor = momentum
+            # Subclasses (parametrizations, __getattr__ overrides, properties): attribute access.
+            weight, bias = self.weight, self.bias
+            running_mean, running_var = self.running_mean, self.running_var
+            num_batches_tracked = self.num_batches_tracked
+        training = self.training
+        track = training and self.track_running_stats
         use_batch_stats = training or (running_mean is None and running_var is None)
         pass_buffers = not training or self.track_running_stats
-        out = self._batch_norm(
+        return self._batch_norm(
             input,
             running_mean if pass_buffers else None,
             running_var if pass_buffers else None,
-            params.get("weight"),
-            params.get("bias"),
+            weight,
+            bias,
             use_batch_stats,
-            factor,
+            self.momentum,
             self.eps,
             num_batches_tracked if track else None,
         )
-        return out
 
     def _batch_norm(self, input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked):
         # The one place subclasses change: SyncBatchNorm routes the batch-statistics path through
-        # its collectives; everything around it (checks, momentum) is shared. num_batches_tracked
-        # (None: not counted) is incremented once the batch was normalized.
+        # its collectives; everything around it is shared. momentum None: the cumulative average
+        # over num_batches_tracked (None: not counted), which counts the batch once it was
+        # normalized.
         return batch_norm_impl(
             input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
         )
@@ -68,6 +109,9 @@ class BatchNorm2d(_BatchNormMixin, nn.BatchNorm2d):
 class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
     """Drop-in for torch.nn.BatchNorm3d on bnext's kernels: (N, C, D, H, W) input."""
 
+
+# The exact classes whose parameters and buffers forward() reads from nn.Module's dictionaries.
+_PLAIN = {BatchNorm1d, BatchNorm2d, BatchNorm3d}
 
 # torch class -> bnext class, exact types only (subclasses may change behaviour we cannot see).
 BNEXT_TWIN = {

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from ._fake import acc_dtype, layout_format
 from ._ops import ops
-from .functional import _check_args, _empty_batch, _update_running_stats, batch_norm_impl
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormMixin
+from .functional import _empty_batch, _flat, batch_norm_impl
+from .modules import _PLAIN, BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormMixin
 
 _NAME = "bnext.SyncBatchNorm"
 _STATS_DTYPES = (torch.float32, torch.float64)  # header code -> dtype of the gathered statistics
@@ -196,6 +196,7 @@ def sync_batch_norm(
     momentum,
     eps: float,
     process_group=None,
+    num_batches_tracked: Optional[Tensor] = None,
 ) -> Tensor:
     """Training-mode batch norm with statistics over every rank of `process_group` (default: WORLD).
 
@@ -212,18 +213,27 @@ def sync_batch_norm(
         check_backend(group, input.device)
     local_error = None
     try:
-        if eps <= 0.0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-        _check_args(input, running_mean, running_var, weight, bias)
-    except (TypeError, ValueError, RuntimeError) as e:
+        torch.ops.bnext._check_batch_norm_args(input, weight, bias, running_mean, running_var, True, eps)
+    except (NotImplementedError, TypeError, ValueError, RuntimeError) as e:
         if not isinstance(input, Tensor):
             raise
         local_error = e
     counts, total = _exchange_header(input, local_error, group, world_size)
+    weight, bias = _flat(weight), _flat(bias)
     if total == 0:
-        return _empty_batch(input, weight, bias)
-    out, mean, var = SyncBatchNormFunction.apply(input, weight, bias, counts, total, eps, group, world_size)
-    _update_running_stats(running_mean, running_var, mean, var, total, momentum)
+        out = _empty_batch(input, weight, bias)
+        mean = var = input.new_empty(0)
+    else:
+        out, mean, var = SyncBatchNormFunction.apply(input, weight, bias, counts, total, eps, group, world_size)
+    torch.ops.bnext.update_running_stats(
+        _flat(running_mean) if total else None,
+        _flat(running_var) if total else None,
+        num_batches_tracked,
+        mean.detach(),
+        var.detach(),
+        total,
+        momentum,
+    )
     return out
 
 
@@ -264,10 +274,9 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
 
     def _batch_norm(self, input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked):
         if training and self.training and sync_world_size(self.process_group) > 1:
-            out = sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, self.process_group)
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)  # an integer buffer: nothing to record
-            return out
+            return sync_batch_norm(
+                input, running_mean, running_var, weight, bias, momentum, eps, self.process_group, num_batches_tracked
+            )
         return batch_norm_impl(
             input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
         )
@@ -284,6 +293,8 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
         """
         return _convert(cls, module, process_group, lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm))
 
+
+_PLAIN.add(SyncBatchNorm)
 
 # Exact types bnext.convert_model(sync=True) converts (subclasses may change behaviour we cannot see).
 SYNC_SOURCES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm)

@@ -100,7 +100,7 @@ def test_mismatched_parameter_dtype_or_device(param):
             setattr(m, param, nn.Parameter(t.detach().to(torch.int32), requires_grad=False))
         else:
             setattr(m, param, t.to(torch.int32))
-    with pytest.raises(TypeError, match=f"{param} must be a floating-point tensor, got torch.int32"):
+    with pytest.raises(RuntimeError, match=rf"{param} must have dtype Float \(the input's dtype\), got Int"):
         m(torch.randn(2, 3, 4, 4))
     assert int(m.num_batches_tracked) == 0
     m2 = bnext.BatchNorm2d(3)

@@ -1,10 +1,16 @@
 // Argument checks shared by the CPU and CUDA entries. Every message names the op, the argument,
-// what was expected and what came.
+// what was expected and what came; the exception types are torch's for the same mistake
+// (NotImplementedError for a dtype no kernel exists for, RuntimeError for shapes, devices and
+// mixed dtypes, ValueError where torch.nn.functional.batch_norm raises one).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
+
+#include <charconv>
+#include <cmath>
+#include <string>
 
 namespace bnext {
 
@@ -22,7 +28,7 @@ inline void check_input(const at::Tensor& input, const char* op, const char* nam
       input.dim() >= 2,
       op, ": ", name, " must have at least 2 dimensions (N, C, ...), got ", input.dim(),
       "D input of shape ", input.sizes());
-  TORCH_CHECK_TYPE(
+  TORCH_CHECK_NOT_IMPLEMENTED(
       is_supported_dtype(input.scalar_type()),
       op, ": ", name, " must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
       input.scalar_type());
@@ -38,7 +44,7 @@ inline void check_like_input(
   TORCH_CHECK(
       t.sizes() == input.sizes(),
       op, ": ", name, " must have the input's shape ", input.sizes(), ", got ", t.sizes());
-  TORCH_CHECK_TYPE(
+  TORCH_CHECK(
       t.scalar_type() == input.scalar_type(),
       op, ": ", name, " must have the input's dtype ", input.scalar_type(), ", got ",
       t.scalar_type());
@@ -47,8 +53,25 @@ inline void check_like_input(
       op, ": ", name, " must be on the input's device ", input.device(), ", got ", t.device());
 }
 
+// A per-channel tensor in the input's dtype or its accumulation type (float32 parameters under
+// half/bfloat16 input, as torch allows; torch refuses other mixes with a RuntimeError), on the
+// input's device.
+inline void check_channel_dtype_device(const at::Tensor& t, const char* name, const at::Tensor& input, const char* op) {
+  const auto in_t = input.scalar_type();
+  const auto acc_t = acc_dtype(in_t);
+  TORCH_CHECK(
+      t.scalar_type() == in_t || t.scalar_type() == acc_t,
+      op, ": ", name, " must have dtype ", in_t,
+      (acc_t != in_t ? std::string(" or ") + c10::toString(acc_t) : std::string()),
+      " (the input's dtype", (acc_t != in_t ? " or its accumulation type" : ""), "), got ",
+      t.scalar_type());
+  TORCH_CHECK(
+      t.device() == input.device(),
+      op, ": ", name, " must be on the input's device ", input.device(), ", got ", t.device());
+}
+
 // A per-channel vector: C elements, on the input's device, floating point in the input's dtype or
-// its accumulation type (float32 parameters under half/bfloat16 input, as torch allows).
+// its accumulation type.
 inline void check_channel_vector(
     const at::Tensor& t,
     const char* name,
@@ -60,17 +83,7 @@ inline void check_channel_vector(
       t.dim() == 1 && t.numel() == C,
       op, ": ", name, " must be a 1-D tensor with ", C, " elements (num_features, the input's size(1)), got shape ",
       t.sizes());
-  const auto in_t = input.scalar_type();
-  const auto acc_t = acc_dtype(in_t);
-  TORCH_CHECK_TYPE(
-      t.scalar_type() == in_t || t.scalar_type() == acc_t,
-      op, ": ", name, " must have dtype ", in_t,
-      (acc_t != in_t ? std::string(" or ") + c10::toString(acc_t) : std::string()),
-      " (the input's dtype", (acc_t != in_t ? " or its accumulation type" : ""), "), got ",
-      t.scalar_type());
-  TORCH_CHECK(
-      t.device() == input.device(),
-      op, ": ", name, " must be on the input's device ", input.device(), ", got ", t.device());
+  check_channel_dtype_device(t, name, input, op);
 }
 
 inline void check_optional_channel_vector(
@@ -81,16 +94,6 @@ inline void check_optional_channel_vector(
   if (t.has_value() && t->defined()) {
     check_channel_vector(*t, name, input, op);
   }
-}
-
-// A running statistic (running_mean, running_var) of any floating dtype: C elements on the
-// input's device. The eager entries check it before anything is written; the Python layer words
-// the error for users (bnext.functional._check_args).
-inline void check_running_stat(const at::Tensor& t, const at::Tensor& input, const char* op) {
-  TORCH_CHECK(
-      t.dim() == 1 && t.numel() == input.size(1) && t.is_floating_point() && t.device() == input.device(), op,
-      ": running statistics must be floating-point 1-D tensors of ", input.size(1),
-      " elements on the input's device");
 }
 
 inline void check_eps(double eps, const char* op) {
@@ -152,6 +155,82 @@ inline void check_backward_elemt_args(
   check_optional_channel_vector(weight, "weight", input, op);
   check_channel_vector(mean_dy, "mean_dy", input, op);
   check_channel_vector(mean_dy_xmu, "mean_dy_xmu", input, op);
+}
+
+// A double as Python's repr() writes it (the shortest round trip, "-1.0" rather than "-1"), so that
+// messages shared with torch.nn.functional.batch_norm read exactly as torch's.
+inline std::string python_float(double v) {
+  if (std::isnan(v)) {
+    return "nan";
+  }
+  if (std::isinf(v)) {
+    return v > 0 ? "inf" : "-inf";
+  }
+  char buf[64];
+  const auto r = std::to_chars(buf, buf + sizeof(buf), v);
+  std::string s(buf, r.ptr);
+  if (s.find_first_of(".e") == std::string::npos) {
+    s += ".0";
+  }
+  return s;
+}
+
+// The arguments of bnext.batch_norm as a whole (the modules, the functional API, every path that
+// normalizes with batch or running statistics), checked before anything is computed or written,
+// in torch.nn.functional.batch_norm's order and with its exception types. Per-channel tensors may
+// have any shape with C elements (as torch allows); inputs of fewer than two dimensions have
+// C = 0, so only an empty one passes (torch returns it unchanged).
+inline void check_batch_norm_args(
+    const char* op,
+    const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var,
+    bool training,
+    double eps) {
+  const bool has_mean = running_mean.has_value() && running_mean->defined();
+  const bool has_var = running_var.has_value() && running_var->defined();
+  if (training) {
+    TORCH_CHECK_VALUE(
+        has_mean == has_var, op,
+        ": running_mean and running_var must either both be None or neither be None");
+    // torch.nn.functional.batch_norm's _verify_batch_size: N times the spatial sizes.
+    c10::SymInt per_channel = input.dim() > 0 ? input.sym_size(0) : c10::SymInt(1);
+    for (int64_t d = 2; d < input.dim(); ++d) {
+      per_channel = per_channel * input.sym_size(d);
+    }
+    TORCH_CHECK_VALUE(
+        input.dim() < 2 || per_channel != 1,
+        "Expected more than 1 value per channel when training, got input size torch.Size(", input.sym_sizes(), ")");
+    TORCH_CHECK_VALUE(eps > 0.0, "batch_norm eps must be positive during training, but got ", python_float(eps));
+  } else {
+    TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", python_float(eps));
+    TORCH_CHECK(
+        has_mean && has_var, op, ": running_mean and running_var must be defined in evaluation mode (training=False), got ",
+        has_mean ? "running_var" : "running_mean", " None");
+  }
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      is_supported_dtype(input.scalar_type()),
+      op, ": input must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
+      input.scalar_type());
+  TORCH_CHECK(
+      input.dim() >= 2 || input.sym_numel() == 0,
+      op, ": input must have at least 2 dimensions (N, C, ...), got ", input.dim(), "D input of shape ",
+      input.sym_sizes());
+  const c10::SymInt C = input.dim() >= 2 ? input.sym_size(1) : c10::SymInt(0);
+  const std::pair<const c10::optional<at::Tensor>*, const char*> channel_args[] = {
+      {&weight, "weight"}, {&bias, "bias"}, {&running_mean, "running_mean"}, {&running_var, "running_var"}};
+  for (const auto& [t, name] : channel_args) {
+    if (!t->has_value() || !(*t)->defined()) {
+      continue;
+    }
+    TORCH_CHECK(
+        (*t)->sym_numel() == C,
+        op, ": ", name, " must have ", C, " elements (num_features, the input's size(1)), got shape ",
+        (*t)->sym_sizes());
+    check_channel_dtype_device(**t, name, input, op);
+  }
 }
 
 }  // namespace bnext

@@ -34,6 +34,15 @@ inline at::Tensor channel_vector(const c10::optional<at::Tensor>& t, const at::T
   return at::full({input.size(1)}, fill, input.options().dtype(acc));
 }
 
+// A per-channel tensor of C elements as a 1-D tensor (torch accepts any shape with C elements for
+// weight, bias and the running statistics; the kernels read C consecutive strided values).
+inline c10::optional<at::Tensor> flat_channels(const c10::optional<at::Tensor>& t) {
+  if (t.has_value() && t->defined() && t->dim() != 1) {
+    return t->reshape({-1});
+  }
+  return t;
+}
+
 inline at::Tensor acc_vector(const at::Tensor& t, const at::Tensor& input) {
   return t.to(acc_dtype(input.scalar_type())).contiguous();
 }

@@ -4,6 +4,11 @@
 // All ops are functional: none mutates an argument, so each can carry an autograd formula and be
 // traced by torch.compile. Running statistics are updated by the Python modules.
 //
+// batch_norm_eval is inference with the running statistics (the running statistics are constants of
+// the graph, as in torch): out = x * scale + shift with scale = weight * rsqrt(running_var + eps)
+// and shift = bias - running_mean * scale, torch's own eval formula, folded in one place per
+// device (csrc/cpu/batch_norm_cpu.cpp, csrc/common/eval.h).
+//
 // Statistics are returned in the accumulation type: float32 for float16/bfloat16/float32 input,
 // float64 for float64 input. `var` is the biased variance. `sum_dy_xmu` is sum(dy * (x - mean)).
 #pragma once
@@ -24,6 +29,9 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "batch_norm_backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd,"
       " Tensor? weight, Tensor mean_dy, Tensor mean_dy_xmu) -> Tensor");
+  m.def(
+      "batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var,"
+      " float eps) -> Tensor");
   // Fused single-device ops: statistics and normalization (or reduction and elementwise) in one call.
   m.def(
       "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, float eps)"

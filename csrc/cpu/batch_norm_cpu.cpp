@@ -131,23 +131,22 @@ Tensor batch_norm_elemt_cpu(
   return normalize_cpu(input, weight, bias, mean, invstd, [](auto s) { return s; }, false);
 }
 
-// bnext::_batch_norm_eval (eager inference, see csrc/train_forward.cpp) without the small ops of
-// the device-generic version: invstd = 1 / sqrt(running_var + eps) in the accumulation type (as
-// torch.rsqrt(var + eps) rounds it) goes straight into the coefficients.
+// bnext::batch_norm_eval without the small ops of the device-generic version (csrc/common/eval.h):
+// invstd = 1 / sqrt(running_var + eps) in the accumulation type (as torch.rsqrt(var + eps) rounds
+// it) goes straight into the coefficients.
 Tensor batch_norm_eval_cpu(
     const Tensor& input,
     const c10::optional<Tensor>& weight,
     const c10::optional<Tensor>& bias,
-    const Tensor& running_mean,
-    const Tensor& running_var,
+    const c10::optional<Tensor>& running_mean,
+    const c10::optional<Tensor>& running_var,
     double eps) {
-  const char* op = "bnext._batch_norm_eval";
-  check_input(input, op);
-  check_optional_channel_vector(weight, "weight", input, op);
-  check_optional_channel_vector(bias, "bias", input, op);
-  check_running_stat(running_mean, input, op);
-  check_running_stat(running_var, input, op);
-  return normalize_cpu(input, weight, bias, running_mean, running_var, [eps](auto v) {
+  check_batch_norm_args("bnext.batch_norm_eval", input, weight, bias, running_mean, running_var, false, eps);
+  if (input.sym_numel() == 0) {
+    return input.clone();
+  }
+  return normalize_cpu(input, flat_channels(weight), flat_channels(bias), *flat_channels(running_mean),
+      *flat_channels(running_var), [eps](auto v) {
     using acc_t = decltype(v);
     return acc_t(1) / std::sqrt(v + static_cast<acc_t>(eps));
   }, true);
@@ -264,7 +263,7 @@ TORCH_LIBRARY_IMPL(bnext, CPU, m) {
   m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cpu);
   m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
-  m.impl("_batch_norm_eval", &batch_norm_eval_cpu);
+  m.impl("batch_norm_eval", &batch_norm_eval_cpu);
 }
 
 }  // namespace bnext

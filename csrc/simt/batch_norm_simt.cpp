@@ -4,9 +4,21 @@
 
 #include <torch/library.h>
 
+#include "../common/eval.h"
 #include "../common/schemas.h"
 #include "../cuda/batch_norm_cuda.cu"
 
 TORCH_LIBRARY(bnext_simt, m) {
   bnext::define_schemas(m);
+}
+
+// Inference on the emulated kernels: the device-generic fold, then bnext_simt::batch_norm_elemt.
+TORCH_LIBRARY_IMPL(bnext_simt, CPU, m) {
+  m.impl(
+      "batch_norm_eval",
+      [](const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+         const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double eps) {
+        static const auto elemt = bnext::find_elemt_op("bnext_simt");
+        return bnext::batch_norm_eval_generic(elemt, input, weight, bias, running_mean, running_var, eps);
+      });
 }

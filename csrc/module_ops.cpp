@@ -1,21 +1,25 @@
-// bnext::_batch_norm_train: the eager training forward of bnext.batch_norm and the modules in one
-// call from Python (normalization with the batch statistics, autograd node, running statistics,
-// a module's num_batches_tracked);
-// bnext::_batch_norm_eval: their eager inference (eval, nothing requires grad) in one call.
+// The ops behind bnext.batch_norm and the modules, beside the functional kernels (schemas in
+// csrc/ops.cpp):
+//   _check_batch_norm_args  every argument rule of bnext.batch_norm (common/checks.h), as an op, so
+//                           that the composed path (torch.compile, torch.func, forward AD, emulated
+//                           kernels) raises what the eager call raises;
+//   update_running_stats    the running-statistics rule (momentum blend or cumulative average,
+//                           unbiased variance, num_batches_tracked), computed here and nowhere else;
+//   _batch_norm_train       the eager training call: checks, the fused forward under a C++ autograd
+//                           node, the update, in one call from Python;
+//   batch_norm_eval         for CUDA tensors (common/eval.h; the CPU entry is in cpu/).
 //
-// It computes exactly what the Python path does (bnext/functional.py: BatchNormFunction, then
-// _update_running_stats) with the same ops in the same order, so both give the same bits. What it
-// saves is per-call cost: on a small layer ((8, 64, 8, 8) float32, two threads) the Python
-// autograd.Function and the running-statistics update took about 35 us around a 14 us kernel.
-//
-// Device independent (CompositeImplicitAutograd): the statistics and normalization run in the
-// bnext ops of the input's device, called through the dispatcher. Used only in eager mode; under
-// torch.compile, and with emulated CUDA kernels, the Python path runs (see functional.py).
-// Arguments are checked by the Python caller (bnext.functional.batch_norm_impl) and by the ops,
-// before anything is written: the running statistics change only after the kernels succeeded.
+// The eager call computes what the composed path computes (bnext/functional.py: batch_norm_forward,
+// then update_running_stats) with the same kernels, so both give the same bits. What it saves is
+// per-call cost: on a small layer ((8, 64, 8, 8) float32, two threads) the Python autograd wrapper
+// and the update took about 35 us around a 14 us kernel. It is device independent
+// (CompositeImplicitAutograd): the kernels run in the bnext ops of the input's device, called
+// through the dispatcher. Arguments are checked before anything is written: the running
+// statistics change only after the kernels succeeded.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -25,6 +29,8 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/eval.h"
+#include "common/prepare.h"
 
 namespace bnext {
 namespace {
@@ -70,15 +76,6 @@ backward_reduce_op() {
   return op;
 }
 
-const c10::TypedOperatorHandle<Tensor(
-    const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&)>&
-elemt_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("bnext::batch_norm_elemt", "")
-                             .typed<Tensor(const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&)>();
-  return op;
-}
-
 OptTensor opt(const Tensor& t) {
   return t.defined() ? OptTensor(t) : std::nullopt;
 }
@@ -106,7 +103,7 @@ Tensor channel_values(const Tensor& a, const Tensor* b, at::ScalarType dtype) {
   return out;
 }
 
-// BatchNormFunction (bnext/autograd.py), training branch, in C++.
+// The autograd formula of batch_norm_forward (bnext/_op_autograd.py), for the output alone, in C++.
 struct TrainFunction : public torch::autograd::Function<TrainFunction> {
   static variable_list forward(
       AutogradContext* ctx, const Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps) {
@@ -147,7 +144,7 @@ struct TrainFunction : public torch::autograd::Function<TrainFunction> {
       below.emplace();
     } else {
       // Double backward: statistics recomputed with the differentiable ops, so second derivatives
-      // flow through mean and invstd (as in BatchNormFunction._backward).
+      // flow through mean and invstd.
       Tensor var;
       std::tie(mean, var) = stats_op().call(input);
       invstd = at::rsqrt(var + ctx->saved_data["eps"].toDouble());
@@ -159,7 +156,9 @@ struct TrainFunction : public torch::autograd::Function<TrainFunction> {
       std::tie(sum_dy, sum_dy_xmu) = backward_reduce_op().call(grad_out, input, mean, invstd);
     }
     Tensor grad_weight, grad_bias;
-    const bool host = !create_graph && input.device().is_cpu();
+    // The host loop reads raw memory: plain CPU tensors only (grads batched by vmap, as in
+    // autograd.grad(is_grads_batched=True), and tensor subclasses take the ATen ops).
+    const bool host = !create_graph && input.device().is_cpu() && !at::areAnyTensorSubclassLike({sum_dy, sum_dy_xmu, invstd});
     if (need_w) {
       if (host) {
         grad_weight = channel_values(sum_dy_xmu, &invstd, weight->scalar_type());
@@ -182,7 +181,8 @@ struct TrainFunction : public torch::autograd::Function<TrainFunction> {
   }
 };
 
-// _blend_ of bnext/functional.py: running + momentum * (batch * scale - running), in place.
+// running + momentum * (batch * scale - running), in place: batch * scale (the unbiased variance)
+// in the batch's type, rounded to the running statistic's dtype, then lerp.
 void blend(Tensor& running, Tensor batch, double momentum, double scale) {
   if (scale != 1.0) {
     batch = batch * scale;
@@ -193,11 +193,11 @@ void blend(Tensor& running, Tensor batch, double momentum, double scale) {
   running.lerp_(batch, momentum);
 }
 
-// The same update for CPU tensors, on the host: batch * scale in the batch's type (as the tensor
-// times a Python float rounds it), rounded to the running statistic's dtype, then lerp in that
-// dtype's opmath type with one fma, as ATen's vectorized lerp_ computes it (tests/test_eager_path.py
-// checks the bits against the Python path). The ATen ops above are three to five calls of 1-3.5 us
-// each, most of a small layer's per-call cost next to its kernel.
+// The same update for plain CPU tensors, on the host: batch * scale in the batch's type (as the
+// tensor times a Python float rounds it), rounded to the running statistic's dtype, then lerp in
+// that dtype's opmath type with one fma, as ATen's vectorized lerp_ computes it
+// (tests/test_eager_path.py checks the bits against the ATen ops). The ATen ops are three to five
+// calls of 1-3.5 us each, most of a small layer's per-call cost next to its kernel.
 template <typename run_t, typename acc_t>
 void blend_values(run_t* r, int64_t stride, const acc_t* batch, int64_t C, double momentum, double scale) {
   using opmath_t = at::opmath_type<run_t>;
@@ -229,41 +229,27 @@ void blend_cpu(Tensor& running, const Tensor& batch, double momentum, double sca
   }
 }
 
-void update_running(Tensor& running, const Tensor& batch, double momentum, double scale) {
-  if (running.device().is_cpu() && batch.device().is_cpu()) {
+// Plain dense tensors on the CPU, which the host loops may read and write through raw pointers
+// (not meta, fake or functorch-wrapped tensors, not subclasses).
+bool plain_cpu(const Tensor& t) {
+  return t.device().is_cpu() && !at::isTensorSubclassLike(t) && t.has_storage();
+}
+
+void update_running(Tensor running, const Tensor& batch, double momentum, double scale) {
+  if (running.dim() != 1) {
+    running = running.view({-1});
+  }
+  if (plain_cpu(running) && plain_cpu(batch) && running.dim() == 1) {
     blend_cpu(running, batch, momentum, scale);
   } else {
     blend(running, batch, momentum, scale);
   }
 }
 
-// Checked before anything runs, so that an update cannot fail half way, and so that mixed devices
-// never reach the dispatcher (a meta weight with a CPU input would pick the meta kernel, which
-// checks nothing). The Python caller words the error: it re-runs its own checks when an op raises.
-void check_args(
-    const char* op,
-    const Tensor& input,
-    const OptTensor& weight,
-    const OptTensor& bias,
-    const OptTensor& running_mean,
-    const OptTensor& running_var) {
-  TORCH_CHECK(input.dim() >= 2, op, ": input must have at least 2 dimensions");
-  for (const OptTensor* t : {&weight, &bias}) {
-    TORCH_CHECK(
-        !*t || !(*t)->defined() || (*t)->device() == input.device(), op,
-        ": weight and bias must be on the input's device");
-  }
-  for (const OptTensor* t : {&running_mean, &running_var}) {
-    if (*t) {
-      check_running_stat(**t, input, op);
-    }
-  }
-}
-
-// num_batches_tracked += 1, as the module's num_batches_tracked.add_(1) does: a CPU int64 count on
-// the host (the ATen op cost about 3.6 us a call, a tenth of a small layer's training forward).
+// num_batches_tracked += 1: a plain CPU int64 count on the host (the ATen op cost about 3.6 us a
+// call, a tenth of a small layer's training forward).
 void count_batch(Tensor& n) {
-  if (n.device().is_cpu() && n.scalar_type() == at::kLong && n.numel() == 1) {
+  if (plain_cpu(n) && n.scalar_type() == at::kLong && n.numel() == 1) {
     *n.mutable_data_ptr<int64_t>() += 1;
     if (!n.is_inference()) {
       torch::autograd::impl::bump_version(n);
@@ -274,52 +260,74 @@ void count_batch(Tensor& n) {
   }
 }
 
+bool given(const OptTensor& t) {
+  return t.has_value() && t->defined();
+}
+
+// torch's rule: num_batches_tracked += 1 (when given), then
+//   running = (1 - factor) * running + factor * batch   (unbiased variance)
+// with factor = momentum, or 1 / num_batches_tracked when momentum is None (the cumulative average;
+// 0 without a count, which leaves the statistics as they are, as torch's modules do).
+void update_running_stats(
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& num_batches_tracked,
+    const Tensor& mean,
+    const Tensor& var,
+    int64_t count,
+    std::optional<double> momentum) {
+  const char* op = "bnext.update_running_stats";
+  for (const auto& [t, name] : {std::pair{&running_mean, "running_mean"}, std::pair{&running_var, "running_var"}}) {
+    if (given(*t)) {
+      TORCH_CHECK(
+          (*t)->numel() == mean.numel() && (*t)->is_floating_point(), op, ": ", name, " must be a floating-point tensor of ",
+          mean.numel(), " elements (the batch statistics' size), got ", (*t)->scalar_type(), " of shape ", (*t)->sizes());
+    }
+  }
+  at::NoGradGuard no_grad;
+  double factor = momentum.value_or(0.0);
+  if (given(num_batches_tracked)) {
+    Tensor n = *num_batches_tracked;
+    count_batch(n);
+    if (!momentum.has_value()) {
+      // A host read, as torch's modules do (1.0 / float(num_batches_tracked)); inside a compiled
+      // graph this op runs on real tensors, so the graph itself never reads the count.
+      factor = 1.0 / static_cast<double>(n.item<int64_t>());
+    }
+  }
+  if (given(running_mean)) {
+    update_running(*running_mean, mean, factor, 1.0);
+  }
+  if (given(running_var)) {
+    update_running(*running_var, var, factor, count > 1 ? static_cast<double>(count) / (count - 1) : 1.0);
+  }
+}
+
+void check_batch_norm_args_op(
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    bool training,
+    double eps) {
+  check_batch_norm_args("bnext.batch_norm", input, weight, bias, running_mean, running_var, training, eps);
+}
+
 Tensor batch_norm_train(
     const Tensor& input,
     const OptTensor& weight,
     const OptTensor& bias,
-    OptTensor running_mean,
-    OptTensor running_var,
-    double momentum,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    std::optional<double> momentum,
     double eps,
-    OptTensor num_batches_tracked) {
-  check_args("bnext._batch_norm_train", input, weight, bias, running_mean, running_var);
-  auto outs = TrainFunction::apply(input, weight, bias, eps);
-  if (running_mean || running_var) {
-    at::NoGradGuard no_grad;
-    const int64_t count = input.numel() / input.size(1);
-    if (running_mean) {
-      update_running(*running_mean, outs[1], momentum, 1.0);
-    }
-    if (running_var) {
-      update_running(*running_var, outs[2], momentum, count > 1 ? static_cast<double>(count) / (count - 1) : 1.0);
-    }
-  }
-  if (num_batches_tracked && num_batches_tracked->defined()) {
-    count_batch(*num_batches_tracked);
-  }
+    const OptTensor& num_batches_tracked) {
+  check_batch_norm_args("bnext.batch_norm", input, weight, bias, running_mean, running_var, true, eps);
+  auto outs = TrainFunction::apply(input, flat_channels(weight), flat_channels(bias), eps);
+  update_running_stats(
+      running_mean, running_var, num_batches_tracked, outs[1], outs[2], input.numel() / input.size(1), momentum);
   return outs[0];
-}
-
-// Inference with the running statistics (bnext.batch_norm's eval branch when nothing requires
-// grad): mean and invstd = rsqrt(running_var + eps) in the accumulation type, folded into
-// out = x * scale + shift (scale = invstd * weight, shift = bias - mean * scale), then the
-// normalization with mean 0, invstd = scale and no weight, exactly as the Python path does.
-Tensor batch_norm_eval(
-    const Tensor& input,
-    const OptTensor& weight,
-    const OptTensor& bias,
-    const Tensor& running_mean,
-    const Tensor& running_var,
-    double eps) {
-  check_args("bnext._batch_norm_eval", input, weight, bias, running_mean, running_var);
-  const auto acc = acc_dtype(input.scalar_type());
-  const Tensor mean = running_mean.detach().to(acc);
-  const Tensor invstd = at::rsqrt(running_var.detach().to(acc) + eps);
-  const Tensor scale = weight.has_value() && weight->defined() ? invstd * weight->detach().to(acc) : invstd;
-  const Tensor shift = bias.has_value() && bias->defined() ? bias->detach().to(acc) - mean * scale : -(mean * scale);
-  at::AutoDispatchBelowADInplaceOrView below;  // nothing to record: skip the op's autograd kernel
-  return elemt_op().call(input, c10::nullopt, shift, at::zeros_like(scale), scale);
 }
 
 }  // namespace
@@ -328,11 +336,33 @@ TORCH_LIBRARY_IMPL(bnext, CompositeImplicitAutograd, m) {
   m.impl("_batch_norm_train", &batch_norm_train);
 }
 
-// Inference only (the Python caller uses it when nothing requires grad), so a backend kernel with
-// no autograd formula: this device-generic one, and a CPU one that folds invstd into the
-// coefficients (csrc/cpu/batch_norm_cpu.cpp).
 TORCH_LIBRARY_IMPL(bnext, CompositeExplicitAutograd, m) {
-  m.impl("_batch_norm_eval", &batch_norm_eval);
+  m.impl("_check_batch_norm_args", &check_batch_norm_args_op);
+}
+
+// A device-generic update; the meta/fake one (nothing to compute) is registered from Python.
+TORCH_LIBRARY_IMPL(bnext, CPU, m) {
+  m.impl("update_running_stats", &update_running_stats);
+}
+
+#ifdef BNEXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(bnext, CUDA, m) {
+  m.impl("update_running_stats", &update_running_stats);
+  m.impl(
+      "batch_norm_eval",
+      [](const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+         const OptTensor& running_var, double eps) {
+        static const auto elemt = find_elemt_op("bnext");
+        return batch_norm_eval_generic(elemt, input, weight, bias, running_mean, running_var, eps);
+      });
+}
+#endif
+
+// Neither op has anything to differentiate: the statistics are constants of the graph (as in
+// torch) and the checks return nothing. Autograd (and torch.func's grad and jvp) pass them through.
+TORCH_LIBRARY_IMPL(bnext, Autograd, m) {
+  m.impl("update_running_stats", torch::CppFunction::makeFallthrough());
+  m.impl("_check_batch_norm_args", torch::CppFunction::makeFallthrough());
 }
 
 }  // namespace bnext
