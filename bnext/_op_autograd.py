@@ -15,6 +15,8 @@ be differentiated again (gradgradcheck, forward-over-reverse).
 Notation: x is (N, C, *), a "channel vector" is (C,), M = N * prod(*) values per channel,
 R(t) sums t over every dimension but 1, bc(v) views a channel vector as (1, C, 1, ...).
 """
+import threading
+
 import torch
 from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd import forward_ad
@@ -489,10 +491,31 @@ def _transforms_active() -> bool:
     return forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
 
 
+# The dispatch key set below autograd of each op call in flight on this thread (a stack: the
+# forward of one level's call dispatches the next level's). The forward redispatches with it
+# instead of excluding the autograd keys thread-wide: inside torch.func transforms the levels below
+# must still record their own autograd (a TLS exclusion would reach them and hide, e.g., the
+# second derivative of grad(grad(f))).
+_keysets = threading.local()
+
+
+def _below_autograd_keysets():
+    stack = getattr(_keysets, "stack", None)
+    if stack is None:
+        stack = _keysets.stack = []
+    return stack
+
+
 def _make_function(op, setup_context, backward, jvp):
     def forward(*args):
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(*args)
+        keyset = _below_autograd_keysets()[-1]
+        if _transforms_active():
+            # Function.apply turned both gradient modes off for this level; the levels below
+            # (reached through this redispatch) record their own, as functorch's single-level
+            # functions let them.
+            with torch.enable_grad(), forward_ad._set_fwd_grad_enabled(True):
+                return op.redispatch(keyset, *args)
+        return op.redispatch(keyset, *args)
 
     # A single-level Function, as the autograd kernels of torch's own ops are: it runs inside the
     # dispatcher, where torch.func has already unwrapped the transform's level (vmap never reaches
@@ -520,18 +543,23 @@ def register_autograd(namespace: str) -> None:
         op = getattr(getattr(torch.ops, namespace), name).default
         fn = _make_function(op, setup_context, backward, jvp)
 
-        def kernel(*args, _op=op, _fn=fn):
-            if _transforms_active():
-                # Inside a torch.func transform the dispatcher has unwrapped this level already;
-                # functorch applies its own single-level Functions the same way.
-                with enable_single_level_autograd_function():
-                    return _fn.apply(*args)
-            if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        def kernel(keyset, *args, _op=op, _fn=fn):
+            below = keyset & torch._C._after_autograd_keyset
+            if not (_transforms_active() or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args))):
+                return _op.redispatch(below, *args)
+            stack = _below_autograd_keysets()
+            stack.append(below)
+            try:
+                if _transforms_active():
+                    # Inside a torch.func transform the dispatcher has unwrapped this level already;
+                    # functorch applies its own single-level Functions the same way.
+                    with enable_single_level_autograd_function():
+                        return _fn.apply(*args)
                 return _fn.apply(*args)
-            with torch._C._AutoDispatchBelowAutograd():
-                return _op(*args)
+            finally:
+                stack.pop()
 
-        lib.impl(name, kernel, "Autograd")
+        lib.impl(name, kernel, "Autograd", with_keyset=True)
     register_vmap_rules(namespace)
 
 

@@ -149,9 +149,9 @@ def test_ops_match_float64(isa, stream, shape, fmt, dtype):
     # passes leave the subtraction out), against float64; the same values as the passes that
     # subtract the pivot (a -0.0 pivot is not +0, so that call takes them).
     rm, rv = save_mean - 0.25, save_var * 1.5
-    y_ev = ops._batch_norm_eval(x, w, b, rm, rv, eps)
+    y_ev = ops.batch_norm_eval(x, w, b, rm, rv, eps)
     s_r = w.double() / torch.sqrt(rv.double() + eps)
-    close(y_ev, (xd - bcast(rm.double(), x)) * bcast(s_r, x) + bcast(b.double(), x), OUT_TOL[dtype], "_batch_norm_eval")
+    close(y_ev, (xd - bcast(rm.double(), x)) * bcast(s_r, x) + bcast(b.double(), x), OUT_TOL[dtype], "batch_norm_eval")
     scale = w / torch.sqrt(rv + eps)
     shift = b - rm * scale
     zeros, ones = torch.zeros_like(scale), torch.ones_like(scale)
@@ -306,7 +306,7 @@ def _all_outputs(x, dy, w, b):
     dx, sum_dy, sum_dy_xmu = ops.batch_norm_backward(dy, x, w, mean, invstd)
     M = x.numel() // x.shape[1]
     dx_e = ops.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy / M, sum_dy_xmu / M)
-    y_ev = ops._batch_norm_eval(x, w, b, mean, var, 1e-5)  # folded coefficients: the passes without a pivot
+    y_ev = ops.batch_norm_eval(x, w, b, mean, var, 1e-5)  # folded coefficients: the passes without a pivot
     return [y, mean, invstd, var, y_e, dx, sum_dy, sum_dy_xmu, dx_e, y_ev]
 
 
@@ -363,7 +363,7 @@ def test_channel_groups_change_no_bit(isa, restore_threads, monkeypatch, shape, 
     for n in (1, 4):
         torch.set_num_threads(n)
         y, mean, invstd, var = ops.batch_norm_forward(x, w, b, 1e-5)
-        outs.append(_all_outputs(x, dy, w, b) + [ops._batch_norm_eval(x, w, b, mean, var, 1e-5), y])
+        outs.append(_all_outputs(x, dy, w, b) + [ops.batch_norm_eval(x, w, b, mean, var, 1e-5), y])
     for p, q in zip(*outs):
         assert torch.equal(p.view(-1).view(torch.uint8), q.view(-1).view(torch.uint8))
 
