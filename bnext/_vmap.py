@@ -84,6 +84,14 @@ def _rules(ops):
     def forward(info, in_dims, x, weight, bias, eps):
         B, C = _input_info(info, in_dims[:1], x)
         w, b = (_fold_channel(v, d, B) for v, d in zip((weight, bias), in_dims[1:3]))
+        if in_dims[0] is None:
+            # One input, batched parameters: the statistics are the input's alone (not batched, so
+            # they may go into running statistics that are not batched either, as in torch); the
+            # parameters apply per sample to the normalized input.
+            xhat, mean, invstd, var = ops.batch_norm_forward(x, None, None, eps)
+            ones = torch.ones_like(mean).repeat(B)
+            out = ops.batch_norm_elemt(_fold(xhat, None, B), w, b, torch.zeros_like(ones), ones)
+            return (_unfold(out, B, C), mean, invstd, var), (1, None, None, None)
         out, mean, invstd, var = ops.batch_norm_forward(_fold(x, in_dims[0], B), w, b, eps)
         stats = tuple(_unfold_channel(v, B, C) for v in (mean, invstd, var))
         return (_unfold(out, B, C), *stats), (1, 0, 0, 0)
@@ -122,7 +130,8 @@ def _sample(t, bdim, i):
 
 
 def _update_running_stats(info, in_dims, running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
-    """Per vmapped sample: each slice of stacked running statistics gets its sample's statistics."""
+    """Running statistics that are not batched take statistics that are not batched, once; each
+    slice of stacked (batched) running statistics takes its sample's statistics."""
     rm_d, rv_d, n_d, mean_d, var_d = in_dims[:5]
     batched_stats = mean_d is not None or var_d is not None
     for t, d in ((running_mean, rm_d), (running_var, rv_d)):
@@ -136,24 +145,29 @@ def _update_running_stats(info, in_dims, running_mean, running_var, num_batches_
         if momentum is None:
             momentum = 1.0 / float(num_batches_tracked.item())
         num_batches_tracked = None
-    for i in range(info.batch_size):
-        update(
-            _sample(running_mean, rm_d, i),
-            _sample(running_var, rv_d, i),
-            _sample(num_batches_tracked, n_d, i),
-            _sample(mean, mean_d, i),
-            _sample(var, var_d, i),
-            count,
-            momentum,
-        )
+    once = [t if d is None else None for t, d in ((running_mean, rm_d), (running_var, rv_d))]
+    if any(t is not None for t in once):
+        update(*once, None, mean, var, count, momentum)
+    per_sample = [t if d is not None else None for t, d in ((running_mean, rm_d), (running_var, rv_d))]
+    if any(t is not None for t in per_sample) or num_batches_tracked is not None:
+        for i in range(info.batch_size):
+            update(
+                _sample(per_sample[0], rm_d, i),
+                _sample(per_sample[1], rv_d, i),
+                _sample(num_batches_tracked, n_d, i),
+                _sample(mean, mean_d, i),
+                _sample(var, var_d, i),
+                count,
+                momentum,
+            )
     return None, None
 
 
-def _check_args(info, in_dims, input, weight, bias, running_mean, running_var, training, eps):
+def _check_args(info, in_dims, input, weight, bias, running_mean, running_var, training, eps, check_count=True):
     """The checks on one sample (every sample has the same shape, dtype and device)."""
     if info.batch_size > 0:
         args = [_sample(t, d, 0) for t, d in zip((input, weight, bias, running_mean, running_var), in_dims[:5])]
-        torch.ops.bnext._check_batch_norm_args(*args, training, eps)
+        torch.ops.bnext._check_batch_norm_args(*args, training, eps, check_count)
     return None, None
 
 

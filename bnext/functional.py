@@ -153,4 +153,12 @@ def batch_norm(
     variance). In eval, normalizes with running_mean/running_var. Arguments are checked before
     anything is computed, so a call that raises leaves the running statistics unchanged.
     """
+    # The Python-level argument types torch checks, with its exceptions and words (in training
+    # torch's first step is input.size(), hence the AttributeError).
+    if not isinstance(input, Tensor):
+        if training:
+            raise AttributeError(f"'{type(input).__name__}' object has no attribute 'size'")
+        raise TypeError(f"batch_norm(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
+    if momentum is None:
+        raise TypeError("batch_norm(): argument 'momentum' must be float, not NoneType")
     return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps)

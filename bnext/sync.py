@@ -213,7 +213,9 @@ def sync_batch_norm(
         check_backend(group, input.device)
     local_error = None
     try:
-        torch.ops.bnext._check_batch_norm_args(input, weight, bias, running_mean, running_var, True, eps)
+        # This rank's share of the batch: the values-per-channel rule applies to the global count
+        # (_exchange_header).
+        torch.ops.bnext._check_batch_norm_args(input, weight, bias, running_mean, running_var, True, eps, False)
     except (NotImplementedError, TypeError, ValueError, RuntimeError) as e:
         if not isinstance(input, Tensor):
             raise

@@ -310,8 +310,9 @@ void check_batch_norm_args_op(
     const OptTensor& running_mean,
     const OptTensor& running_var,
     bool training,
-    double eps) {
-  check_batch_norm_args("bnext.batch_norm", input, weight, bias, running_mean, running_var, training, eps);
+    double eps,
+    bool check_count) {
+  check_batch_norm_args("bnext.batch_norm", input, weight, bias, running_mean, running_var, training, eps, check_count);
 }
 
 Tensor batch_norm_train(
@@ -325,8 +326,19 @@ Tensor batch_norm_train(
     const OptTensor& num_batches_tracked) {
   check_batch_norm_args("bnext.batch_norm", input, weight, bias, running_mean, running_var, true, eps);
   auto outs = TrainFunction::apply(input, flat_channels(weight), flat_channels(bias), eps);
-  update_running_stats(
-      running_mean, running_var, num_batches_tracked, outs[1], outs[2], input.numel() / input.size(1), momentum);
+  const int64_t count = input.numel() / input.size(1);
+  if (at::areAnyTensorSubclassLike({input, outs[1], outs[2]})) {
+    // A tensor subclass sees the update as the one op it is (as torch's native batch norm's is one
+    // op), not as in-place ATen steps on tensors it does not own.
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("bnext::update_running_stats", "")
+                               .typed<void(
+                                   const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
+                                   int64_t, std::optional<double>)>();
+    op.call(running_mean, running_var, num_batches_tracked, outs[1], outs[2], count, momentum);
+  } else {
+    update_running_stats(running_mean, running_var, num_batches_tracked, outs[1], outs[2], count, momentum);
+  }
   return outs[0];
 }
 

@@ -17,7 +17,7 @@ TORCH_LIBRARY(bnext, m) {
       " Tensor mean, Tensor var, int count, float? momentum) -> ()");
   m.def(
       "_check_batch_norm_args(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean,"
-      " Tensor? running_var, bool training, float eps) -> ()");
+      " Tensor? running_var, bool training, float eps, bool check_count=True) -> ()");
   m.def(
       "_batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
       " Tensor(b!)? running_var, float? momentum, float eps, Tensor(c!)? num_batches_tracked=None) -> Tensor");

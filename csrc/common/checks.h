@@ -5,10 +5,12 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
 #include <charconv>
+#include <optional>
 #include <cmath>
 #include <string>
 
@@ -188,20 +190,24 @@ inline void check_batch_norm_args(
     const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var,
     bool training,
-    double eps) {
+    double eps,
+    bool check_count = true) {
   const bool has_mean = running_mean.has_value() && running_mean->defined();
   const bool has_var = running_var.has_value() && running_var->defined();
   if (training) {
     TORCH_CHECK_VALUE(
         has_mean == has_var, op,
         ": running_mean and running_var must either both be None or neither be None");
-    // torch.nn.functional.batch_norm's _verify_batch_size: N times the spatial sizes.
-    c10::SymInt per_channel = input.dim() > 0 ? input.sym_size(0) : c10::SymInt(1);
+    // torch.nn.functional.batch_norm's _verify_batch_size: N times the spatial sizes (IndexError for
+    // a 0-d input, as torch's size[0]). A rank of SyncBatchNorm checks its global count instead.
+    TORCH_CHECK_INDEX(
+        input.dim() > 0, op, ": input must have at least 2 dimensions (N, C, ...), got a 0-d tensor");
+    c10::SymInt per_channel = input.sym_size(0);
     for (int64_t d = 2; d < input.dim(); ++d) {
       per_channel = per_channel * input.sym_size(d);
     }
     TORCH_CHECK_VALUE(
-        input.dim() < 2 || per_channel != 1,
+        !check_count || input.dim() < 2 || per_channel != 1,
         "Expected more than 1 value per channel when training, got input size torch.Size(", input.sym_sizes(), ")");
     TORCH_CHECK_VALUE(eps > 0.0, "batch_norm eps must be positive during training, but got ", python_float(eps));
   } else {
@@ -230,6 +236,27 @@ inline void check_batch_norm_args(
         op, ": ", name, " must have ", C, " elements (num_features, the input's size(1)), got shape ",
         (*t)->sym_sizes());
     check_channel_dtype_device(**t, name, input, op);
+    // Running statistics are constants of the graph (torch: "the derivative for 'running_mean'
+    // is not implemented").
+    TORCH_CHECK(
+        !(name[0] == 'r' && at::GradMode::is_enabled() && (*t)->requires_grad()), op, ": ", name,
+        " requires grad, but running statistics are not differentiable; pass a tensor that does not require grad");
+  }
+  // Half and bfloat16 inputs take float32 parameters and statistics or ones in their own dtype, one
+  // or the other for all of them (torch: "mixed dtype (CPU): expect parameter to have scalar type
+  // of Float").
+  const at::ScalarType in_t = input.scalar_type();
+  if (acc_dtype(in_t) != in_t) {
+    std::optional<at::ScalarType> common;
+    for (const auto& [t, name] : channel_args) {
+      if (!t->has_value() || !(*t)->defined()) {
+        continue;
+      }
+      TORCH_CHECK(
+          !common || *common == (*t)->scalar_type(), op, ": weight, bias, running_mean and running_var must have one dtype (",
+          in_t, " or ", acc_dtype(in_t), " for all of them), got ", *common, " and ", (*t)->scalar_type(), " (", name, ")");
+      common = (*t)->scalar_type();
+    }
   }
 }
 
