@@ -10,8 +10,13 @@ from . import _C  # noqa: F401  (loads the extension: registers torch.ops.bnext.
 from . import _fake  # noqa: F401  (fake kernels: torch.compile, export, meta tensors)
 from . import _op_autograd  # noqa: F401  (autograd formulas of every op)
 from .functional import batch_norm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+from . import _quantization
+from .convert import convert_model, revert_model
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .sync import SyncBatchNorm
+
+# torch.ao.quantization.fuse_modules finds fusers by exact type; bnext's layers join its table.
+_quantization.register()
 
 __version__ = "0.1.0"
 
@@ -19,10 +24,14 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
     "SyncBatchNorm",
     "batch_norm",
     "build_info",
     "convert_model",
+    "revert_model",
 ]
 
 

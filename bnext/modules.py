@@ -47,6 +47,9 @@ class _BatchNormMixin:
             # torch.fx: a leaf call_module, as torch's own batch norm layers are, whatever the
             # tracer (FX passes, torchvision's feature extraction and quantization see the layer).
             tracer = input.tracer
+            from ._quantization import warn_if_quantization_tracer  # imports this module
+
+            warn_if_quantization_tracer(self, tracer)
             return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
         self._check_input_dim(input)
         if type(self) in _PLAIN:
@@ -113,35 +116,30 @@ class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
 # The exact classes whose parameters and buffers forward() reads from nn.Module's dictionaries.
 _PLAIN = {BatchNorm1d, BatchNorm2d, BatchNorm3d}
 
-# torch class -> bnext class, exact types only (subclasses may change behaviour we cannot see).
-BNEXT_TWIN = {
-    nn.BatchNorm1d: BatchNorm1d,
-    nn.BatchNorm2d: BatchNorm2d,
-    nn.BatchNorm3d: BatchNorm3d,
-}
 
 
-def convert_model(module: nn.Module, sync: bool = False, process_group=None) -> nn.Module:
-    """Replace every nn.BatchNorm1d/2d/3d inside `module` by its bnext twin, in place.
+class LazyBatchNorm1d(_BatchNormMixin, nn.LazyBatchNorm1d):
+    """Drop-in for torch.nn.LazyBatchNorm1d: becomes a bnext.BatchNorm1d at its first forward."""
 
-    The modules themselves are kept (their class is switched), so parameters, buffers, hooks,
-    the training flag, device, dtype, requires_grad and any optimizer holding the parameters stay
-    as they were. Returns `module`.
+    cls_to_become = BatchNorm1d
 
-    sync=True: instead replace every nn.BatchNorm1d/2d/3d, nn.SyncBatchNorm and bnext.BatchNorm*
-    (exact types) by a bnext.SyncBatchNorm over `process_group` (None: the whole world), as
-    bnext.SyncBatchNorm.convert_sync_batchnorm does: new layers sharing the parameters and
-    buffers, so use the returned module (a layer passed as `module` is returned converted). Call
-    it before wrapping the model in DistributedDataParallel.
-    """
-    if sync:
-        from .sync import convert_to_sync  # sync imports this module
 
-        return convert_to_sync(module, process_group)
-    if process_group is not None:
-        raise ValueError("bnext.convert_model: process_group is used only with sync=True, got sync=False")
-    for m in module.modules():
-        twin = BNEXT_TWIN.get(type(m))
-        if twin is not None:
-            m.__class__ = twin
-    return module
+class LazyBatchNorm2d(_BatchNormMixin, nn.LazyBatchNorm2d):
+    """Drop-in for torch.nn.LazyBatchNorm2d: becomes a bnext.BatchNorm2d at its first forward."""
+
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_BatchNormMixin, nn.LazyBatchNorm3d):
+    """Drop-in for torch.nn.LazyBatchNorm3d: becomes a bnext.BatchNorm3d at its first forward."""
+
+    cls_to_become = BatchNorm3d
+
+
+def __getattr__(name):
+    # convert_model and BNEXT_TWIN lived here before bnext.convert; still importable from here.
+    if name in ("convert_model", "BNEXT_TWIN"):
+        from . import convert
+
+        return getattr(convert, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -270,9 +270,13 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
         self.process_group = process_group
 
     def _check_input_dim(self, input):
-        # torch's own checks and messages (functions that do not depend on the class).
-        nn.SyncBatchNorm._check_input_dim(self, input)
-        nn.SyncBatchNorm._check_non_zero_input_channels(self, input)
+        # torch.nn.SyncBatchNorm's checks, with its messages and ValueError, written out here: this
+        # class must not reach them through torch.nn.SyncBatchNorm, which users set to
+        # bnext.SyncBatchNorm to swap implementations (the call would then recurse forever).
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
     def _batch_norm(self, input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked):
         if training and self.training and sync_world_size(self.process_group) > 1:
@@ -298,8 +302,21 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
 
 _PLAIN.add(SyncBatchNorm)
 
+# The class torch defines, whatever torch.nn.SyncBatchNorm points to later (users may set it to
+# bnext.SyncBatchNorm to swap implementations; torch.nn.modules.batchnorm keeps torch's class).
+TORCH_SYNC_BATCH_NORM = nn.modules.batchnorm.SyncBatchNorm
+
 # Exact types bnext.convert_model(sync=True) converts (subclasses may change behaviour we cannot see).
-SYNC_SOURCES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm)
+SYNC_SOURCES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    TORCH_SYNC_BATCH_NORM,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    SyncBatchNorm,
+)
 
 
 def convert_to_sync(module: nn.Module, process_group=None) -> nn.Module:

@@ -71,3 +71,26 @@ def make_input(shape, dtype, layout, device="cpu", requires_grad=False):
     x = x * 2 + 0.5
     assert tuple(x.shape) == tuple(shape)
     return x.detach().requires_grad_(requires_grad)
+
+
+# torch.ao.quantization's own deprecation and observer notices, which quantization tests ignore.
+QUANTIZATION_NOTICES = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:.*reduce_range will be deprecated.*:UserWarning"),
+    pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions.*:UserWarning"),
+]
+
+
+def randomize_batch_norm(model):
+    """Non-trivial affine parameters and running statistics in every (materialized) batch norm of
+    `model`, so that folding into a conv and parity with torch mean something. Returns `model`."""
+    with torch.no_grad():
+        for m in model.modules():
+            lazy = isinstance(m, torch.nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and not lazy:
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2)
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+    return model
