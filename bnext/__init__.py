@@ -9,6 +9,7 @@ import torch  # noqa: F401  (loads libtorch/libc10, which the extension links ag
 from . import _C  # noqa: F401  (loads the extension: registers torch.ops.bnext.*)
 from . import _fake  # noqa: F401  (fake kernels: torch.compile, export, meta tensors)
 from . import _op_autograd  # noqa: F401  (autograd formulas of every op)
+from ._decompositions import decompositions
 from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
 from .sync import SyncBatchNorm
@@ -23,6 +24,7 @@ __all__ = [
     "batch_norm",
     "build_info",
     "convert_model",
+    "decompositions",
 ]
 
 
