@@ -9,6 +9,7 @@ import torch  # noqa: F401  (loads libtorch/libc10, which the extension links ag
 from . import _C  # noqa: F401  (loads the extension: registers torch.ops.bnext.*)
 from . import _fake  # noqa: F401  (fake kernels: torch.compile, export, meta tensors)
 from . import _op_autograd  # noqa: F401  (autograd formulas of every op)
+from ._decompositions import decompositions
 from .functional import batch_norm
 from . import _quantization
 from .convert import convert_model, revert_model
@@ -31,6 +32,7 @@ __all__ = [
     "batch_norm",
     "build_info",
     "convert_model",
+    "decompositions",
     "revert_model",
 ]
 
