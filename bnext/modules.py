@@ -9,6 +9,17 @@ from .functional import batch_norm_impl
 _MISSING = object()
 
 
+def _fx_leaf(module, input):
+    """torch.fx: a leaf call_module, as torch's own batch norm layers are, whatever the tracer (FX
+    passes, torchvision's feature extraction and quantization see the layer). (Not inline in
+    forward: TorchScript parses all of forward, and refuses import statements.)"""
+    from ._quantization import warn_if_quantization_tracer  # imports this module
+
+    tracer = input.tracer
+    warn_if_quantization_tracer(module, tracer)
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+
+
 class _BatchNormMixin:
     """forward() of torch's _BatchNorm on bnext's kernels.
 
@@ -44,13 +55,7 @@ class _BatchNormMixin:
                 self.eps,
             )
         if isinstance(input, torch.fx.Proxy):
-            # torch.fx: a leaf call_module, as torch's own batch norm layers are, whatever the
-            # tracer (FX passes, torchvision's feature extraction and quantization see the layer).
-            tracer = input.tracer
-            from ._quantization import warn_if_quantization_tracer  # imports this module
-
-            warn_if_quantization_tracer(self, tracer)
-            return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
+            return _fx_leaf(self, input)
         self._check_input_dim(input)
         if type(self) in _PLAIN:
             # The dictionaries nn.Module.__getattr__ would read (half a microsecond per attribute,
