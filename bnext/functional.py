@@ -157,7 +157,10 @@ def batch_norm(
     # torch's first step is input.size(), hence the AttributeError).
     if not isinstance(input, Tensor):
         if training:
-            raise AttributeError(f"'{type(input).__name__}' object has no attribute 'size'")
+            raise AttributeError(
+                f"bnext.batch_norm: input must be a Tensor, got {type(input).__name__} "
+                f"('{type(input).__name__}' object has no attribute 'size')"
+            )
         raise TypeError(f"batch_norm(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
     if momentum is None:
         raise TypeError("batch_norm(): argument 'momentum' must be float, not NoneType")

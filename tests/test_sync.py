@@ -510,7 +510,7 @@ def test_bad_setups_raise_clear_errors_on_every_rank(world2):
         if rank == 0:
             assert err["local_args"][0] == "RuntimeError" and "rank(s) [1]" in err["local_args"][1]
         else:
-            assert "must be a 1-D tensor with 5 elements" in err["local_args"][1]
+            assert "weight must have 5 elements" in err["local_args"][1]
         assert "same dtype" in err["dtypes"][1] and "[torch.float64, torch.float32]" in err["dtypes"][1]
         assert err["one_value"][0] == "ValueError" and "Expected more than 1 value per channel" in err["one_value"][1]
         assert res["errors"]["alive"] == 2.0
