@@ -3,8 +3,8 @@
 One function decides how a call runs, by plain predicates (never by catching an error and trying
 another way):
 
-* deployment tracing (torch.jit.trace, torch.export, torch.onnx.export): torch's own batch_norm
-  op is recorded, so the saved program runs where bnext is not installed;
+* traces that become saved programs (torch.jit.trace, torch.export, torch.onnx.export): torch's
+  own batch_norm op is recorded, so the saved program runs where bnext is not installed;
 * eager calls: one C++ call (bnext::_batch_norm_train, bnext::batch_norm_eval) with a C++
   autograd node: the least per-call cost;
 * under torch.compile, torch.func transforms and forward-mode AD: the differentiable functional
@@ -26,6 +26,8 @@ from ._ops import namespace, ops
 _NAME = "bnext.batch_norm"
 _HAS_CUDA = bool(_C.build_info()["cuda"])
 _bnext = torch.ops.bnext
+_train_op = torch.ops.bnext._batch_norm_train.default
+_eval_op = torch.ops.bnext.batch_norm_eval.default
 
 
 def check_device(input: Tensor, name: str = "input", op: str = _NAME) -> None:
@@ -43,14 +45,13 @@ def _transformed() -> bool:
     return forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def _deployment_trace() -> bool:
-    """A trace that becomes a saved program (TorchScript, torch.export, ONNX)."""
-    return torch.jit.is_tracing() or torch.compiler.is_exporting()
-
-
 def _eager_route() -> bool:
-    """The one-call C++ ops: eager calls of the real kernels with plain autograd."""
-    return namespace() == "bnext" and not torch.compiler.is_compiling() and not _transformed()
+    """The one-call C++ ops (outside torch.compile): calls of the real kernels with plain autograd."""
+    return namespace() == "bnext" and not _transformed()
+
+
+def _requires_grad(input, weight, bias) -> bool:
+    return input.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
 
 
 def _recomputing() -> bool:
@@ -101,23 +102,26 @@ def batch_norm_impl(
     in once it was normalized."""
     if input.is_cuda:
         check_device(input)
-    if _deployment_trace() and not (training and momentum is None):
+    compiling = torch.compiler.is_compiling()
+    if ((compiling and torch.compiler.is_exporting()) or torch._C._get_tracing_state() is not None) and not (
+        training and momentum is None
+    ):
+        # A trace that becomes a saved program (torch.export, ONNX, torch.jit.trace): torch's op.
         return _torch_batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
         )
-    if training and not torch.compiler.is_compiling() and _recomputing():
-        # Checkpoint recomputation: the statistics were taken into the running ones when the
-        # forward first ran; taking them again would count the batch twice.
-        running_mean = running_var = num_batches_tracked = None
-    if input.numel() > 0 and _eager_route():
-        if training:
-            return _bnext._batch_norm_train(
-                input, weight, bias, running_mean, running_var, momentum, eps, num_batches_tracked
-            )
-        if not (torch.is_grad_enabled() and torch._C._any_requires_grad(input, weight, bias)):
-            # Inference: nothing to record, so the op is called below its (Python) autograd kernel.
-            with torch._C._AutoDispatchBelowAutograd():
-                return _bnext.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
+    if not compiling:
+        if training and _recomputing():
+            # Checkpoint recomputation: the statistics were taken into the running ones when the
+            # forward first ran; taking them again would count the batch twice.
+            running_mean = running_var = num_batches_tracked = None
+        if input.numel() > 0 and _eager_route():
+            if training:
+                return _train_op(input, weight, bias, running_mean, running_var, momentum, eps, num_batches_tracked)
+            if not (torch.is_grad_enabled() and _requires_grad(input, weight, bias)):
+                # Inference: nothing to record, so the op is called below its (Python) autograd kernel.
+                with torch._C._AutoDispatchBelowAutograd():
+                    return _eval_op(input, weight, bias, running_mean, running_var, eps)
     _bnext._check_batch_norm_args(input, weight, bias, running_mean, running_var, training, eps)
     weight, bias = _flat(weight), _flat(bias)
     if input.numel() == 0:

@@ -35,8 +35,13 @@ def spy_on(monkeypatch, name):
 
             return record
 
+    def record_default(*args):
+        calls.append(args)
+        return op.default(*args)
+
     monkeypatch.setattr(F_bnext, "_bnext", Spy())
     monkeypatch.setattr(F_bnext, "ops", lambda: Spy())
+    monkeypatch.setattr(F_bnext, {"_batch_norm_train": "_train_op", "batch_norm_eval": "_eval_op"}[name], record_default)
     return calls
 
 
