@@ -77,6 +77,24 @@ BNEXT_HOST_DEVICE acc_t welford_var(const WelfordData<acc_t, count_t>& w) {
   return w.n > 0 ? w.m2 / static_cast<acc_t>(w.n) : acc_t(0);
 }
 
+// A running mean, one value at a time (the GPU reductions' per-thread step for mean_dy, see
+// backward_coeffs): exactly the value where every value is equal; once the mean is not finite
+// it sums as a plain sum would (inf + g), so Inf and NaN come out where they come out of a sum.
+template <typename acc_t, typename count_t>
+BNEXT_HOST_DEVICE acc_t mean_push(acc_t mean, acc_t x, count_t n) {
+  return mean - mean == acc_t(0) ? mean + (x - mean) / static_cast<acc_t>(n) : mean + x;
+}
+
+// The mean of two means, f = nb / (na + nb): a + (b - a) * f, exact where a == b and accurate
+// where they are close; convex where either is not finite (an infinite mean stays infinite).
+template <typename acc_t>
+BNEXT_HOST_DEVICE acc_t mean_combine(acc_t a, acc_t b, acc_t f) {
+  if (a - a == acc_t(0) && b - b == acc_t(0)) {
+    return a + (b - a) * f;
+  }
+  return a * (acc_t(1) - f) + b * f;
+}
+
 template <typename acc_t>
 BNEXT_HOST_DEVICE acc_t invstd_from_var(acc_t var, double eps) {
   return acc_t(1) / static_cast<acc_t>(::sqrt(static_cast<double>(var) + eps));
@@ -143,15 +161,19 @@ BNEXT_HOST_DEVICE acc_t normalize(acc_t x, acc_t pivot, acc_t scale, acc_t shift
 
 // Closed-form training backward per channel:
 //   dx = w * invstd * (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu)
-//      = a * dy + b * (x - mean) + d
-// with mean_dy = sum_dy / M and mean_dy_xmu = sum_dy_xmu / M. x - mean stays unfolded for the same
-// reason as in normalize().
+//      = a * ((dy - mean_dy) - (x - mean) * k),  a = w * invstd,  k = invstd^2 * mean_dy_xmu
+// with mean_dy = sum_dy / M and mean_dy_xmu = sum_dy_xmu / M. dy - mean_dy comes first, as in
+// torch: where dy is constant over the channel (a loss through global pooling) it is exactly zero
+// (given an exact mean_dy, see the reductions) and dx, truly ~0, keeps only the small k term. The
+// folded form a * dy + b * (x - mean) + d, d = -a * mean_dy, cannot cancel: the rounding of
+// a * mean_dy (and, without FMA, of a * dy) stays in every value, about ulp(a * dy) where the
+// answer is ~0. x - mean stays unfolded for the same reason as in normalize().
 template <typename acc_t>
 struct BackwardCoeffs {
   acc_t mean;
+  acc_t mean_dy;
+  acc_t k;
   acc_t a;
-  acc_t b;
-  acc_t d;
 };
 
 template <typename acc_t>
@@ -163,15 +185,17 @@ BNEXT_HOST_DEVICE BackwardCoeffs<acc_t> backward_coeffs(
     acc_t mean_dy_xmu) {
   BackwardCoeffs<acc_t> c;
   c.mean = mean;
+  c.mean_dy = mean_dy;
+  c.k = invstd * invstd * mean_dy_xmu;
   c.a = weight * invstd;
-  c.b = -c.a * invstd * invstd * mean_dy_xmu;
-  c.d = -c.a * mean_dy;
   return c;
 }
 
-template <typename acc_t>
-BNEXT_HOST_DEVICE acc_t backward_elemt(acc_t dy, acc_t x, acc_t mean, acc_t a, acc_t b, acc_t d) {
-  return a * dy + b * (x - mean) + d;
+// T: acc_t, or a vector of acc_t (the CPU kernels' vector-extension types), so that every loop
+// evaluates this one expression.
+template <typename T>
+BNEXT_HOST_DEVICE T backward_elemt(T dy, T x, T mean, T mean_dy, T k, T a) {
+  return a * ((dy - mean_dy) - (x - mean) * k);
 }
 
 }  // namespace bnext

@@ -18,8 +18,8 @@
 // Memory traffic (what makes batch norm fast): statistics are taken per block with two passes,
 // the second one over data still in L1 (16-bit inputs: one pass); the NCHW training
 // forward/backward finish a group of channels (one of long planes, up to 16 of short ones:
-// statistics, then normalize) while it is still in L2; per-channel coefficients are folded once
-// (y = x * scale + shift, dx = a * dy + b * x + d); no full-size temporary is ever allocated.
+// statistics, then normalize) while it is still in L2; per-channel coefficients are computed once
+// (normalize() and backward_elemt() of math.h); no full-size temporary is ever allocated.
 #ifndef BNEXT_CPU_ISA_NS
 #error "batch_norm_kernel.h is compiled through csrc/cpu/kernels_<isa>.cpp, which names BNEXT_CPU_ISA_NS"
 #endif
@@ -549,21 +549,57 @@ inline void seg_mean(const scalar_t* p, int64_t len, acc_t pivot, acc_t inv_coun
       p, len, s, [&](vec v) { return (v - pv) * iv; }, [&](acc_t v) { return (v - pivot) * inv_count; });
 }
 
-// Sum of ((x - pivot) - mean)^2, mean being the shifted mean.
+// Sums of d = x - center into s1 and of d * d into s2 (the second pass of two-pass statistics,
+// see two_pass_welford).
 template <typename scalar_t, typename acc_t>
-inline void seg_m2(const scalar_t* p, int64_t len, acc_t pivot, acc_t mean, VecSum<acc_t>& s) {
+inline void seg_m2(const scalar_t* p, int64_t len, acc_t center, VecSum<acc_t>& sum1, VecSum<acc_t>& sum2) {
   using vec = typename Vec<acc_t>::type;
-  const vec pv = vec{} + pivot, m = vec{} + mean;
-  seg_accumulate<scalar_t, acc_t>(
-      p, len, s,
-      [&](vec v) {
-        const vec d = (v - pv) - m;
-        return d * d;
+  const vec cv = vec{} + center;
+  // Local copies: the caller's sums could alias p as far as the compiler knows (float vectors and
+  // float values), which kept them in memory, stored and reloaded around every load of p.
+  VecSum<acc_t> s1 = sum1, s2 = sum2;
+  seg_walk<scalar_t, acc_t>(
+      p, len,
+      [&](auto k, vec v) {
+        const vec d = v - cv;
+        s1.template at<k.value>() += d;
+        s2.template at<k.value>() += d * d;
+      },
+      [&](auto v, int64_t n) {  // generic: instantiated only where masked tails exist
+        const vec d = first_lanes<acc_t>(v - cv, n);
+        s1.a3 += d;
+        s2.a3 += d * d;
       },
       [&](acc_t v) {
-        const acc_t d = (v - pivot) - mean;
-        return d * d;
+        const acc_t d = v - center;
+        s1.tail += d;
+        s2.tail += d * d;
       });
+  sum1 = s1;
+  sum2 = s2;
+}
+
+// Mean and M2 of `count` values of x - pivot from two passes: the first pass's mean, then sums of
+// d = x - center and of d * d, center = pivot + mean rounded once (the second pass then costs what
+// it cost without the sum of d: one subtraction a value, not two). The corrected two-pass
+// algorithm (Chan, Golub and LeVeque, 1983): sum(d) is what the first pass's float accumulation
+// left out of its mean (its terms carry the data's offset from the pivot, and the rounding of a
+// chain of them grows with it) and what rounding the center lost, and it is small, so
+// (center - pivot) + sum(d) / count is accurate to a rounding of the spread, not of the offset.
+// NCHW float32 means came out several ulps off without it, where torch's (summed in double) are
+// correctly rounded, and the backward carries the mean's error into dx (a constant dy gives
+// dx = -a * (x - mean) * k, k proportional to the error). M2 = sum(d^2) - sum(d)^2 / count. Where
+// the center or sum(d) is not finite (Inf or NaN in x, or a center rounded past the largest
+// float) the first pass's mean is kept, so Inf and NaN come out as they came out of it.
+template <typename acc_t>
+inline Welford<merge_t> two_pass_welford(
+    acc_t pivot, acc_t mean, acc_t center, acc_t sum_d, acc_t sum_d2, int64_t count) {
+  const merge_t r = count > 0 ? static_cast<merge_t>(sum_d) / static_cast<merge_t>(count) : merge_t(0);
+  if (!(center - center == acc_t(0) && r - r == merge_t(0))) {
+    return {static_cast<merge_t>(mean), static_cast<merge_t>(sum_d2), count};
+  }
+  const merge_t m2 = static_cast<merge_t>(sum_d2) - static_cast<merge_t>(sum_d) * r;
+  return {(static_cast<merge_t>(center) - static_cast<merge_t>(pivot)) + r, m2 < 0 ? merge_t(0) : m2, count};
 }
 
 // 16-bit inputs (bfloat16, float16) take their statistics in ONE pass of shifted sums,
@@ -660,31 +696,102 @@ inline void rows_pivots(const scalar_t* x, int64_t R, int64_t C, acc_t* pivot) {
   }
 }
 
+// The backward reductions sum dy in merge_t (dy * (x - mean) in acc_t, as the statistics): where
+// dy is constant over a channel (a loss through global pooling) sum_dy is then exactly M * dy and
+// mean_dy = sum_dy / M is dy itself, as backward_elemt() needs to cancel dy - mean_dy. Summed in
+// float, M equal values come out rounded (the partial sums k * dy need more than 24 bits), and that
+// rounding stayed in every dx. (Shifting dy by a pivot first, as the statistics shift x, also makes
+// a constant dy exact, but terms with a common offset grow a float chain's rounding: with the
+// mean of a channel's first 256 dy as pivot, sum_dy of zero-mean random dy, grad_bias, came out
+// several times less accurate than unshifted.) A vector of float dy goes into two vectors of merge_t
+// (wide_add; where acc_t is merge_t already, into the first), mostly as the sum of four vectors
+// taken in acc_t as ((g0 + g1) + (g2 + g3)): a constant dy still sums exactly there (every step
+// doubles), and the conversions are paid once per four vectors.
+using WideVec = typename Vec<merge_t>::type;
+
+// (The conversions are intrinsics: GCC 12 made __builtin_convertvector of a half vector into
+// conversions of two or four values each, put together with shuffles or through the stack. The
+// AVX-512 ones are the zero-masking forms: the plain ones warn under GCC 12, as in vload_part.)
+template <typename acc_t>
+inline void wide_add(WideVec& lo, WideVec& hi, typename Vec<acc_t>::type v) {
+  if constexpr (std::is_same_v<acc_t, merge_t>) {
+    lo += v;
+  } else {
+    static_assert(std::is_same_v<acc_t, float>);
+    WideVec l, h;
+#if defined(__x86_64__) && BNEXT_CPU_ISA_LEVEL >= 2
+    __m512 r;
+    std::memcpy(&r, &v, sizeof(r));
+    // (_mm512_castps512_ps256 is the plain extract in GCC 12: the masked extract of half 0.)
+    const __m512d cl =
+        _mm512_maskz_cvtps_pd(0xFF, _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, _mm512_castps_pd(r), 0)));
+    const __m512d ch =
+        _mm512_maskz_cvtps_pd(0xFF, _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, _mm512_castps_pd(r), 1)));
+#elif defined(__x86_64__) && BNEXT_CPU_ISA_LEVEL == 1
+    __m256 r;
+    std::memcpy(&r, &v, sizeof(r));
+    const __m256d cl = _mm256_cvtps_pd(_mm256_castps256_ps128(r));
+    const __m256d ch = _mm256_cvtps_pd(_mm256_extractf128_ps(r, 1));
+#elif defined(__x86_64__) && BNEXT_CPU_ISA_LEVEL == 0
+    __m128 r;
+    std::memcpy(&r, &v, sizeof(r));
+    const __m128d cl = _mm_cvtps_pd(r);
+    const __m128d ch = _mm_cvtps_pd(_mm_movehl_ps(r, r));
+#else
+    typedef acc_t half __attribute__((vector_size(kNativeBytes / 2)));
+    half hl, hh;
+    std::memcpy(&hl, &v, sizeof(hl));
+    std::memcpy(&hh, reinterpret_cast<const char*>(&v) + sizeof(hl), sizeof(hh));
+    const WideVec cl = __builtin_convertvector(hl, WideVec), ch = __builtin_convertvector(hh, WideVec);
+#endif
+    std::memcpy(&l, &cl, sizeof(l));
+    std::memcpy(&h, &ch, sizeof(h));
+    lo += l;
+    hi += h;
+  }
+}
+
 // sum(dy) into a, sum(dy * (x - mean)) into b, over one segment.
 template <typename scalar_t, typename acc_t>
-inline void seg_reduce(const scalar_t* dy, const scalar_t* x, int64_t len, acc_t mean, VecSum<acc_t>& a, VecSum<acc_t>& b) {
+inline void seg_reduce(
+    const scalar_t* dy, const scalar_t* x, int64_t len, acc_t mean, VecSum<merge_t>& sum_a, VecSum<acc_t>& sum_b) {
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::W;
   const vec m = vec{} + mean;
+  VecSum<merge_t> a = sum_a;  // local copies, as in seg_m2
+  VecSum<acc_t> b = sum_b;
   int64_t i = 0;
-  for (; i + 2 * W <= len; i += 2 * W) {
+  for (; i + 4 * W <= len; i += 4 * W) {
+    vec g0, g1, g2, g3, x0, x1, x2, x3;
+    vload2<scalar_t, acc_t>(dy + i, g0, g1);
+    vload2<scalar_t, acc_t>(dy + i + 2 * W, g2, g3);
+    vload2<scalar_t, acc_t>(x + i, x0, x1);
+    vload2<scalar_t, acc_t>(x + i + 2 * W, x2, x3);
+    wide_add<acc_t>(a.a0, a.a1, (g0 + g1) + (g2 + g3));
+    b.a0 += g0 * (x0 - m);
+    b.a1 += g1 * (x1 - m);
+    b.a2 += g2 * (x2 - m);
+    b.a3 += g3 * (x3 - m);
+  }
+  if (i + 2 * W <= len) {
     vec g0, g1, x0, x1;
     vload2<scalar_t, acc_t>(dy + i, g0, g1);
     vload2<scalar_t, acc_t>(x + i, x0, x1);
-    a.a0 += g0;
-    a.a1 += g1;
+    wide_add<acc_t>(a.a2, a.a3, g0 + g1);
     b.a0 += g0 * (x0 - m);
     b.a1 += g1 * (x1 - m);
+    i += 2 * W;
   }
-  for (; i + W <= len; i += W) {
+  if (i + W <= len) {
     const vec g = vload<scalar_t, acc_t>(dy + i);
-    a.a2 += g;
+    wide_add<acc_t>(a.a2, a.a3, g);
     b.a2 += g * (vload<scalar_t, acc_t>(x + i) - m);
+    i += W;
   }
   if constexpr (kMaskedTails<scalar_t, acc_t>) {
     if (i < len) {
-      const vec g = vload_part<scalar_t, acc_t>(dy + i, len - i);
-      a.a3 += g;
+      const vec g = vload_part<scalar_t, acc_t>(dy + i, len - i);  // zero past len
+      wide_add<acc_t>(a.a2, a.a3, g);
       b.a3 += first_lanes<acc_t>(g * (vload_part<scalar_t, acc_t>(x + i, len - i) - m), len - i);
     }
   } else {
@@ -694,6 +801,8 @@ inline void seg_reduce(const scalar_t* dy, const scalar_t* x, int64_t len, acc_t
       b.tail += g * (load<scalar_t, acc_t>(x, i) - mean);
     }
   }
+  sum_a = a;
+  sum_b = b;
 }
 
 // y = (x - pivot) * scale + shift (normalize() of math.h) over one segment of one channel.
@@ -759,37 +868,39 @@ inline void seg_affine(const scalar_t* x, scalar_t* y, int64_t len, const Normal
   }
 }
 
-// dx = a * dy + b * (x - mean) + d (backward_elemt() of math.h) over one segment of one channel.
+// backward_elemt() of math.h over one segment of one channel.
 template <typename scalar_t, typename acc_t, bool NT = false>
 inline void seg_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t len, const BackwardCoeffs<acc_t>& k) {
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::W;
-  const vec m = vec{} + k.mean, a = vec{} + k.a, b = vec{} + k.b, d = vec{} + k.d;
+  const vec m = vec{} + k.mean, mdy = vec{} + k.mean_dy, kv = vec{} + k.k, a = vec{} + k.a;
+  auto f = [&](vec g, vec v) { return backward_elemt(g, v, m, mdy, kv, a); };
+  auto one = [&](int64_t i) {
+    store<scalar_t, acc_t>(
+        dx, i, backward_elemt(load<scalar_t, acc_t>(dy, i), load<scalar_t, acc_t>(x, i), k.mean, k.mean_dy, k.k, k.a));
+  };
   int64_t i = 0;
   for (const int64_t head = aligned_head<scalar_t, NT>(dx, len); i < head; ++i) {
-    store<scalar_t, acc_t>(
-        dx, i, backward_elemt(load<scalar_t, acc_t>(dy, i), load<scalar_t, acc_t>(x, i), k.mean, k.a, k.b, k.d));
+    one(i);
   }
   for (; i + 2 * W <= len; i += 2 * W) {
     vec g0, g1, x0, x1;
     vload2<scalar_t, acc_t>(dy + i, g0, g1);
     vload2<scalar_t, acc_t>(x + i, x0, x1);
-    vstore2<scalar_t, acc_t, NT>(dx + i, a * g0 + b * (x0 - m) + d, a * g1 + b * (x1 - m) + d);
+    vstore2<scalar_t, acc_t, NT>(dx + i, f(g0, x0), f(g1, x1));
   }
   for (; i + W <= len; i += W) {
     vstore<scalar_t, acc_t, NT && kVecIsLine<scalar_t, acc_t>>(
-        dx + i, a * vload<scalar_t, acc_t>(dy + i) + b * (vload<scalar_t, acc_t>(x + i) - m) + d);
+        dx + i, f(vload<scalar_t, acc_t>(dy + i), vload<scalar_t, acc_t>(x + i)));
   }
   if constexpr (kMaskedTails<scalar_t, acc_t>) {
     if (i < len) {
       const int64_t n = len - i;
-      vstore_part<scalar_t, acc_t>(
-          dx + i, a * vload_part<scalar_t, acc_t>(dy + i, n) + b * (vload_part<scalar_t, acc_t>(x + i, n) - m) + d, n);
+      vstore_part<scalar_t, acc_t>(dx + i, f(vload_part<scalar_t, acc_t>(dy + i, n), vload_part<scalar_t, acc_t>(x + i, n)), n);
     }
   } else {
     for (; i < len; ++i) {
-      store<scalar_t, acc_t>(
-          dx, i, backward_elemt(load<scalar_t, acc_t>(dy, i), load<scalar_t, acc_t>(x, i), k.mean, k.a, k.b, k.d));
+      one(i);
     }
   }
 }
@@ -809,6 +920,34 @@ inline typename Vec<acc_t>::type vload_acc(const acc_t* p) {
 template <typename acc_t>
 inline void vstore_acc(acc_t* p, typename Vec<acc_t>::type v) {
   std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename acc_t>
+inline void lane_add(acc_t* s, typename Vec<acc_t>::type v) {
+  vstore_acc(s, vload_acc(s) + v);
+}
+
+// Lanes [0, W) of a merge_t lane array as wide_add's (lo, hi), W = Vec<acc_t>::W, and back.
+template <typename acc_t>
+inline void wide_load(const merge_t* s, WideVec& lo, WideVec& hi) {
+  lo = vload_acc(s);
+  hi = std::is_same_v<acc_t, merge_t> ? WideVec{} : vload_acc(s + Vec<merge_t>::W);
+}
+
+template <typename acc_t>
+inline void wide_store(merge_t* s, WideVec lo, WideVec hi) {
+  vstore_acc(s, lo);
+  if constexpr (!std::is_same_v<acc_t, merge_t>) {
+    vstore_acc(s + Vec<merge_t>::W, hi);
+  }
+}
+
+template <typename acc_t>
+inline void wide_lane_add(merge_t* s, typename Vec<acc_t>::type v) {
+  WideVec lo, hi;
+  wide_load<acc_t>(s, lo, hi);
+  wide_add<acc_t>(lo, hi, v);
+  wide_store<acc_t>(s, lo, hi);
 }
 
 // f(column0, ncolumns_in_vectors) for 4-vector blocks, 1-vector blocks, then scalar columns.
@@ -1040,83 +1179,83 @@ inline void rows_moments(
       });
 }
 
+// The second pass of two-pass statistics over rows (see two_pass_welford): sums of d = x - center
+// into s1 and of d * d into s2, per lane (one center vector per column: with 16 AVX2 registers a
+// 4-vector column block keeps its 8 sums and 4 centers in registers).
 template <typename scalar_t, typename acc_t>
 inline void rows_m2(
-    const scalar_t* x, int64_t nrows, int64_t width, bool wide, const acc_t* pivot, const acc_t* mean, acc_t* acc) {
+    const scalar_t* x, int64_t nrows, int64_t width, bool wide, const acc_t* center, acc_t* s1, acc_t* s2) {
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::W;
   if (wide) {
     rows_wide_by4<scalar_t, acc_t>(
         x, nrows, width,
         [=](const scalar_t* x0, int64_t j) {
-          const vec pv = vload_acc(pivot + j), mv = vload_acc(mean + j);
-          const vec d0 = (vload<scalar_t, acc_t>(x0 + j) - pv) - mv, d1 = (vload<scalar_t, acc_t>(x0 + width + j) - pv) - mv;
-          const vec d2 = (vload<scalar_t, acc_t>(x0 + 2 * width + j) - pv) - mv;
-          const vec d3 = (vload<scalar_t, acc_t>(x0 + 3 * width + j) - pv) - mv;
-          vstore_acc(acc + j, vload_acc(acc + j) + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)));
+          const vec cv = vload_acc(center + j);
+          const vec d0 = vload<scalar_t, acc_t>(x0 + j) - cv, d1 = vload<scalar_t, acc_t>(x0 + width + j) - cv;
+          const vec d2 = vload<scalar_t, acc_t>(x0 + 2 * width + j) - cv;
+          const vec d3 = vload<scalar_t, acc_t>(x0 + 3 * width + j) - cv;
+          vstore_acc(s1 + j, vload_acc(s1 + j) + ((d0 + d1) + (d2 + d3)));
+          vstore_acc(s2 + j, vload_acc(s2 + j) + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)));
         },
         [=](const scalar_t* x0, int64_t j) {
           for (int64_t k = 0; k < 4; ++k) {
-            const acc_t d = (load<scalar_t, acc_t>(x0, k * width + j) - pivot[j]) - mean[j];
-            acc[j] += d * d;
+            const acc_t d = load<scalar_t, acc_t>(x0, k * width + j) - center[j];
+            s1[j] += d;
+            s2[j] += d * d;
           }
         },
         [=](const scalar_t* x0, int64_t j) {
-          const vec d = (vload<scalar_t, acc_t>(x0 + j) - vload_acc(pivot + j)) - vload_acc(mean + j);
-          vstore_acc(acc + j, vload_acc(acc + j) + d * d);
+          const vec d = vload<scalar_t, acc_t>(x0 + j) - vload_acc(center + j);
+          vstore_acc(s1 + j, vload_acc(s1 + j) + d);
+          vstore_acc(s2 + j, vload_acc(s2 + j) + d * d);
         },
         [=](const scalar_t* x0, int64_t j) {
-          const acc_t d = (load<scalar_t, acc_t>(x0, j) - pivot[j]) - mean[j];
-          acc[j] += d * d;
+          const acc_t d = load<scalar_t, acc_t>(x0, j) - center[j];
+          s1[j] += d;
+          s2[j] += d * d;
         });
     return;
   }
+  auto block = [&](int64_t j, auto nvec) {
+    constexpr int NV = decltype(nvec)::value;
+    vec a[NV], q[NV], cv[NV];
+    for (int v = 0; v < NV; ++v) {
+      a[v] = vload_acc(s1 + j + v * W);
+      q[v] = vload_acc(s2 + j + v * W);
+      cv[v] = vload_acc(center + j + v * W);
+    }
+    for (int64_t r = 0; r < nrows; ++r) {
+      const scalar_t* row = x + r * width + j;
+      for (int v = 0; v < NV; ++v) {
+        const vec d = vload<scalar_t, acc_t>(row + v * W) - cv[v];
+        a[v] += d;
+        q[v] += d * d;
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      vstore_acc(s1 + j + v * W, a[v]);
+      vstore_acc(s2 + j + v * W, q[v]);
+    }
+  };
   for_column_blocks<acc_t>(
-      width,
-      [&](int64_t j) {
-        vec a0 = vload_acc(acc + j), a1 = vload_acc(acc + j + W), a2 = vload_acc(acc + j + 2 * W),
-            a3 = vload_acc(acc + j + 3 * W);
-        // (x - pivot) - mean, as the scalar path and seg_m2 round it.
-        const vec p0 = vload_acc(pivot + j), p1 = vload_acc(pivot + j + W), p2 = vload_acc(pivot + j + 2 * W),
-                  p3 = vload_acc(pivot + j + 3 * W);
-        const vec m0 = vload_acc(mean + j), m1 = vload_acc(mean + j + W), m2 = vload_acc(mean + j + 2 * W),
-                  m3 = vload_acc(mean + j + 3 * W);
-        for (int64_t r = 0; r < nrows; ++r) {
-          const scalar_t* row = x + r * width + j;
-          const vec d0 = (vload<scalar_t, acc_t>(row) - p0) - m0;
-          const vec d1 = (vload<scalar_t, acc_t>(row + W) - p1) - m1;
-          const vec d2 = (vload<scalar_t, acc_t>(row + 2 * W) - p2) - m2;
-          const vec d3 = (vload<scalar_t, acc_t>(row + 3 * W) - p3) - m3;
-          a0 += d0 * d0;
-          a1 += d1 * d1;
-          a2 += d2 * d2;
-          a3 += d3 * d3;
-        }
-        vstore_acc(acc + j, a0);
-        vstore_acc(acc + j + W, a1);
-        vstore_acc(acc + j + 2 * W, a2);
-        vstore_acc(acc + j + 3 * W, a3);
-      },
-      [&](int64_t j) {
-        vec a0 = vload_acc(acc + j);
-        const vec p0 = vload_acc(pivot + j), m0 = vload_acc(mean + j);
-        for (int64_t r = 0; r < nrows; ++r) {
-          const vec d0 = (vload<scalar_t, acc_t>(x + r * width + j) - p0) - m0;
-          a0 += d0 * d0;
-        }
-        vstore_acc(acc + j, a0);
-      },
+      width, [&](int64_t j) { block(j, std::integral_constant<int, 4>()); },
+      [&](int64_t j) { block(j, std::integral_constant<int, 1>()); },
       [&](int64_t j) {
         for (int64_t r = 0; r < nrows; ++r) {
-          const acc_t d = (load<scalar_t, acc_t>(x, r * width + j) - pivot[j]) - mean[j];
-          acc[j] += d * d;
+          const acc_t d = load<scalar_t, acc_t>(x, r * width + j) - center[j];
+          s1[j] += d;
+          s2[j] += d * d;
         }
       });
 }
 
+// sum(dy) into a (merge_t lanes, see wide_add), sum(dy * (x - mean)) into b, per lane. Four rows'
+// dy are added in acc_t first, ((g0 + g1) + (g2 + g3)), exact for a constant dy as every step
+// doubles, so that a vector of merge_t lanes is updated once per four rows.
 template <typename scalar_t, typename acc_t>
 inline void rows_reduce(
-    const scalar_t* dy, const scalar_t* x, int64_t nrows, int64_t width, bool wide, const acc_t* mean, acc_t* a,
+    const scalar_t* dy, const scalar_t* x, int64_t nrows, int64_t width, bool wide, const acc_t* mean, merge_t* a,
     acc_t* b) {
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::W;
@@ -1131,7 +1270,7 @@ inline void rows_reduce(
             ga[k] = vload<scalar_t, acc_t>(g0 + k * width + j);
             xa[k] = vload<scalar_t, acc_t>(x0 + k * width + j) - mv;
           }
-          vstore_acc(a + j, vload_acc(a + j) + ((ga[0] + ga[1]) + (ga[2] + ga[3])));
+          wide_lane_add<acc_t>(a + j, (ga[0] + ga[1]) + (ga[2] + ga[3]));
           vstore_acc(b + j, vload_acc(b + j) + ((ga[0] * xa[0] + ga[1] * xa[1]) + (ga[2] * xa[2] + ga[3] * xa[3])));
         },
         [=](const scalar_t* x0, int64_t j) {
@@ -1144,7 +1283,7 @@ inline void rows_reduce(
         },
         [=](const scalar_t* x0, int64_t j) {
           const vec g = vload<scalar_t, acc_t>(dy + (x0 - x) + j);
-          vstore_acc(a + j, vload_acc(a + j) + g);
+          wide_lane_add<acc_t>(a + j, g);
           vstore_acc(b + j, vload_acc(b + j) + g * (vload<scalar_t, acc_t>(x0 + j) - vload_acc(mean + j)));
         },
         [=](const scalar_t* x0, int64_t j) {
@@ -1155,49 +1294,44 @@ inline void rows_reduce(
         dy);
     return;
   }
+  // Column blocks: the sums in registers down the rows, four rows' dy in a tree.
+  auto block = [&](int64_t j, auto nvec) {
+    constexpr int NV = decltype(nvec)::value;
+    vec bv[NV], mv[NV];
+    WideVec lo[NV], hi[NV];
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = vload_acc(b + j + v * W);
+      mv[v] = vload_acc(mean + j + v * W);
+      wide_load<acc_t>(a + j + v * W, lo[v], hi[v]);
+    }
+    int64_t r = 0;
+    for (; r + 4 <= nrows; r += 4) {
+      for (int v = 0; v < NV; ++v) {
+        vec g[4];
+        for (int k = 0; k < 4; ++k) {
+          const int64_t o = (r + k) * width + j + v * W;
+          g[k] = vload<scalar_t, acc_t>(dy + o);
+          bv[v] += g[k] * (vload<scalar_t, acc_t>(x + o) - mv[v]);
+        }
+        wide_add<acc_t>(lo[v], hi[v], (g[0] + g[1]) + (g[2] + g[3]));
+      }
+    }
+    for (; r < nrows; ++r) {
+      for (int v = 0; v < NV; ++v) {
+        const int64_t o = r * width + j + v * W;
+        const vec g = vload<scalar_t, acc_t>(dy + o);
+        bv[v] += g * (vload<scalar_t, acc_t>(x + o) - mv[v]);
+        wide_add<acc_t>(lo[v], hi[v], g);
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      vstore_acc(b + j + v * W, bv[v]);
+      wide_store<acc_t>(a + j + v * W, lo[v], hi[v]);
+    }
+  };
   for_column_blocks<acc_t>(
-      width,
-      [&](int64_t j) {
-        vec a0 = vload_acc(a + j), a1 = vload_acc(a + j + W), a2 = vload_acc(a + j + 2 * W),
-            a3 = vload_acc(a + j + 3 * W);
-        vec b0 = vload_acc(b + j), b1 = vload_acc(b + j + W), b2 = vload_acc(b + j + 2 * W),
-            b3 = vload_acc(b + j + 3 * W);
-        const vec m0 = vload_acc(mean + j), m1 = vload_acc(mean + j + W), m2 = vload_acc(mean + j + 2 * W),
-                  m3 = vload_acc(mean + j + 3 * W);
-        for (int64_t r = 0; r < nrows; ++r) {
-          const scalar_t* g = dy + r * width + j;
-          const scalar_t* v = x + r * width + j;
-          const vec g0 = vload<scalar_t, acc_t>(g), g1 = vload<scalar_t, acc_t>(g + W),
-                    g2 = vload<scalar_t, acc_t>(g + 2 * W), g3 = vload<scalar_t, acc_t>(g + 3 * W);
-          a0 += g0;
-          a1 += g1;
-          a2 += g2;
-          a3 += g3;
-          b0 += g0 * (vload<scalar_t, acc_t>(v) - m0);
-          b1 += g1 * (vload<scalar_t, acc_t>(v + W) - m1);
-          b2 += g2 * (vload<scalar_t, acc_t>(v + 2 * W) - m2);
-          b3 += g3 * (vload<scalar_t, acc_t>(v + 3 * W) - m3);
-        }
-        vstore_acc(a + j, a0);
-        vstore_acc(a + j + W, a1);
-        vstore_acc(a + j + 2 * W, a2);
-        vstore_acc(a + j + 3 * W, a3);
-        vstore_acc(b + j, b0);
-        vstore_acc(b + j + W, b1);
-        vstore_acc(b + j + 2 * W, b2);
-        vstore_acc(b + j + 3 * W, b3);
-      },
-      [&](int64_t j) {
-        vec a0 = vload_acc(a + j), b0 = vload_acc(b + j);
-        const vec m0 = vload_acc(mean + j);
-        for (int64_t r = 0; r < nrows; ++r) {
-          const vec g0 = vload<scalar_t, acc_t>(dy + r * width + j);
-          a0 += g0;
-          b0 += g0 * (vload<scalar_t, acc_t>(x + r * width + j) - m0);
-        }
-        vstore_acc(a + j, a0);
-        vstore_acc(b + j, b0);
-      },
+      width, [&](int64_t j) { block(j, std::integral_constant<int, 4>()); },
+      [&](int64_t j) { block(j, std::integral_constant<int, 1>()); },
       [&](int64_t j) {
         for (int64_t r = 0; r < nrows; ++r) {
           const acc_t g = load<scalar_t, acc_t>(dy, r * width + j);
@@ -1256,20 +1390,22 @@ inline void rows_affine_group(
       });
 }
 
+// backward_elemt() of math.h over rows, per-lane coefficient arrays m, mdy, k, a (as rows_affine_group).
 template <typename scalar_t, typename acc_t, bool NT>
 inline void rows_backward_group(
     const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t nrows, int64_t width, const acc_t* m,
-    const acc_t* a, const acc_t* b, const acc_t* d) {
+    const acc_t* mdy, const acc_t* k, const acc_t* a) {
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::W;
   auto block = [&](int64_t j, auto nvec) {
-    vec mv[nvec.value], av[nvec.value], bv[nvec.value], dv[nvec.value];
+    vec mv[nvec.value], dv[nvec.value], kv[nvec.value], av[nvec.value];
     for (int v = 0; v < nvec.value; ++v) {
       mv[v] = vload_acc(m + j + v * W);
+      dv[v] = vload_acc(mdy + j + v * W);
+      kv[v] = vload_acc(k + j + v * W);
       av[v] = vload_acc(a + j + v * W);
-      bv[v] = vload_acc(b + j + v * W);
-      dv[v] = vload_acc(d + j + v * W);
     }
+    auto f = [&](int v, vec g, vec xv) { return backward_elemt(g, xv, mv[v], dv[v], kv[v], av[v]); };
     for (int64_t r = 0; r < nrows; ++r) {
       const int64_t off = r * width + j;
       if constexpr (nvec.value % 2 == 0) {
@@ -1278,14 +1414,13 @@ inline void rows_backward_group(
           vec g0, g1, x0, x1;
           vload2<scalar_t, acc_t>(dy + o, g0, g1);
           vload2<scalar_t, acc_t>(x + o, x0, x1);
-          vstore2<scalar_t, acc_t, NT>(
-              dx + o, av[v] * g0 + bv[v] * (x0 - mv[v]) + dv[v], av[v + 1] * g1 + bv[v + 1] * (x1 - mv[v + 1]) + dv[v + 1]);
+          vstore2<scalar_t, acc_t, NT>(dx + o, f(v, g0, x0), f(v + 1, g1, x1));
         }
       } else {
         for (int v = 0; v < nvec.value; ++v) {
           const int64_t o = off + v * W;
           vstore<scalar_t, acc_t, NT && kVecIsLine<scalar_t, acc_t>>(
-              dx + o, av[v] * vload<scalar_t, acc_t>(dy + o) + bv[v] * (vload<scalar_t, acc_t>(x + o) - mv[v]) + dv[v]);
+              dx + o, f(v, vload<scalar_t, acc_t>(dy + o), vload<scalar_t, acc_t>(x + o)));
         }
       }
     }
@@ -1297,7 +1432,7 @@ inline void rows_backward_group(
         for (int64_t r = 0; r < nrows; ++r) {
           const int64_t o = r * width + j;
           store<scalar_t, acc_t>(
-              dx, o, backward_elemt(load<scalar_t, acc_t>(dy, o), load<scalar_t, acc_t>(x, o), m[j], a[j], b[j], d[j]));
+              dx, o, backward_elemt(load<scalar_t, acc_t>(dy, o), load<scalar_t, acc_t>(x, o), m[j], mdy[j], k[j], a[j]));
         }
       });
 }
@@ -1333,7 +1468,7 @@ inline void rows_affine(
 template <typename scalar_t, typename acc_t, bool NT = false>
 inline void rows_backward(
     const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t nrows, int64_t width, bool wide, const acc_t* m,
-    const acc_t* a, const acc_t* b, const acc_t* d) {
+    const acc_t* mdy, const acc_t* k, const acc_t* a) {
   const int64_t group = row_group(width, wide);
   const int64_t row_bytes = width * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t ahead = prefetch_ahead(row_bytes);
@@ -1343,7 +1478,7 @@ inline void rows_backward(
       prefetch_lines(reinterpret_cast<uintptr_t>(dy + off) + ahead, row_bytes);
       prefetch_lines(reinterpret_cast<uintptr_t>(x + off) + ahead, row_bytes);
     }
-    rows_backward_group<scalar_t, acc_t, NT>(dy + off, x + off, dx + off, std::min(group, nrows - r), width, m, a, b, d);
+    rows_backward_group<scalar_t, acc_t, NT>(dy + off, x + off, dx + off, std::min(group, nrows - r), width, m, mdy, k, a);
   }
 }
 
@@ -1397,6 +1532,12 @@ struct Buffer {
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
   T* p;
+};
+
+// A channel's backward sums, merged: sum(dy) and sum(dy * (x - mean)).
+struct GradSums {
+  merge_t dy;
+  merge_t dy_xmu;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1568,11 +1709,6 @@ inline typename Vec<acc_t>::type span_load(const scalar_t* p, int64_t n) {
   }
 }
 
-template <typename acc_t>
-inline void lane_add(acc_t* s, typename Vec<acc_t>::type v) {
-  vstore_acc(s, vload_acc(s) + v);
-}
-
 // The sum of len per-position accumulators in a fixed order.
 template <typename acc_t>
 inline acc_t lane_fold(const acc_t* s, int64_t len) {
@@ -1641,21 +1777,39 @@ inline void lane_block_stats(
       lane_add(s1 + i, (span_load<scalar_t, acc_t>(p + i, n) - vload_acc(pv + i)) * iv);
     });
   });
-  acc_t mean[kMaxGroup];
+  acc_t mean[kMaxGroup], center[kMaxGroup];
   for (int64_t g = 0; g < G; ++g) {
     mean[g] = lane_fold(s1 + g * l.HxW, l.HxW);
+    center[g] = pivot[g] + mean[g];
   }
-  alignas(64) acc_t mv[kLaneSpan];
-  ls.spread([&](int64_t g) { return mean[g]; }, mv);
-  span_samples(l, n0, n1, c0, [&](int64_t off, int64_t) {
+  // (The padding's centers are zero, as are its loads: its d stays zero.)
+  alignas(64) acc_t cv[kLaneSpan];
+  ls.spread([&](int64_t g) { return center[g]; }, cv);
+  ls.zero(s1);
+  // Four samples at a time (as lane_block_reduce).
+  int64_t s = n0;
+  for (; s + 4 <= n1; s += 4) {
+    span_vectors<acc_t>(ls.span, [&](int64_t i, int64_t n) {
+      const vec c = vload_acc(cv + i);
+      vec d[4];
+      for (int k = 0; k < 4; ++k) {
+        d[k] = span_load<scalar_t, acc_t>(x + ((s + k) * l.C + c0) * l.HxW + i, n) - c;
+      }
+      lane_add(s1 + i, (d[0] + d[1]) + (d[2] + d[3]));
+      lane_add(s2 + i, (d[0] * d[0] + d[1] * d[1]) + (d[2] * d[2] + d[3] * d[3]));
+    });
+  }
+  span_samples(l, s, n1, c0, [&](int64_t off, int64_t) {
     const scalar_t* p = x + off;
     span_vectors<acc_t>(ls.span, [&](int64_t i, int64_t n) {
-      const vec d = (span_load<scalar_t, acc_t>(p + i, n) - vload_acc(pv + i)) - vload_acc(mv + i);
+      const vec d = span_load<scalar_t, acc_t>(p + i, n) - vload_acc(cv + i);
+      lane_add(s1 + i, d);
       lane_add(s2 + i, d * d);
     });
   });
   for (int64_t g = 0; g < G; ++g) {
-    out[g] = {mean[g], lane_fold(s2 + g * l.HxW, l.HxW), count};
+    out[g] = two_pass_welford(
+        pivot[g], mean[g], center[g], lane_fold(s1 + g * l.HxW, l.HxW), lane_fold(s2 + g * l.HxW, l.HxW), count);
   }
 }
 
@@ -1663,21 +1817,45 @@ inline void lane_block_stats(
 template <typename scalar_t, typename acc_t>
 inline void lane_block_reduce(
     const scalar_t* dy, const scalar_t* x, const Layout& l, int64_t n0, int64_t n1, int64_t c0, int64_t G,
-    const acc_t* mean, acc_t* s_dy, acc_t* s_dyxmu, bool prefetch) {
+    const acc_t* mean, merge_t* s_dy, acc_t* s_dyxmu, bool prefetch) {
   using vec = typename Vec<acc_t>::type;
   const LaneSpan ls(l.HxW, G, Vec<acc_t>::W);
   const GroupPrefetch ahead = group_prefetch<scalar_t>(l, G, l.HxW, prefetch);
-  alignas(64) acc_t mv[kLaneSpan], a[kLaneSpan], b[kLaneSpan];
+  alignas(64) acc_t mv[kLaneSpan], b[kLaneSpan];
+  alignas(64) merge_t a[kLaneSpan];
   ls.spread([&](int64_t g) { return mean[g]; }, mv);
   ls.zero(a);
   ls.zero(b);
-  span_samples(l, n0, n1, c0, [&](int64_t off, int64_t s) {
+  // Four samples at a time: their dy in a tree (see wide_add), their dy * (x - mean) likewise, so
+  // that the lanes in L1 are updated once per four samples.
+  int64_t s = n0;
+  for (; s + 4 <= n1; s += 4) {
+    const scalar_t *pd[4], *px[4];
+    for (int k = 0; k < 4; ++k) {
+      const int64_t off = ((s + k) * l.C + c0) * l.HxW;
+      pd[k] = dy + off;
+      px[k] = x + off;
+      ahead(pd[k], s + k, l.N);
+      ahead(px[k], s + k, l.N);
+    }
+    span_vectors<acc_t>(ls.span, [&](int64_t i, int64_t n) {
+      const vec m = vload_acc(mv + i);
+      vec g[4], t[4];
+      for (int k = 0; k < 4; ++k) {
+        g[k] = span_load<scalar_t, acc_t>(pd[k] + i, n);
+        t[k] = g[k] * (span_load<scalar_t, acc_t>(px[k] + i, n) - m);
+      }
+      wide_lane_add<acc_t>(a + i, (g[0] + g[1]) + (g[2] + g[3]));
+      lane_add(b + i, (t[0] + t[1]) + (t[2] + t[3]));
+    });
+  }
+  span_samples(l, s, n1, c0, [&](int64_t off, int64_t n_) {
     const scalar_t *pd = dy + off, *px = x + off;
-    ahead(pd, s, l.N);
-    ahead(px, s, l.N);
+    ahead(pd, n_, l.N);
+    ahead(px, n_, l.N);
     span_vectors<acc_t>(ls.span, [&](int64_t i, int64_t n) {
       const vec g = span_load<scalar_t, acc_t>(pd + i, n);
-      lane_add(a + i, g);
+      wide_lane_add<acc_t>(a + i, g);
       lane_add(b + i, g * (span_load<scalar_t, acc_t>(px + i, n) - vload_acc(mv + i)));
     });
   });
@@ -1723,30 +1901,32 @@ inline void group_block_stats(
   const acc_t inv_count = acc_t(1) / static_cast<acc_t>(count);
   GroupSums<acc_t> sum(G);
   each_run([&](int64_t g, const scalar_t* run) { seg_mean<scalar_t, acc_t>(run, len, pivot[g], inv_count, sum[g]); }, true);
-  acc_t mean[kMaxGroup];
+  acc_t mean[kMaxGroup], center[kMaxGroup];
   for (int64_t g = 0; g < G; ++g) {
     mean[g] = sum[g].total();
+    center[g] = pivot[g] + mean[g];
   }
-  GroupSums<acc_t> m2(G);
-  each_run([&](int64_t g, const scalar_t* run) { seg_m2<scalar_t, acc_t>(run, len, pivot[g], mean[g], m2[g]); }, false);
+  GroupSums<acc_t> dev(G), m2(G);
+  each_run([&](int64_t g, const scalar_t* run) { seg_m2<scalar_t, acc_t>(run, len, center[g], dev[g], m2[g]); }, false);
   for (int64_t g = 0; g < G; ++g) {
-    out[g] = {mean[g], m2[g].total(), count};
+    out[g] = two_pass_welford(pivot[g], mean[g], center[g], dev[g].total(), m2[g].total(), count);
   }
 }
 
-// Block sums of dy and dy * (x - mean) of a channel group (as group_block_stats), in acc_t;
-// callers add the blocks in merge_t.
+// Block sums of dy (in merge_t, see wide_add) and dy * (x - mean) (in acc_t) of a channel group
+// (as group_block_stats); callers add the blocks in merge_t.
 template <typename scalar_t, typename acc_t>
 inline void group_block_reduce(
     const scalar_t* dy, const scalar_t* x, const Layout& l, const BlockPlan& plan, int64_t c0, int64_t G, int64_t j,
-    const acc_t* mean, acc_t* s_dy, acc_t* s_dyxmu, bool prefetch) {
+    const acc_t* mean, merge_t* s_dy, acc_t* s_dyxmu, bool prefetch) {
   int64_t n0, n1, h0, h1;
   plan.range(l, j, n0, n1, h0, h1);
   if (lane_reductions<scalar_t, acc_t>(l)) {
     lane_block_reduce<scalar_t, acc_t>(dy, x, l, n0, n1, c0, G, mean, s_dy, s_dyxmu, prefetch);
     return;
   }
-  GroupSums<acc_t> a(G), b(G);
+  GroupSums<merge_t> a(G);
+  GroupSums<acc_t> b(G);
   const GroupPrefetch ahead = group_prefetch<scalar_t>(l, G, h1 - h0, prefetch);
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t off = (n * l.C + c0) * l.HxW + h0;  // channel c0's run; channel c0 + g's is g planes on
@@ -1948,37 +2128,46 @@ void rows_stats(const scalar_t* x, const Layout& l, ChannelStats<acc_t>& st) {
   rows_pivots<scalar_t, acc_t>(x, plan.R, C, st.pivot.p);
   Buffer<acc_t> lanes_pivot(plan.P);
   replicate(st.pivot.p, C, plan.k, lanes_pivot.p);
-  Buffer<acc_t> pmean(plan.nchunks * C), pm2(plan.nchunks * C);
+  Buffer<merge_t> pmean(plan.nchunks * C), pm2(plan.nchunks * C);
   at::parallel_for(0, plan.nchunks, plan.chunk_grain(), [&](int64_t begin, int64_t end) {
-    Buffer<acc_t> acc(plan.P), lanes_mean(plan.P), mean(C);
+    Buffer<acc_t> s1(plan.P), s2(plan.P), lanes_center(plan.P), t1(C), t2(C), center(C);
     for (int64_t q = begin; q < end; ++q) {
-      const int64_t r0 = q * plan.rows_per_chunk, r1 = r0 + plan.chunk_rows(q);
+      const int64_t r0 = q * plan.rows_per_chunk, rows = plan.chunk_rows(q), r1 = r0 + rows;
+      std::fill(s1.p, s1.p + plan.P, acc_t(0));
+      std::fill(s2.p, s2.p + plan.P, acc_t(0));
       if constexpr (kOnePassStats<scalar_t>) {
-        acc_t* s1 = acc.p;
-        acc_t* s2 = lanes_mean.p;
-        std::fill(s1, s1 + plan.P, acc_t(0));
-        std::fill(s2, s2 + plan.P, acc_t(0));
         for_super_rows(plan, r0, r1, [&](int64_t off, int64_t nrows, int64_t width) {
-          rows_moments<scalar_t, acc_t>(x + off, nrows, width, plan.wide, lanes_pivot.p, s1, s2);
+          rows_moments<scalar_t, acc_t>(x + off, nrows, width, plan.wide, lanes_pivot.p, s1.p, s2.p);
         });
         // The chunk's raw sums: the merge below turns them into its mean and M2.
-        fold(s1, C, plan.k, pmean.p + q * C);
-        fold(s2, C, plan.k, pm2.p + q * C);
+        fold(s1.p, C, plan.k, t1.p);
+        fold(s2.p, C, plan.k, t2.p);
+        for (int64_t c = 0; c < C; ++c) {
+          pmean.p[q * C + c] = t1.p[c];
+          pm2.p[q * C + c] = t2.p[c];
+        }
         continue;
       }
-      const acc_t inv = acc_t(1) / static_cast<acc_t>(r1 - r0);
-      std::fill(acc.p, acc.p + plan.P, acc_t(0));
+      const acc_t inv = acc_t(1) / static_cast<acc_t>(rows);
       for_super_rows(plan, r0, r1, [&](int64_t off, int64_t nrows, int64_t width) {
-        rows_mean<scalar_t, acc_t>(x + off, nrows, width, plan.wide, lanes_pivot.p, inv, acc.p);
+        rows_mean<scalar_t, acc_t>(x + off, nrows, width, plan.wide, lanes_pivot.p, inv, s1.p);
       });
-      fold(acc.p, C, plan.k, mean.p);
-      replicate(mean.p, C, plan.k, lanes_mean.p);
-      std::fill(acc.p, acc.p + plan.P, acc_t(0));
+      fold(s1.p, C, plan.k, t1.p);
+      for (int64_t c = 0; c < C; ++c) {
+        center.p[c] = st.pivot.p[c] + t1.p[c];
+      }
+      replicate(center.p, C, plan.k, lanes_center.p);
+      std::fill(s1.p, s1.p + plan.P, acc_t(0));
       for_super_rows(plan, r0, r1, [&](int64_t off, int64_t nrows, int64_t width) {
-        rows_m2<scalar_t, acc_t>(x + off, nrows, width, plan.wide, lanes_pivot.p, lanes_mean.p, acc.p);
+        rows_m2<scalar_t, acc_t>(x + off, nrows, width, plan.wide, lanes_center.p, s1.p, s2.p);
       });
-      std::memcpy(pmean.p + q * C, mean.p, C * sizeof(acc_t));
-      fold(acc.p, C, plan.k, pm2.p + q * C);
+      fold(s1.p, C, plan.k, t2.p);
+      fold(s2.p, C, plan.k, s1.p);
+      for (int64_t c = 0; c < C; ++c) {
+        const auto w = two_pass_welford(st.pivot.p[c], t1.p[c], center.p[c], t2.p[c], s1.p[c], rows);
+        pmean.p[q * C + c] = w.mean;
+        pm2.p[q * C + c] = w.m2;
+      }
     }
   });
   // Chan merge (welford_combine's arithmetic) of the chunks in chunk order, in merge_t; all
@@ -2047,17 +2236,20 @@ void rows_affine_all(const scalar_t* x, scalar_t* y, const Layout& l, const acc_
   }
 }
 
+// The backward sums of every channel (chunk partials merged in merge_t, in chunk order).
 template <typename scalar_t, typename acc_t>
-void rows_reduce_all(const scalar_t* dy, const scalar_t* x, const Layout& l, const acc_t* mean, acc_t* sum_dy, acc_t* sum_dy_xmu) {
+void rows_reduce_all(const scalar_t* dy, const scalar_t* x, const Layout& l, const acc_t* mean, GradSums* sums) {
   const RowPlan plan(l, sizeof(scalar_t));
   const int64_t C = l.C;
-  Buffer<acc_t> pa(plan.nchunks * C), pb(plan.nchunks * C), lanes_mean(plan.P);
+  Buffer<merge_t> pa(plan.nchunks * C);
+  Buffer<acc_t> pb(plan.nchunks * C), lanes_mean(plan.P);
   replicate(mean, C, plan.k, lanes_mean.p);
   at::parallel_for(0, plan.nchunks, plan.chunk_grain(), [&](int64_t begin, int64_t end) {
-    Buffer<acc_t> a(plan.P), b(plan.P);
+    Buffer<merge_t> a(plan.P);
+    Buffer<acc_t> b(plan.P);
     for (int64_t q = begin; q < end; ++q) {
       const int64_t r0 = q * plan.rows_per_chunk, r1 = r0 + plan.chunk_rows(q);
-      std::fill(a.p, a.p + plan.P, acc_t(0));
+      std::fill(a.p, a.p + plan.P, merge_t(0));
       std::fill(b.p, b.p + plan.P, acc_t(0));
       for_super_rows(plan, r0, r1, [&](int64_t off, int64_t nrows, int64_t width) {
         rows_reduce<scalar_t, acc_t>(dy + off, x + off, nrows, width, plan.wide, lanes_mean.p, a.p, b.p);
@@ -2066,7 +2258,6 @@ void rows_reduce_all(const scalar_t* dy, const scalar_t* x, const Layout& l, con
       fold(b.p, C, plan.k, pb.p + q * C);
     }
   });
-  // Chunk sums are added in merge_t, in chunk order.
   Buffer<merge_t> sa(C), sb(C);
   for (int64_t q = 0; q < plan.nchunks; ++q) {
 #pragma omp simd
@@ -2076,8 +2267,7 @@ void rows_reduce_all(const scalar_t* dy, const scalar_t* x, const Layout& l, con
     }
   }
   for (int64_t c = 0; c < C; ++c) {
-    sum_dy[c] = static_cast<acc_t>(sa.p[c]);
-    sum_dy_xmu[c] = static_cast<acc_t>(sb.p[c]);
+    sums[c] = {sa.p[c], sb.p[c]};
   }
 }
 
@@ -2086,27 +2276,27 @@ void rows_backward_all(
     const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Layout& l, const BackwardCoeffs<acc_t>* coeffs) {
   const RowPlan plan(l, sizeof(scalar_t));
   const int64_t C = l.C;
-  Buffer<acc_t> m(plan.P), a(plan.P), b(plan.P), d(plan.P);
+  Buffer<acc_t> m(plan.P), mdy(plan.P), k(plan.P), a(plan.P);
   for (int64_t i = 0; i < plan.k; ++i) {
     for (int64_t c = 0; c < C; ++c) {
       m.p[i * C + c] = coeffs[c].mean;
+      mdy.p[i * C + c] = coeffs[c].mean_dy;
+      k.p[i * C + c] = coeffs[c].k;
       a.p[i * C + c] = coeffs[c].a;
-      b.p[i * C + c] = coeffs[c].b;
-      d.p[i * C + c] = coeffs[c].d;
     }
   }
   const int64_t nsuper = plan.R / plan.k;
   with_constant(stream_rows<scalar_t, acc_t>(dx, l, plan, 3), [&](auto nt) {
     at::parallel_for(0, nsuper, std::max<int64_t>(1, kGrainElems / plan.P), [&](int64_t begin, int64_t end) {
       const int64_t off = begin * plan.P;
-      rows_backward<scalar_t, acc_t, nt.value>(dy + off, x + off, dx + off, end - begin, plan.P, plan.wide, m.p, a.p, b.p, d.p);
+      rows_backward<scalar_t, acc_t, nt.value>(dy + off, x + off, dx + off, end - begin, plan.P, plan.wide, m.p, mdy.p, k.p, a.p);
       end_streaming<nt.value>();
     });
   });
   const int64_t tail = (plan.R - nsuper * plan.k) * C;
   if (tail > 0) {
     const int64_t off = nsuper * plan.P;
-    rows_backward<scalar_t, acc_t>(dy + off, x + off, dx + off, 1, tail, plan.wide, m.p, a.p, b.p, d.p);
+    rows_backward<scalar_t, acc_t>(dy + off, x + off, dx + off, 1, tail, plan.wide, m.p, mdy.p, k.p, a.p);
   }
 }
 
@@ -2314,11 +2504,11 @@ inline void lanes_affine(
 
 template <typename scalar_t, typename acc_t, bool NT = false>
 inline void lanes_backward(
-    const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t nvec, const acc_t* m, const acc_t* a, const acc_t* b,
-    const acc_t* d) {
+    const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t nvec, const acc_t* m, const acc_t* mdy, const acc_t* k,
+    const acc_t* a) {
   constexpr int64_t W = Vec<acc_t>::W;
   auto one = [&](int64_t i, typename Vec<acc_t>::type g, typename Vec<acc_t>::type xv) {
-    return vload_acc(a + i) * g + vload_acc(b + i) * (xv - vload_acc(m + i)) + vload_acc(d + i);
+    return backward_elemt(g, xv, vload_acc(m + i), vload_acc(mdy + i), vload_acc(k + i), vload_acc(a + i));
   };
   int64_t v = 0;
   for (; v + 2 <= nvec; v += 2) {
@@ -2369,15 +2559,15 @@ inline void group_backward(
     const BackwardCoeffs<acc_t>* k) {
   if (NT ? !planes_on_lines<scalar_t>(l) : group_lanes_fit<scalar_t, acc_t>(l, G)) {
     constexpr int64_t kLanes = kMaxLineLaneVecs * kLaneWidth;
-    alignas(64) acc_t mv[kLanes], av[kLanes], bv[kLanes], dv[kLanes];
+    alignas(64) acc_t mv[kLanes], dv[kLanes], kv[kLanes], av[kLanes];
     spread_lanes<acc_t>(l.HxW, G, [&](int64_t g) { return k[g].mean; }, mv);
+    spread_lanes<acc_t>(l.HxW, G, [&](int64_t g) { return k[g].mean_dy; }, dv);
+    spread_lanes<acc_t>(l.HxW, G, [&](int64_t g) { return k[g].k; }, kv);
     spread_lanes<acc_t>(l.HxW, G, [&](int64_t g) { return k[g].a; }, av);
-    spread_lanes<acc_t>(l.HxW, G, [&](int64_t g) { return k[g].b; }, bv);
-    spread_lanes<acc_t>(l.HxW, G, [&](int64_t g) { return k[g].d; }, dv);
     const int64_t nvec = G * l.HxW / Vec<acc_t>::W;
     for (int64_t n = 0; n < l.N; ++n) {
       const int64_t off = (n * l.C + c0) * l.HxW;
-      lanes_backward<scalar_t, acc_t, NT>(dy + off, x + off, dx + off, nvec, mv, av, bv, dv);
+      lanes_backward<scalar_t, acc_t, NT>(dy + off, x + off, dx + off, nvec, mv, dv, kv, av);
     }
     return;
   }
@@ -2530,15 +2720,15 @@ void forward_kernel(
   affine_kernel<scalar_t, acc_t>(x, y, l, pivot.p, scale.p, shift.p);
 }
 
-// sum_dy and sum_dy_xmu of a channel group, its blocks added in block order in merge_t (as
-// backward_reduce_kernel adds them).
+// The sums of a channel group, its blocks added in block order (as backward_reduce_sums adds them).
 template <typename scalar_t, typename acc_t>
 inline void group_reduce_nchw(
     const scalar_t* dy, const scalar_t* x, const Layout& l, const BlockPlan& plan, int64_t c0, int64_t G,
-    const acc_t* mean, acc_t* sum_dy, acc_t* sum_dy_xmu) {
+    const acc_t* mean, GradSums* sums) {
   merge_t s_dy[kMaxGroup] = {}, s_dyxmu[kMaxGroup] = {};
   for (int64_t j = 0; j < plan.nblocks; ++j) {
-    acc_t a[kMaxGroup], b[kMaxGroup];
+    merge_t a[kMaxGroup];
+    acc_t b[kMaxGroup];
     group_block_reduce<scalar_t, acc_t>(dy, x, l, plan, c0, G, j, mean, a, b, true);
     for (int64_t g = 0; g < G; ++g) {
       s_dy[g] += a[g];
@@ -2546,24 +2736,25 @@ inline void group_reduce_nchw(
     }
   }
   for (int64_t g = 0; g < G; ++g) {
-    sum_dy[g] = static_cast<acc_t>(s_dy[g]);
-    sum_dy_xmu[g] = static_cast<acc_t>(s_dyxmu[g]);
+    sums[g] = {s_dy[g], s_dyxmu[g]};
   }
 }
 
+// The sums of every channel.
 template <typename scalar_t, typename acc_t>
-void backward_reduce_kernel(
-    const scalar_t* dy, const scalar_t* x, const Layout& l, const acc_t* mean, acc_t* sum_dy, acc_t* sum_dy_xmu) {
+void backward_reduce_sums(const scalar_t* dy, const scalar_t* x, const Layout& l, const acc_t* mean, GradSums* sums) {
   if (l.channels_last) {
-    rows_reduce_all<scalar_t, acc_t>(dy, x, l, mean, sum_dy, sum_dy_xmu);
+    rows_reduce_all<scalar_t, acc_t>(dy, x, l, mean, sums);
     return;
   }
   const BlockPlan plan(l);
   const int64_t G = channel_group<scalar_t>(l), groups = (l.C + G - 1) / G;
   const int64_t tasks = groups * plan.nblocks;
-  Buffer<acc_t> pa(l.C * plan.nblocks), pb(l.C * plan.nblocks);
+  Buffer<merge_t> pa(l.C * plan.nblocks);
+  Buffer<acc_t> pb(l.C * plan.nblocks);
   at::parallel_for(0, tasks, std::max<int64_t>(1, plan.task_grain(l) / G), [&](int64_t begin, int64_t end) {
-    acc_t a[kMaxGroup], b[kMaxGroup];
+    merge_t a[kMaxGroup];
+    acc_t b[kMaxGroup];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t j = t / groups, c0 = (t % groups) * G, g_n = std::min(G, l.C - c0);
       group_block_reduce<scalar_t, acc_t>(dy, x, l, plan, c0, g_n, j, mean + c0, a, b, false);
@@ -2579,9 +2770,33 @@ void backward_reduce_kernel(
       a += pa.p[c * plan.nblocks + j];
       b += pb.p[c * plan.nblocks + j];
     }
-    sum_dy[c] = static_cast<acc_t>(a);
-    sum_dy_xmu[c] = static_cast<acc_t>(b);
+    sums[c] = {a, b};
   }
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_reduce_kernel(
+    const scalar_t* dy, const scalar_t* x, const Layout& l, const acc_t* mean, acc_t* sum_dy, acc_t* sum_dy_xmu) {
+  Buffer<GradSums> sums(l.C);
+  backward_reduce_sums<scalar_t, acc_t>(dy, x, l, mean, sums.p);
+  for (int64_t c = 0; c < l.C; ++c) {
+    sum_dy[c] = static_cast<acc_t>(sums.p[c].dy);
+    sum_dy_xmu[c] = static_cast<acc_t>(sums.p[c].dy_xmu);
+  }
+}
+
+// The training backward's coefficients of channel c (and its sums, stored as acc_t). The means are
+// divided in merge_t and rounded once: M * dy / M is dy (sum_dy rounded to acc_t first is not
+// M * dy where M is no power of two).
+template <typename acc_t>
+inline BackwardCoeffs<acc_t> fused_backward_coeffs(
+    const Layout& l, int64_t c, const acc_t* weight, const acc_t* mean, const acc_t* invstd, const GradSums& s,
+    acc_t* sum_dy, acc_t* sum_dy_xmu) {
+  sum_dy[c] = static_cast<acc_t>(s.dy);
+  sum_dy_xmu[c] = static_cast<acc_t>(s.dy_xmu);
+  const merge_t count = static_cast<merge_t>(std::max<int64_t>(1, l.rows()));  // no rows: the sums are 0
+  return backward_coeffs(
+      mean[c], invstd[c], weight[c], static_cast<acc_t>(s.dy / count), static_cast<acc_t>(s.dy_xmu / count));
 }
 
 template <typename scalar_t, typename acc_t>
@@ -2629,7 +2844,6 @@ void backward_kernel(
     const acc_t* invstd,
     acc_t* sum_dy,
     acc_t* sum_dy_xmu) {
-  const acc_t inv_count = l.rows() > 0 ? acc_t(1) / static_cast<acc_t>(l.rows()) : acc_t(0);
   if (!l.channels_last && fused_channel_backward<scalar_t>(l)) {
     const BlockPlan plan(l);
     const auto [G, streamed] = fused_group_pass<scalar_t, acc_t>(dx, l, 3);
@@ -2641,10 +2855,11 @@ void backward_kernel(
       at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
         for (int64_t q = begin; q < end; ++q) {
           const int64_t c0 = q * G, g_n = std::min(G, l.C - c0);
-          group_reduce_nchw<scalar_t, acc_t>(dy, x, l, plan, c0, g_n, mean + c0, sum_dy + c0, sum_dy_xmu + c0);
+          GradSums sums[kMaxGroup];
+          group_reduce_nchw<scalar_t, acc_t>(dy, x, l, plan, c0, g_n, mean + c0, sums);
           BackwardCoeffs<acc_t> k[kMaxGroup];
-          for (int64_t g = 0, c = c0; g < g_n; ++g, ++c) {
-            k[g] = backward_coeffs(mean[c], invstd[c], weight[c], sum_dy[c] * inv_count, sum_dy_xmu[c] * inv_count);
+          for (int64_t g = 0; g < g_n; ++g) {
+            k[g] = fused_backward_coeffs(l, c0 + g, weight, mean, invstd, sums[g], sum_dy, sum_dy_xmu);
           }
           group_backward<scalar_t, acc_t, nt.value>(dy, x, dx, l, c0, g_n, k);
         }
@@ -2653,10 +2868,11 @@ void backward_kernel(
     });
     return;
   }
-  backward_reduce_kernel<scalar_t, acc_t>(dy, x, l, mean, sum_dy, sum_dy_xmu);
+  Buffer<GradSums> sums(l.C);
+  backward_reduce_sums<scalar_t, acc_t>(dy, x, l, mean, sums.p);
   Buffer<BackwardCoeffs<acc_t>> coeffs(l.C);
   for (int64_t c = 0; c < l.C; ++c) {
-    coeffs.p[c] = backward_coeffs(mean[c], invstd[c], weight[c], sum_dy[c] * inv_count, sum_dy_xmu[c] * inv_count);
+    coeffs.p[c] = fused_backward_coeffs(l, c, weight, mean, invstd, sums.p[c], sum_dy, sum_dy_xmu);
   }
   backward_elemt_kernel<scalar_t, acc_t>(dy, x, dx, l, coeffs.p);
 }

@@ -25,7 +25,7 @@ struct KernelTable {
   void (*backward_reduce)(
       at::ScalarType, const void* dy, const void* x, const Layout&, const void* mean, void* sum_dy,
       void* sum_dy_xmu);
-  // coeffs: C BackwardCoeffs<acc_t> (dx = a * dy + b * (x - mean) + d)
+  // coeffs: C BackwardCoeffs<acc_t> (see backward_elemt() in common/math.h)
   void (*backward_elemt)(at::ScalarType, const void* dy, const void* x, void* dx, const Layout&, const void* coeffs);
   void (*backward)(
       at::ScalarType, const void* dy, const void* x, void* dx, const Layout&, const void* weight, const void* mean,

@@ -181,7 +181,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(
     using acc_t = acc_type_t<scalar_t>;
     const GradReducer<scalar_t, acc_t> r{
         dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), m.const_data_ptr<acc_t>(),
-        sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(), nullptr, nullptr, nullptr, acc_t(0)};
+        sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(), nullptr, nullptr, nullptr};
     dispatch_index(p.x.numel(), [&](auto index) {
       launch_reduce<std::remove_const_t<decltype(r)>, decltype(index)>(r, p.layout, current_stream(), scratch);
     });
@@ -258,7 +258,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
     const GradReducer<scalar_t, acc_t> r{
         dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), m.const_data_ptr<acc_t>(),
         sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(), s.const_data_ptr<acc_t>(),
-        w.const_data_ptr<acc_t>(), k, static_cast<acc_t>(1.0 / static_cast<double>(p.layout.rows()))};
+        w.const_data_ptr<acc_t>(), k};
     const BackwardElemtOp<acc_t> bw{k};
     dispatch_index(p.x.numel(), [&](auto index) {
       launch_reduce<std::remove_const_t<decltype(r)>, decltype(index)>(r, p.layout, stream, scratch);

@@ -111,14 +111,19 @@ struct StatsReducer {
   }
 };
 
+// dy enters as a running mean (mean_push, mean_combine), not a sum: where dy is constant over the
+// channel (a loss through global pooling) mean_dy is then that constant exactly, as
+// backward_elemt() needs to cancel dy - mean_dy. A float sum of M equal values comes out rounded,
+// and that rounding stayed in every dx.
 template <typename acc_t>
 struct GradState {
-  acc_t sum_dy;
+  acc_t mean_dy;
   acc_t sum_dy_xmu;
+  int64_t n;
 };
 
-// Backward reduce: sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)). In the fused backward the
-// epilogue also folds the channel's backward coefficients (dx = a * dy + b * (x - mean) + d).
+// Backward reduce: sum_dy = mean_dy * M, sum_dy_xmu = sum(dy * (x - mean)). In the fused backward
+// the epilogue also computes the channel's backward coefficients (see backward_coeffs()).
 template <typename scalar_t, typename acc_t_>
 struct GradReducer {
   using acc_t = acc_t_;
@@ -136,10 +141,9 @@ struct GradReducer {
   const acc_t* invstd;
   const acc_t* weight;
   BackwardCoeffs<acc_t>* coeffs;
-  acc_t inv_count;
 
   BNEXT_DEVICE static State identity() {
-    return State{acc_t(0), acc_t(0)};
+    return State{acc_t(0), acc_t(0), 0};
   }
   template <typename index_t>
   BNEXT_DEVICE Channel channel(index_t c) const {
@@ -148,24 +152,36 @@ struct GradReducer {
   template <typename index_t>
   BNEXT_DEVICE void push(State& s, const Channel& ch, index_t i) const {
     const acc_t g = static_cast<acc_t>(dy[i]);
-    s.sum_dy += g;
+    s.n += 1;
+    s.mean_dy = mean_push(s.mean_dy, g, s.n);
     s.sum_dy_xmu += g * (static_cast<acc_t>(x[i]) - ch.mean);
   }
+  // Empty sides are exact no-ops (as in welford_combine).
   BNEXT_DEVICE static State combine(const State& a, const State& b) {
-    return State{a.sum_dy + b.sum_dy, a.sum_dy_xmu + b.sum_dy_xmu};
+    if (b.n == 0) {
+      return a;
+    }
+    if (a.n == 0) {
+      return b;
+    }
+    const int64_t n = a.n + b.n;
+    const acc_t f = static_cast<acc_t>(b.n) / static_cast<acc_t>(n);
+    return State{mean_combine(a.mean_dy, b.mean_dy, f), a.sum_dy_xmu + b.sum_dy_xmu, n};
   }
   BNEXT_DEVICE static State shfl_down(const State& s, int delta) {
-    return State{cuda::shfl_down(s.sum_dy, delta), cuda::shfl_down(s.sum_dy_xmu, delta)};
+    return State{cuda::shfl_down(s.mean_dy, delta), cuda::shfl_down(s.sum_dy_xmu, delta), cuda::shfl_down(s.n, delta)};
   }
   BNEXT_DEVICE static State load_partial(const State* p) {
-    return State{ldcg(&p->sum_dy), ldcg(&p->sum_dy_xmu)};
+    return State{ldcg(&p->mean_dy), ldcg(&p->sum_dy_xmu), ldcg(&p->n)};
   }
   template <typename index_t>
   BNEXT_DEVICE void finalize(index_t c, const State& s) const {
-    sum_dy[c] = s.sum_dy;
+    const acc_t count = static_cast<acc_t>(s.n);
+    sum_dy[c] = s.mean_dy * count;
     sum_dy_xmu[c] = s.sum_dy_xmu;
     if (coeffs != nullptr) {
-      coeffs[c] = backward_coeffs(mean[c], invstd[c], weight[c], s.sum_dy * inv_count, s.sum_dy_xmu * inv_count);
+      const acc_t mean_dy_xmu = s.n > 0 ? s.sum_dy_xmu / count : acc_t(0);
+      coeffs[c] = backward_coeffs(mean[c], invstd[c], weight[c], s.mean_dy, mean_dy_xmu);
     }
   }
 };
@@ -411,7 +427,7 @@ struct NormalizeOp {
   }
 };
 
-// dx = a[c] * dy + b[c] * (x - mean[c]) + d[c]
+// dx = a[c] * ((dy - mean_dy[c]) - (x - mean[c]) * k[c]) (see backward_elemt() in common/math.h)
 template <typename acc_t>
 struct BackwardElemtOp {
   static constexpr int kInputs = 2;
@@ -419,7 +435,7 @@ struct BackwardElemtOp {
   template <typename index_t>
   BNEXT_DEVICE acc_t operator()(acc_t dy, acc_t x, index_t c) const {
     const BackwardCoeffs<acc_t>* k = coeffs + c;
-    return backward_elemt(dy, x, ldg(&k->mean), ldg(&k->a), ldg(&k->b), ldg(&k->d));
+    return backward_elemt(dy, x, ldg(&k->mean), ldg(&k->mean_dy), ldg(&k->k), ldg(&k->a));
   }
 };
 
