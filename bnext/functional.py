@@ -5,8 +5,8 @@ another way):
 
 * traces that become saved programs (torch.jit.trace, torch.export, torch.onnx.export): torch's
   own batch_norm op is recorded, so the saved program runs where bnext is not installed;
-* eager calls: one C++ call (bnext::_batch_norm_train, bnext::batch_norm_eval) with a C++
-  autograd node: the least per-call cost;
+* eager calls: one C++ call (bnext::_batch_norm_train with a C++ autograd node, or
+  bnext::_batch_norm_infer, batch_norm_eval below autograd): the least per-call cost;
 * under torch.compile, torch.func transforms and forward-mode AD: the differentiable functional
   ops (bnext/_op_autograd.py: backward, jvp and vmap formulas each), composed here.
 
@@ -27,7 +27,7 @@ _NAME = "bnext.batch_norm"
 _HAS_CUDA = bool(_C.build_info()["cuda"])
 _bnext = torch.ops.bnext
 _train_op = torch.ops.bnext._batch_norm_train.default
-_eval_op = torch.ops.bnext.batch_norm_eval.default
+_infer_op = torch.ops.bnext._batch_norm_infer.default
 
 
 def check_device(input: Tensor, name: str = "input", op: str = _NAME) -> None:
@@ -119,9 +119,9 @@ def batch_norm_impl(
             if training:
                 return _train_op(input, weight, bias, running_mean, running_var, momentum, eps, num_batches_tracked)
             if not (torch.is_grad_enabled() and _requires_grad(input, weight, bias)):
-                # Inference: nothing to record, so the op is called below its (Python) autograd kernel.
-                with torch._C._AutoDispatchBelowAutograd():
-                    return _eval_op(input, weight, bias, running_mean, running_var, eps)
+                # Inference: nothing to record, so batch_norm_eval runs below its (Python) autograd
+                # kernel (csrc/module_ops.cpp).
+                return _infer_op(input, weight, bias, running_mean, running_var, eps)
     _bnext._check_batch_norm_args(input, weight, bias, running_mean, running_var, training, eps)
     weight, bias = _flat(weight), _flat(bias)
     if input.numel() == 0:

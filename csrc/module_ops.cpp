@@ -7,6 +7,8 @@
 //                           unbiased variance, num_batches_tracked), computed here and nowhere else;
 //   _batch_norm_train       the eager training call: checks, the fused forward under a C++ autograd
 //                           node, the update, in one call from Python;
+//   _batch_norm_infer       the eager inference call: batch_norm_eval below autograd (the Python
+//                           layer calls it only where nothing requires grad or grad mode is off);
 //   batch_norm_eval         for CUDA tensors (common/eval.h; the CPU entry is in cpu/).
 //
 // The eager call computes what the composed path computes (bnext/functional.py: batch_norm_forward,
@@ -342,10 +344,25 @@ Tensor batch_norm_train(
   return outs[0];
 }
 
+// Inference with nothing to record: batch_norm_eval's (Python) autograd kernel would only pass
+// the call on, at the cost of a Python frame; the guard here skips it in C++, where a Python
+// context manager around the call cost more than the rest of the Python layer on a small layer.
+Tensor batch_norm_infer(
+    const Tensor& input, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+    const OptTensor& running_var, double eps) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("bnext::batch_norm_eval", "")
+          .typed<Tensor(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, double)>();
+  at::AutoDispatchBelowAutograd guard;
+  return op.call(input, weight, bias, running_mean, running_var, eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnext, CompositeImplicitAutograd, m) {
   m.impl("_batch_norm_train", &batch_norm_train);
+  m.impl("_batch_norm_infer", &batch_norm_infer);
 }
 
 TORCH_LIBRARY_IMPL(bnext, CompositeExplicitAutograd, m) {

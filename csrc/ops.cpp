@@ -9,8 +9,8 @@
 TORCH_LIBRARY(bnext, m) {
   bnext::define_schemas(m);
   // Not part of the kernel set the emulated build shares (csrc/module_ops.cpp): the running-
-  // statistics rule, the argument rules of bnext.batch_norm, and the eager training call that does
-  // checks, forward and update in one call (never traced: under torch.compile, torch.func and
+  // statistics rule, the argument rules of bnext.batch_norm, and the eager training and inference
+  // calls (the training one does checks, forward and update in one call; never traced: under torch.compile, torch.func and
   // forward AD the Python layer composes the functional ops with the first two instead).
   m.def(
       "update_running_stats(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked,"
@@ -21,4 +21,8 @@ TORCH_LIBRARY(bnext, m) {
   m.def(
       "_batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
       " Tensor(b!)? running_var, float? momentum, float eps, Tensor(c!)? num_batches_tracked=None) -> Tensor");
+  // The eager inference call: batch_norm_eval below autograd, for calls with nothing to record.
+  m.def(
+      "_batch_norm_infer(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean,"
+      " Tensor? running_var, float eps) -> Tensor");
 }

@@ -35,13 +35,20 @@ def spy_on(monkeypatch, name):
 
             return record
 
+    # The eager call of that op: the training one itself; for batch_norm_eval the inference call,
+    # which runs it below autograd (csrc/module_ops.cpp).
+    attr, eager = {
+        "_batch_norm_train": ("_train_op", torch.ops.bnext._batch_norm_train.default),
+        "batch_norm_eval": ("_infer_op", torch.ops.bnext._batch_norm_infer.default),
+    }[name]
+
     def record_default(*args):
         calls.append(args)
-        return op.default(*args)
+        return eager(*args)
 
     monkeypatch.setattr(F_bnext, "_bnext", Spy())
     monkeypatch.setattr(F_bnext, "ops", lambda: Spy())
-    monkeypatch.setattr(F_bnext, {"_batch_norm_train": "_train_op", "batch_norm_eval": "_eval_op"}[name], record_default)
+    monkeypatch.setattr(F_bnext, attr, record_default)
     return calls
 
 
