@@ -11,9 +11,10 @@ Where things live (each module imports only the ones below it):
     _quantization.py  bnext layers in torch.ao.quantization (eager fusion table, FX warning)
     functional.py     batch_norm: how a call is routed (eager C++ call, composed ops, torch's op)
     _shared.py        private helpers more than one of the modules above needs
+    testing.py        emulate_cuda(): the CUDA kernels' code (bnext._simt) on CPU tensors
     _ops/             the op contract of torch.ops.bnext.*: dtype and layout conventions, fake
                       kernels, autograd formulas, vmap rules, decompositions
-    _C, _simt         the compiled kernels (csrc/) and the emulated CUDA build (testing.py)
+    _C, _simt         the compiled kernels (csrc/) and their emulated CUDA build
 """
 import torch  # noqa: F401  (loads libtorch/libc10, which the extension links against)
 

@@ -106,6 +106,31 @@ def test_the_cycle_finder_finds_cycles():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
+def _documented_order() -> dict:
+    """Module -> rank in the map of bnext/__init__.py's docstring (top = 0); a package's modules
+    share its rank."""
+    lines = bnext.__doc__.split("Where things live")[1].splitlines()[1:]
+    rank = {}
+    for i, line in enumerate(l for l in lines if l.startswith("    ") and not l.startswith("     ")):
+        for entry in line.strip().split("  ")[0].split(", "):
+            rank["bnext." + entry.removesuffix(".py").removesuffix("/")] = i
+    return rank
+
+
+def test_each_module_imports_only_modules_below_it_in_the_package_map():
+    rank, graph = _documented_order(), _graph()
+
+    def entry(module):
+        """The map's entry of `module`: itself, or the package it belongs to."""
+        return next(m for m in (module, module.rpartition(".")[0]) if m in rank)
+
+    for name, deps in graph.items():
+        if name != "bnext":
+            for dep in deps:
+                # Inside one entry (bnext/_ops/) the cycle test is the rule.
+                assert entry(dep) == entry(name) or rank[entry(dep)] > rank[entry(name)], (name, dep)
+
+
 def test_the_op_contract_imports_nothing_above_it():
     graph = _graph()
     for name, deps in graph.items():
