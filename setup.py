@@ -1,6 +1,7 @@
 """Build bnext: `python setup.py build_ext --inplace` (what `make install` runs), or install it into
-an environment that has torch: `pip install --no-build-isolation .` (or `-e .`). A wheel built after
-an in-place build reuses its compiled objects (build/temp.*, ninja), so only the link runs again.
+an environment that has torch: `pip install --no-build-isolation .` (or `-e .`). Every way of building
+compiles into build/temp.* with ninja, so after one build the others only link (and recompile what
+changed).
 
 Environment:
   BNEXT_CUDA=0|1         force the CPU-only build (0) or the CUDA build (1); default: CUDA when torch
@@ -162,6 +163,16 @@ def extensions():
     return exts
 
 
+class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """Objects always in build/temp.<platform>-<python>, where the in-place build puts them: setuptools
+    builds an editable install (pip install -e) in a temporary directory, which would compile every
+    kernel again; ninja rebuilds there only what changed."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", f"temp.{self.plat_name}-{sys.implementation.cache_tag}")
+
+
 class BuildPy(build_py):
     """Copies the package into build/lib afresh: setuptools never deletes files there, so a module
     renamed or removed in the tree would still be packed into every later wheel."""
@@ -177,7 +188,7 @@ setup(
     description="Fused BatchNorm kernels for PyTorch (CPU and CUDA), drop-in for nn.BatchNorm*d",
     packages=find_packages(include=["bnext", "bnext.*"]),
     ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True), "build_py": BuildPy},
+    cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
 )
