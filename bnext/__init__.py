@@ -28,7 +28,9 @@ from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, Laz
 from .sync import SyncBatchNorm
 
 # torch.ao.quantization.fuse_modules finds fusers by exact type; bnext's layers join its table.
-_quantization.register({torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d, torch.nn.BatchNorm3d: BatchNorm3d})
+_quantization.register(
+    {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d, torch.nn.BatchNorm3d: BatchNorm3d}
+)
 
 # convert_model and BNEXT_TWIN lived in bnext.modules before bnext.convert, and stay importable
 # from there. Set here: modules cannot import convert, which imports the layers.

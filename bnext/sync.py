@@ -298,7 +298,9 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
         layer, the new layer is returned. process_group: the group to synchronize over (None: the
         whole world).
         """
-        return replace_layers(cls, module, process_group, lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm))
+        return replace_layers(
+            cls, module, process_group, lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm)
+        )
 
 
 PLAIN_LAYERS.add(SyncBatchNorm)
