@@ -49,8 +49,9 @@ $(ASAN_BIN): $(STAMP) $(ASAN_SOURCES)
 asan: $(ASAN_BIN)
 	ASAN_OPTIONS=abort_on_error=1 OMP_NUM_THREADS=1 $(ASAN_BIN)
 
+# The demo is an example, not library code: it imports the in-place build through PYTHONPATH.
 demo: build
-	$(PY) -m bnext.demo $(DEMO_ARGS)
+	PYTHONPATH=$(CURDIR) $(PY) examples/demo.py $(DEMO_ARGS)
 
 bench: build
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)

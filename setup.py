@@ -1,4 +1,7 @@
-"""Build bnext's extension: `python setup.py build_ext --inplace` (what `make install` runs).
+"""Build bnext: `python setup.py build_ext --inplace` (what `make install` runs), or install it into
+an environment that has torch: `pip install --no-build-isolation .` (or `-e .`). Every way of building
+compiles into build/temp.* with ninja, so after one build the others only link (and recompile what
+changed).
 
 Environment:
   BNEXT_CUDA=0|1         force the CPU-only build (0) or the CUDA build (1); default: CUDA when torch
@@ -15,6 +18,7 @@ import shutil
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "7.5;8.0;9.0"
@@ -159,13 +163,32 @@ def extensions():
     return exts
 
 
+class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """Objects always in build/temp.<platform>-<python>, where the in-place build puts them: setuptools
+    builds an editable install (pip install -e) in a temporary directory, which would compile every
+    kernel again; ninja rebuilds there only what changed."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", f"temp.{self.plat_name}-{sys.implementation.cache_tag}")
+
+
+class BuildPy(build_py):
+    """Copies the package into build/lib afresh: setuptools never deletes files there, so a module
+    renamed or removed in the tree would still be packed into every later wheel."""
+
+    def run(self):
+        shutil.rmtree(os.path.join(self.build_lib, "bnext"), ignore_errors=True)
+        super().run()
+
+
 setup(
     name="bnext",
     version="0.1.0",
     description="Fused BatchNorm kernels for PyTorch (CPU and CUDA), drop-in for nn.BatchNorm*d",
     packages=find_packages(include=["bnext", "bnext.*"]),
     ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
 )

@@ -359,34 +359,91 @@ def summary_text(s):
     return "\n".join(lines)
 
 
+PHASE_STYLE = {  # phase -> (label, colour)
+    "train_fwd": ("train forward", "tab:blue"),
+    "train_fwdbwd": ("train forward+backward", "tab:orange"),
+    "eval_fwd": ("eval forward", "tab:green"),
+}
+KINDS = [("float32", "nchw"), ("float32", "channels_last"), ("bfloat16", "nchw"), ("bfloat16", "channels_last")]
+
+
+def input_bytes(r):
+    return math.prod(r["shape"]) * (2 if r["dtype"] == "bfloat16" else 4)
+
+
 def chart(rows, path):
+    """The summary a reader wants at a glance (the full table is in RESULTS.md): left, the spread of
+    the speedups over torch.nn per dtype and layout, one box per phase, every case a dot; right, time
+    over the memory floor against input size, where only large inputs can approach the floor (small
+    ones pay a fixed per-call cost)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    labels = [f"{'x'.join(map(str, r['shape']))} {'CL' if r['layout'] == 'channels_last' else 'NC'} "
-              f"{'bf16' if r['dtype'] == 'bfloat16' else 'f32'} {r['phase'].replace('train_', '')}" for r in rows]
-    n = len(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(14, max(6, 0.16 * n)), sharey=True)
-    ys = range(n)
-    colors = {"train_fwd": "tab:blue", "train_fwdbwd": "tab:orange", "eval_fwd": "tab:green"}
-    c = [colors[r["phase"]] for r in rows]
-    axes[0].barh(ys, [r["speedup"] for r in rows], color=c)
-    axes[0].axvline(1.0, color="k", lw=0.8)
-    axes[0].axvline(2.0, color="r", lw=0.8, ls="--")
-    axes[0].set_xscale("log")
-    axes[0].set_xlabel("speedup vs torch.nn (x, log)")
-    axes[1].barh(ys, [r["floor_ratio"] for r in rows], color=c)
-    axes[1].axvline(1.0, color="k", lw=0.8)
-    axes[1].axvline(1.5, color="r", lw=0.8, ls="--")
-    axes[1].set_xlabel("time / measured memory floor")
-    axes[0].set_yticks(list(ys))
-    axes[0].set_yticklabels(labels, fontsize=6)
-    axes[0].invert_yaxis()
-    handles = [plt.Rectangle((0, 0), 1, 1, color=v) for v in colors.values()]
-    axes[1].legend(handles, list(colors), loc="lower right", fontsize=8)
-    fig.suptitle("bnext CPU batch norm vs torch.nn (blue: train fwd, orange: train fwd+bwd, green: eval fwd)")
+    def plain_log_ticks(axis, ticks):
+        axis.set_major_locator(FixedLocator(ticks))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_locator(NullLocator())
+
+    fig, (ax_s, ax_f) = plt.subplots(1, 2, figsize=(14, 5.8), gridspec_kw={"width_ratios": [1.15, 1]})
+    width = 0.26
+    kinds = [k for k in KINDS if any((r["dtype"], r["layout"]) == k for r in rows)]
+    phases = [p for p in PHASE_STYLE if any(r["phase"] == p for r in rows)]
+    for i, (dtype, layout) in enumerate(kinds):
+        for j, phase in enumerate(phases):
+            vals = [r["speedup"] for r in rows if (r["dtype"], r["layout"], r["phase"]) == (dtype, layout, phase)]
+            if not vals:
+                continue
+            x = i + (j - (len(phases) - 1) / 2) * width
+            colour = PHASE_STYLE[phase][1]
+            ax_s.boxplot([vals], positions=[x], widths=width * 0.8, whis=(0, 100), showfliers=False,
+                         patch_artist=True, boxprops=dict(facecolor=colour, alpha=0.35, edgecolor=colour),
+                         medianprops=dict(color="k"), whiskerprops=dict(color=colour), capprops=dict(color=colour))
+            # Deterministic spread of the dots across the box, ordered by value.
+            offsets = [((k * 0.618) % 1 - 0.5) * width * 0.6 for k in range(len(vals))]
+            ax_s.scatter([x + o for o in offsets], sorted(vals), s=9, color=colour, alpha=0.8, zorder=3, lw=0)
+            ax_s.annotate(f"{geomean(vals):.2f}x", (x, max(vals)), textcoords="offset points", xytext=(0, 4),
+                          ha="center", fontsize=7)
+    ax_s.axhline(1.0, color="k", lw=0.8)
+    ax_s.set_yscale("log")
+    plain_log_ticks(ax_s.yaxis, [0.5, 0.7, 1, 1.5, 2, 3, 5, 7, 10, 20, 30, 50, 100, 200])
+    ax_s.set_xticks(range(len(kinds)))
+    ax_s.set_xticklabels([f"{d}\n{'NCHW' if l == 'nchw' else 'channels_last'}" for d, l in kinds])
+    ax_s.set_ylabel("speedup over torch.nn (log scale; above 1 = bnext faster)")
+    ax_s.set_title(f"Speedup per case, {len(rows)} cases: geometric mean {geomean([r['speedup'] for r in rows]):.2f}x\n"
+                   "(box: quartiles, whiskers: min-max, label: geometric mean)", fontsize=10)
+    ax_s.grid(axis="y", alpha=0.3)
+    for phase in phases:
+        label, colour = PHASE_STYLE[phase]
+        ax_s.scatter([], [], color=colour, label=label)
+    ax_s.legend(loc="upper left", fontsize=8)
+
+    markers = {("float32", "nchw"): "o", ("float32", "channels_last"): "s", ("bfloat16", "nchw"): "^",
+               ("bfloat16", "channels_last"): "D"}
+    for r in rows:
+        ax_f.scatter(input_bytes(r) / 2**20, r["floor_ratio"], s=14, color=PHASE_STYLE[r["phase"]][1],
+                     marker=markers[(r["dtype"], r["layout"])], alpha=0.75, lw=0)
+    ax_f.axhline(1.0, color="k", lw=0.8)
+    ax_f.axhline(1.5, color="r", lw=0.8, ls="--")
+    ax_f.text(0.01, 1.5, " 1.5x floor target", transform=ax_f.get_yaxis_transform(),
+              color="r", fontsize=7, va="bottom")
+    ax_f.set_xscale("log")
+    ax_f.set_yscale("log")
+    plain_log_ticks(ax_f.xaxis, [0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000])
+    plain_log_ticks(ax_f.yaxis, [0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 7, 10, 20])
+    ax_f.set_xlabel("input size (MiB, log scale)")
+    ax_f.set_ylabel("bnext time / memory floor (log scale; 1 = as fast as a copy)")
+    ax_f.set_title(f"Time over the memory floor measured in the same run: geometric mean "
+                   f"{geomean([r['floor_ratio'] for r in rows]):.2f}", fontsize=10)
+    ax_f.grid(alpha=0.3)
+    for kind, marker in markers.items():
+        if kind in kinds:
+            ax_f.scatter([], [], color="grey", marker=marker,
+                         label=f"{kind[0]} {'NCHW' if kind[1] == 'nchw' else 'channels_last'}")
+    ax_f.legend(loc="upper right", fontsize=8, title="colour: phase, as on the left", title_fontsize=7)
+    fig.suptitle("bnext CPU batch norm against torch.nn (benchmarks/RESULTS.md has every case)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -443,7 +500,7 @@ def write_markdown(path, info, s, rows, chart_rel, json_rel, args, elapsed):
                  "x.clone() of a 128 KiB tensor takes about 10 us.")
     lines.append("- The 4-D ResNet-50 shapes run at batch 32 (none scaled down).")
     lines.append("")
-    lines.append(f"![speedups and floor ratios]({chart_rel})")
+    lines.append(f"![speedup per dtype, layout and phase; time over the memory floor by input size]({chart_rel})")
     lines.append("")
     lines.append(f"Raw results: `{json_rel}`.")
     lines.append("")

@@ -3,21 +3,38 @@
     import bnext
     model = bnext.convert_model(model)      # or use bnext.BatchNorm2d directly
     y = bnext.batch_norm(x, running_mean, running_var, weight, bias, training=True)
+
+Where things live (each module imports only the ones below it):
+    convert.py        convert_model / revert_model and the torch <-> bnext class tables
+    sync.py           SyncBatchNorm: statistics over a process group
+    modules.py        BatchNorm1d/2d/3d, LazyBatchNorm1d/2d/3d: running-statistic bookkeeping
+    _quantization.py  bnext layers in torch.ao.quantization (eager fusion table, FX warning)
+    functional.py     batch_norm: how a call is routed (eager C++ call, composed ops, torch's op)
+    _shared.py        private helpers more than one of the modules above needs
+    testing.py        emulate_cuda(): the CUDA kernels' code (bnext._simt) on CPU tensors
+    _ops/             the op contract of torch.ops.bnext.*: dtype and layout conventions, fake
+                      kernels, autograd formulas, vmap rules, decompositions
+    _C, _simt         the compiled kernels (csrc/) and their emulated CUDA build
 """
 import torch  # noqa: F401  (loads libtorch/libc10, which the extension links against)
 
 from . import _C  # noqa: F401  (loads the extension: registers torch.ops.bnext.*)
-from . import _fake  # noqa: F401  (fake kernels: torch.compile, export, meta tensors)
-from . import _op_autograd  # noqa: F401  (autograd formulas of every op)
-from ._decompositions import decompositions
-from .functional import batch_norm
-from . import _quantization
+from . import _ops  # noqa: F401  (fake kernels, autograd formulas and vmap rules of every op)
+from . import _quantization, convert, modules
+from ._ops.decompositions import decompositions
 from .convert import convert_model, revert_model
+from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .sync import SyncBatchNorm
 
 # torch.ao.quantization.fuse_modules finds fusers by exact type; bnext's layers join its table.
-_quantization.register()
+_quantization.register(
+    {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d, torch.nn.BatchNorm3d: BatchNorm3d}
+)
+
+# convert_model and BNEXT_TWIN lived in bnext.modules before bnext.convert, and stay importable
+# from there. Set here: modules cannot import convert, which imports the layers.
+modules.convert_model, modules.BNEXT_TWIN = convert.convert_model, convert.BNEXT_TWIN
 
 __version__ = "0.1.0"
 

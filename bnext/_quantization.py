@@ -27,16 +27,11 @@ from torch import nn
 from torch.ao.quantization import fuser_method_mappings
 from torch.ao.quantization.fx.tracer import QuantizationTracer
 
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-_TORCH_CLASS = {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d, BatchNorm3d: nn.BatchNorm3d}
-_BNEXT_CLASS = {torch_cls: bnext_cls for bnext_cls, torch_cls in _TORCH_CLASS.items()}
-
-
-def _with_torch_batch_norm(fuser):
+def _with_torch_batch_norm(fuser, torch_class):
     def fuser_method(is_qat, *modules):
         for m in modules:
-            torch_cls = _TORCH_CLASS.get(type(m))
+            torch_cls = torch_class.get(type(m))
             if torch_cls is not None:
                 m.__class__ = torch_cls
         return fuser(is_qat, *modules)
@@ -45,12 +40,16 @@ def _with_torch_batch_norm(fuser):
     return fuser_method
 
 
-def register() -> None:
-    """Add bnext's classes to torch's eager fuser table (idempotent)."""
+def register(bnext_class: dict) -> None:
+    """Add bnext's classes to torch's eager fuser table (idempotent).
+
+    bnext_class maps torch's nn.BatchNorm1d/2d/3d to bnext's (given by the caller: the layers import
+    this module for the FX warning below)."""
+    torch_class = {bnext_cls: torch_cls for torch_cls, bnext_cls in bnext_class.items()}
     table = fuser_method_mappings._DEFAULT_OP_LIST_TO_FUSER_METHOD
     for key, fuser in list(table.items()):
-        if any(t in _BNEXT_CLASS for t in key):
-            table.setdefault(tuple(_BNEXT_CLASS.get(t, t) for t in key), _with_torch_batch_norm(fuser))
+        if any(t in bnext_class for t in key):
+            table.setdefault(tuple(bnext_class.get(t, t) for t in key), _with_torch_batch_norm(fuser, torch_class))
 
 
 def warn_if_quantization_tracer(layer: nn.Module, tracer) -> None:

@@ -1,8 +1,11 @@
-"""Whole-model conversion between torch's batch norm layers and bnext's: convert_model, revert_model.
+"""Whole-model conversion between torch's batch norm layers and bnext's: convert_model, revert_model,
+and the tables of class twins they follow.
 
 Both switch the class of the existing layer objects (exact types only): parameters, buffers,
 hooks, the training flag, device, dtype, requires_grad and any optimizer holding the parameters
 stay as they were. bnext's classes add no state to torch's, so the switch is lossless both ways.
+convert_model(sync=True) instead builds bnext.SyncBatchNorm layers sharing the parameters and
+buffers, as torch's convert_sync_batchnorm does.
 
 A layer that looks like a batch norm but is not of a type in the tables below (a subclass such as
 timm's BatchNormAct2d, nn.SyncBatchNorm with sync=False, a lazy layer with sync=True) is left as it
@@ -16,6 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from ._shared import replace_layers
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -25,7 +29,11 @@ from .modules import (
     LazyBatchNorm3d,
     _BatchNormMixin,
 )
-from .sync import SYNC_SOURCES, TORCH_SYNC_BATCH_NORM, SyncBatchNorm, convert_to_sync
+from .sync import SyncBatchNorm
+
+# The class torch defines, whatever torch.nn.SyncBatchNorm points to later (users may set it to
+# bnext.SyncBatchNorm to swap implementations; torch.nn.modules.batchnorm keeps torch's class).
+TORCH_SYNC_BATCH_NORM = nn.modules.batchnorm.SyncBatchNorm
 
 # torch class -> bnext class, exact types only (subclasses may change behaviour we cannot see).
 BNEXT_TWIN = {
@@ -45,6 +53,19 @@ BNEXT_TWIN = {
 # whatever torch.nn.SyncBatchNorm points to now (a user may have set it to bnext.SyncBatchNorm).
 TORCH_TWIN = {bnext_cls: torch_cls for torch_cls, bnext_cls in BNEXT_TWIN.items()}
 TORCH_TWIN[SyncBatchNorm] = TORCH_SYNC_BATCH_NORM
+
+# Exact types convert_model(sync=True) replaces by bnext.SyncBatchNorm (subclasses may change
+# behaviour we cannot see).
+SYNC_SOURCES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    TORCH_SYNC_BATCH_NORM,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    SyncBatchNorm,
+)
 
 
 def convert_model(module: nn.Module, sync: bool = False, process_group=None) -> nn.Module:
@@ -67,7 +88,7 @@ def convert_model(module: nn.Module, sync: bool = False, process_group=None) -> 
     """
     if sync:
         skipped = _skipped(module, lambda m: type(m) in SYNC_SOURCES)
-        out = convert_to_sync(module, process_group)
+        out = replace_layers(SyncBatchNorm, module, process_group, lambda m: type(m) in SYNC_SOURCES)
     else:
         if process_group is not None:
             raise ValueError("bnext.convert_model: process_group is used only with sync=True, got sync=False")

@@ -8,7 +8,7 @@ another way):
 * eager calls: one C++ call (bnext::_batch_norm_train with a C++ autograd node, or
   bnext::_batch_norm_infer, batch_norm_eval below autograd): the least per-call cost;
 * under torch.compile, torch.func transforms and forward-mode AD: the differentiable functional
-  ops (bnext/_op_autograd.py: backward, jvp and vmap formulas each), composed here.
+  ops (bnext/_ops/: backward, jvp and vmap formulas each), composed here.
 
 Every path checks the arguments with the same C++ rules (csrc/common/checks.h), folds eval
 coefficients in bnext::batch_norm_eval and updates running statistics in
@@ -21,7 +21,8 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import _C  # noqa: F401  (registers the ops)
-from ._ops import namespace, ops
+from ._ops.handles import namespace, ops
+from ._shared import empty_batch, flat
 
 _NAME = "bnext.batch_norm"
 _HAS_CUDA = bool(_C.build_info()["cuda"])
@@ -58,22 +59,6 @@ def _recomputing() -> bool:
     """The forward runs inside a backward pass: torch.utils.checkpoint recomputing it (either
     flavour). The batch was already counted when the forward first ran."""
     return torch._C._current_graph_task_id() != -1
-
-
-def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
-    # torch accepts any shape with C elements for the per-channel tensors; the ops take (C,).
-    return t if t is None or t.dim() == 1 else t.reshape(-1)
-
-
-def _empty_batch(input, weight, bias):
-    # torch's rule (aten _batch_norm_impl_index): a clone, scaled and shifted by the first weight
-    # and bias so the output stays connected to the graph; nothing to normalize or reduce.
-    out = input.clone()
-    if weight is not None and weight.numel() > 0:
-        out = out * weight.reshape(-1)[0]
-    if bias is not None and bias.numel() > 0:
-        out = out + bias.reshape(-1)[0]
-    return out
 
 
 def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked):
@@ -123,19 +108,19 @@ def batch_norm_impl(
                 # kernel (csrc/module_ops.cpp).
                 return _infer_op(input, weight, bias, running_mean, running_var, eps)
     _bnext._check_batch_norm_args(input, weight, bias, running_mean, running_var, training, eps)
-    weight, bias = _flat(weight), _flat(bias)
+    weight, bias = flat(weight), flat(bias)
     if input.numel() == 0:
         if training and num_batches_tracked is not None:
             empty = input.new_empty(0)
             _bnext.update_running_stats(None, None, num_batches_tracked, empty, empty, 0, momentum)
-        return _empty_batch(input, weight, bias)
+        return empty_batch(input, weight, bias)
     if not training:
-        return ops().batch_norm_eval(input, weight, bias, _flat(running_mean), _flat(running_var), eps)
+        return ops().batch_norm_eval(input, weight, bias, flat(running_mean), flat(running_var), eps)
     out, mean, _invstd, var = ops().batch_norm_forward(input, weight, bias, eps)
     if running_mean is not None or running_var is not None or num_batches_tracked is not None:
         count = input.numel() // input.shape[1]
         _bnext.update_running_stats(
-            _flat(running_mean), _flat(running_var), num_batches_tracked, mean, var, count, momentum
+            flat(running_mean), flat(running_var), num_batches_tracked, mean, var, count, momentum
         )
     return out
 

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._quantization import warn_if_quantization_tracer
 from .functional import batch_norm_impl
 
 
@@ -11,10 +12,8 @@ _MISSING = object()
 
 def _fx_leaf(module, input):
     """torch.fx: a leaf call_module, as torch's own batch norm layers are, whatever the tracer (FX
-    passes, torchvision's feature extraction and quantization see the layer). (Not inline in
-    forward: TorchScript parses all of forward, and refuses import statements.)"""
-    from ._quantization import warn_if_quantization_tracer  # imports this module
-
+    passes, torchvision's feature extraction and quantization see the layer). (Out of forward, which
+    TorchScript parses in full: forward keeps to what TorchScript accepts.)"""
     tracer = input.tracer
     warn_if_quantization_tracer(module, tracer)
     return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
@@ -57,7 +56,7 @@ class _BatchNormMixin:
         if isinstance(input, torch.fx.Proxy):
             return _fx_leaf(self, input)
         self._check_input_dim(input)
-        if type(self) in _PLAIN:
+        if type(self) in PLAIN_LAYERS:
             # The dictionaries nn.Module.__getattr__ would read (half a microsecond per attribute,
             # a visible part of a small layer's call); anything else (a plain tensor set in place of
             # a parameter) is read as an attribute.
@@ -118,9 +117,9 @@ class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
     """Drop-in for torch.nn.BatchNorm3d on bnext's kernels: (N, C, D, H, W) input."""
 
 
-# The exact classes whose parameters and buffers forward() reads from nn.Module's dictionaries.
-_PLAIN = {BatchNorm1d, BatchNorm2d, BatchNorm3d}
-
+# The exact classes whose parameters and buffers forward() reads from nn.Module's dictionaries:
+# bnext's own layer classes, which define no attribute hooks (sync.py adds SyncBatchNorm).
+PLAIN_LAYERS = {BatchNorm1d, BatchNorm2d, BatchNorm3d}
 
 
 class LazyBatchNorm1d(_BatchNormMixin, nn.LazyBatchNorm1d):
@@ -139,12 +138,3 @@ class LazyBatchNorm3d(_BatchNormMixin, nn.LazyBatchNorm3d):
     """Drop-in for torch.nn.LazyBatchNorm3d: becomes a bnext.BatchNorm3d at its first forward."""
 
     cls_to_become = BatchNorm3d
-
-
-def __getattr__(name):
-    # convert_model and BNEXT_TWIN lived here before bnext.convert; still importable from here.
-    if name in ("convert_model", "BNEXT_TWIN"):
-        from . import convert
-
-        return getattr(convert, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

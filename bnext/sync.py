@@ -20,10 +20,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._fake import acc_dtype, layout_format
-from ._ops import ops
-from .functional import _empty_batch, _flat, batch_norm_impl
-from .modules import _PLAIN, BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormMixin
+from ._ops.conventions import acc_dtype, layout_format
+from ._ops.handles import ops
+from ._shared import empty_batch, flat, replace_layers
+from .functional import batch_norm_impl
+from .modules import PLAIN_LAYERS, _BatchNormMixin
 
 _NAME = "bnext.SyncBatchNorm"
 _STATS_DTYPES = (torch.float32, torch.float64)  # header code -> dtype of the gathered statistics
@@ -221,15 +222,15 @@ def sync_batch_norm(
             raise
         local_error = e
     counts, total = _exchange_header(input, local_error, group, world_size)
-    weight, bias = _flat(weight), _flat(bias)
+    weight, bias = flat(weight), flat(bias)
     if total == 0:
-        out = _empty_batch(input, weight, bias)
+        out = empty_batch(input, weight, bias)
         mean = var = input.new_empty(0)
     else:
         out, mean, var = SyncBatchNormFunction.apply(input, weight, bias, counts, total, eps, group, world_size)
     torch.ops.bnext.update_running_stats(
-        _flat(running_mean) if total else None,
-        _flat(running_var) if total else None,
+        flat(running_mean) if total else None,
+        flat(running_var) if total else None,
         num_batches_tracked,
         mean.detach(),
         var.detach(),
@@ -297,55 +298,9 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
         layer, the new layer is returned. process_group: the group to synchronize over (None: the
         whole world).
         """
-        return _convert(cls, module, process_group, lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm))
-
-
-_PLAIN.add(SyncBatchNorm)
-
-# The class torch defines, whatever torch.nn.SyncBatchNorm points to later (users may set it to
-# bnext.SyncBatchNorm to swap implementations; torch.nn.modules.batchnorm keeps torch's class).
-TORCH_SYNC_BATCH_NORM = nn.modules.batchnorm.SyncBatchNorm
-
-# Exact types bnext.convert_model(sync=True) converts (subclasses may change behaviour we cannot see).
-SYNC_SOURCES = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    TORCH_SYNC_BATCH_NORM,
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-    SyncBatchNorm,
-)
-
-
-def convert_to_sync(module: nn.Module, process_group=None) -> nn.Module:
-    """bnext.convert_model(module, sync=True): the layers of exactly the SYNC_SOURCES types."""
-    return _convert(SyncBatchNorm, module, process_group, lambda m: type(m) in SYNC_SOURCES)
-
-
-def _convert(cls, module, process_group, select):
-    module_output = module
-    if select(module):
-        module_output = cls(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
-            process_group,
-            bias=module.bias is not None,
+        return replace_layers(
+            cls, module, process_group, lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm)
         )
-        if module.affine:
-            with torch.no_grad():
-                module_output.weight = module.weight
-                module_output.bias = module.bias
-        module_output.running_mean = module.running_mean
-        module_output.running_var = module.running_var
-        module_output.num_batches_tracked = module.num_batches_tracked
-        module_output.training = module.training
-        if hasattr(module, "qconfig"):
-            module_output.qconfig = module.qconfig
-    for name, child in module.named_children():
-        module_output.add_module(name, _convert(cls, child, process_group, select))
-    return module_output
+
+
+PLAIN_LAYERS.add(SyncBatchNorm)

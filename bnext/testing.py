@@ -10,7 +10,8 @@ emulate_cuda() bnext's modules, functional API and autograd Function call those 
 """
 import contextlib
 
-from . import _fake, _op_autograd, _ops
+from . import _ops
+from ._ops.handles import use_namespace
 
 NAMESPACE = "bnext_simt"
 _registered = False
@@ -27,8 +28,7 @@ def _register_once():
     global _registered
     if not _registered:
         simt_module()
-        _fake.register_fakes(NAMESPACE)
-        _op_autograd.register_autograd(NAMESPACE)
+        _ops.register(NAMESPACE)
         _registered = True
 
 
@@ -36,5 +36,5 @@ def _register_once():
 def emulate_cuda():
     """Route bnext's Python layer through the emulated CUDA kernels (torch.ops.bnext_simt)."""
     _register_once()
-    with _ops.use_namespace(NAMESPACE):
+    with use_namespace(NAMESPACE):
         yield

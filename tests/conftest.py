@@ -3,15 +3,22 @@ import torch
 
 import bnext
 
-# Every bnext op (csrc/common/schemas.h).
-OPS = [
-    "batch_norm_stats",
-    "batch_norm_elemt",
-    "batch_norm_forward",
-    "batch_norm_backward_reduce",
-    "batch_norm_backward_elemt",
-    "batch_norm_backward",
-]
+
+def kernel_ops(namespace="bnext"):
+    """The kernel ops of csrc/common/schemas.h, read from the registered schemas (torch.ops.<namespace>
+    lists only the ops looked up so far): the ops of the namespace that mutate no argument and have a
+    public name, sorted. The others carry the layers' rules (update_running_stats mutates the running
+    statistics; _check_batch_norm_args and _batch_norm_train are private entries of bnext.batch_norm)."""
+    names = set()
+    for schema in torch._C._jit_get_all_schemas():
+        ns, _, name = schema.name.partition("::")
+        if ns == namespace and not name.startswith("_") and not schema.is_mutable:
+            names.add(name)
+    return sorted(names)
+
+
+# Every kernel op.
+OPS = kernel_ops()
 
 HAS_CUDA = torch.cuda.is_available() and bnext.build_info()["cuda"]
 

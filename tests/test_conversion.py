@@ -20,7 +20,7 @@ from torch.ao.quantization import (
 
 import bnext
 import bnext.modules
-from bnext.sync import TORCH_SYNC_BATCH_NORM
+from bnext.convert import TORCH_SYNC_BATCH_NORM
 from conftest import QUANTIZATION_NOTICES, randomize_batch_norm
 
 pytestmark = QUANTIZATION_NOTICES
@@ -51,6 +51,9 @@ def test_convert_model_lives_in_bnext_convert_and_stays_importable():
     assert bnext.modules.convert_model is bnext.convert.convert_model
     assert bnext.modules.BNEXT_TWIN is bnext.convert.BNEXT_TWIN
     assert bnext.modules.BNEXT_TWIN[nn.BatchNorm2d] is bnext.BatchNorm2d
+    from bnext.modules import BNEXT_TWIN, convert_model
+
+    assert (convert_model, BNEXT_TWIN) == (bnext.convert_model, bnext.convert.BNEXT_TWIN)
     assert "revert_model" in bnext.__all__ and bnext.revert_model is bnext.convert.revert_model
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         bnext.modules.nope

@@ -33,9 +33,11 @@ def _args(op, x, acc, gen_device="cpu"):
 
     w, b, mean, invstd = vec(), vec(), vec(), vec(positive=True)
     dy = torch.empty_like(x).copy_(torch.randn(x.shape, generator=g, dtype=torch.float64))
+    running_var = vec(positive=True)
     return {
         "batch_norm_stats": (x,),
         "batch_norm_elemt": (x, w, b, mean, invstd),
+        "batch_norm_eval": (x, w, b, mean, running_var, 1e-5),
         "batch_norm_forward": (x, w, b, 1e-5),
         "batch_norm_backward_reduce": (dy, x, mean, invstd),
         "batch_norm_backward_elemt": (dy, x, mean, invstd, w, vec(), vec()),

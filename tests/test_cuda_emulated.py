@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import bnext
-from conftest import OPS
+from conftest import OPS, kernel_ops
 from bnext.testing import emulate_cuda, simt_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +69,7 @@ def _args(name, x, acc, seed=1):
     return {
         "batch_norm_stats": (x,),
         "batch_norm_elemt": (x, w, b, mean, invstd),
+        "batch_norm_eval": (x, w, b, mean, _vec(C, acc, seed + 7, positive=True), 1e-5),
         "batch_norm_forward": (x, w, b, 1e-5),
         "batch_norm_backward_reduce": (dy, x, mean, invstd),
         "batch_norm_backward_elemt": (dy, x, mean, invstd, w, _vec(C, acc, seed + 5), _vec(C, acc, seed + 6)),
@@ -104,6 +105,11 @@ CASES += [((2, 3, 5, 7), torch.contiguous_format, True), ((2, 3, 20, 20), torch.
 def _case_id(case):
     shape, fmt, mis = case
     return "x".join(map(str, shape)) + ("-cl" if fmt == torch.channels_last else "") + ("-misaligned" if mis else "")
+
+
+def test_emulated_build_defines_every_op():
+    """One schema list (csrc/common/schemas.h) for both builds: the same kernel ops in bnext_simt."""
+    assert kernel_ops("bnext_simt") == OPS
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import bnext
-from conftest import assert_close, make_input
+from conftest import OPS, assert_close, make_input
 
 ops = torch.ops.bnext
 
@@ -53,25 +53,14 @@ def _format(x):
     return torch.contiguous_format
 
 
-OP_NAMES = [
-    "batch_norm_stats",
-    "batch_norm_elemt",
-    "batch_norm_eval",
-    "batch_norm_forward",
-    "batch_norm_backward_reduce",
-    "batch_norm_backward_elemt",
-    "batch_norm_backward",
-]
-
-
 def test_table_covers_every_functional_op_and_is_fresh():
     table = bnext.decompositions()
-    assert set(table) == {getattr(ops, name).default for name in OP_NAMES}
+    assert set(table) == {getattr(ops, name).default for name in OPS}
     table.clear()
-    assert len(bnext.decompositions()) == len(OP_NAMES)
+    assert len(bnext.decompositions()) == len(OPS)
 
 
-@pytest.mark.parametrize("name", OP_NAMES)
+@pytest.mark.parametrize("name", OPS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "shape,layout",
@@ -141,7 +130,7 @@ def test_exported_ops_decompose_to_aten(layout):
     # A dynamic batch size: the decompositions trace with a symbolic count of values per channel.
     batch = torch.export.Dim("batch", min=2)
     ep = torch.export.export(model, inputs(4), dynamic_shapes=({0: batch}, {0: batch}, None, None, None, None))
-    assert {f"bnext.{name}.default" for name in OP_NAMES} <= targets(ep)
+    assert {f"bnext.{name}.default" for name in OPS} <= targets(ep)
 
     # bnext's table alone, and merged into torch's core-aten table.
     core = torch.export.default_decompositions()

@@ -1,4 +1,4 @@
-"""The README's multi-process example runs as written (two CPU processes under torchrun)."""
+"""The multi-process example of docs/sync.md runs as written (two CPU processes under torchrun)."""
 import os
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_readme_torchrun_example():
+def test_sync_torchrun_example():
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run(

@@ -60,6 +60,7 @@ def _op_args(name, device, shape=(3, 2, 4)):
     return {
         "batch_norm_stats": (x,),
         "batch_norm_elemt": (x, vec(), vec(-0.5), vec(-0.5), vec()),
+        "batch_norm_eval": (x, vec(), vec(-0.5), vec(-0.5), vec(), 1e-3),
         "batch_norm_forward": (x, vec(), vec(-0.5), 1e-3),
         "batch_norm_backward_reduce": (dy, x, vec(-0.5), vec()),
         "batch_norm_backward_elemt": (dy, x, vec(-0.5), vec(), vec(), vec(-0.5), vec(-0.5)),
@@ -73,6 +74,9 @@ def _op_args(name, device, shape=(3, 2, 4)):
 @pytest.mark.parametrize("name", OPS)
 def test_op_gradcheck(name, device):
     op = getattr(torch.ops.bnext, name).default
-    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in _op_args(name, device))
+    args = _op_args(name, device)
+    # The running statistics are constants of batch_norm_eval's graph, as in torch: no gradient.
+    constant = {3, 4} if name == "batch_norm_eval" else set()
+    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and i not in constant else a for i, a in enumerate(args))
     assert gradcheck(op, args)
     assert gradgradcheck(op, args)

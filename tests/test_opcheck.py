@@ -1,11 +1,16 @@
 """torch.library.opcheck for every bnext op: schema, fake kernel, autograd registration and
-AOT dispatch, with and without requires_grad, across dtypes and layouts."""
+AOT dispatch, with and without requires_grad, across dtypes and layouts; meta tensors through the
+fake kernels, op by op and through a module."""
 import pytest
 import torch
 
+import bnext
+
 from conftest import DEVICES, OPS, make_input
 
-VEC = {"weight": 0.5, "bias": -0.5, "mean": -0.5, "invstd": 0.5, "save_mean": -0.5, "save_invstd": 0.5, "mean_dy": -0.5, "mean_dy_xmu": -0.5}
+# Per-channel arguments by name: offset added to uniform [0, 1) values (positive where the op divides or takes a root).
+VEC = {"weight": 0.5, "bias": -0.5, "mean": -0.5, "invstd": 0.5, "save_mean": -0.5, "save_invstd": 0.5, "mean_dy": -0.5,
+       "mean_dy_xmu": -0.5, "running_mean": -0.5, "running_var": 0.5}
 
 
 def build_args(name, x, param_dtype, requires_grad):
@@ -23,6 +28,16 @@ def build_args(name, x, param_dtype, requires_grad):
             v = torch.rand(C, device=x.device).add_(VEC[arg.name]).to(param_dtype)
             args.append(v.requires_grad_(requires_grad))
     return op, tuple(args)
+
+
+def test_every_op_has_its_python_registrations():
+    """The Python tables of the op contract (bnext/_ops/) cover exactly the registered kernel ops."""
+    from bnext._ops import autograd, decompositions, fake, vmap
+
+    assert set(fake._FAKES) == set(OPS)
+    assert set(autograd._FORMULAS) == set(OPS)
+    assert set(vmap._rules(torch.ops.bnext)) == set(OPS)
+    assert set(decompositions._DECOMPOSITIONS) == set(OPS)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -58,3 +73,14 @@ def test_meta_tensors_use_fake_kernels(name):
             assert o.is_contiguous(memory_format=torch.channels_last)
         else:
             assert o.shape == (3,) and o.dtype == torch.float32
+
+
+def test_module_on_meta_tensors_runs_through_fake_kernels():
+    m = bnext.BatchNorm2d(3, device="meta")
+    x = torch.empty(4, 3, 5, 5, device="meta").contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = m(x)
+    assert y.device.type == "meta" and y.is_contiguous(memory_format=torch.channels_last)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    m.eval()
+    assert m(x).shape == x.shape

@@ -589,7 +589,7 @@ def test_op_error_inputs():
     """test_ops TestCommon.test_errors on the OpInfo's error inputs."""
     if OPINFO.error_inputs_func is None:
         pytest.skip("the nn.functional.batch_norm OpInfo defines no error_inputs_func in this torch "
-                    f"({torch.__version__}); bad inputs are covered by tests/test_error_types.py")
+                    f"({torch.__version__}); bad inputs are covered by tests/test_errors.py")
     for ei in OPINFO.error_inputs(DEVICE):
         s = ei.sample_input
         with pytest.raises(ei.error_type, match=ei.error_regex):

@@ -1,7 +1,7 @@
 """bnext demo: train a small ResNet on real data twice, with torch.nn.BatchNorm2d and with bnext.
 
-    python -m bnext.demo                 # or: make demo
-    python -m bnext.demo --quick         # the CI smoke run
+    make demo                                      # from the repository root
+    PYTHONPATH=. python examples/demo.py --quick   # the CI smoke run (PYTHONPATH: an in-place build)
 
 Data: scikit-learn's bundled handwritten digits (1797 8x8 images, shipped inside the package, no
 download), a fixed stratified train/test split, upsampled to 32x32 so that three stages of 3x3
@@ -374,7 +374,7 @@ def describe_setup(args):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        prog="python -m bnext.demo",
+        prog="python examples/demo.py",
         description="Train a small ResNet on scikit-learn's digits twice from the same initial weights, with "
         "torch.nn.BatchNorm2d and with bnext (bnext.convert_model), and compare losses, accuracy, checkpoints, "
         "torch.compile and speed. A third run (torch, initial weights moved by one float32 ulp) shows how far "

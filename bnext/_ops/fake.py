@@ -5,19 +5,14 @@ mirrors its C++ kernel: outputs keep the input's suggested memory format, per-ch
 1-D tensors of the accumulation dtype (float32 for float16/bfloat16/float32, float64 for float64).
 """
 import torch
-from torch._prims_common import suggest_memory_format
 
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .conventions import SUPPORTED_DTYPES, acc_dtype, layout_format
 
 
 def _check_input(input, op):
     torch._check(input.dim() >= 2, lambda: f"{op}: input must have at least 2 dimensions (N, C, ...), got {input.dim()}D input")
     torch._check_not_implemented(
-        input.dtype in _SUPPORTED,
+        input.dtype in SUPPORTED_DTYPES,
         lambda: f"{op}: input must be a floating-point tensor (float16, bfloat16, float32 or float64), got {input.dtype}",
     )
 
@@ -48,17 +43,6 @@ def _check_like_input(t, name, input, op):
         lambda: f"{op}: {name} must have the input's shape {tuple(input.shape)}, got {tuple(t.shape)}",
     )
     torch._check(t.dtype == input.dtype, lambda: f"{op}: {name} must have the input's dtype {input.dtype}, got {t.dtype}")
-
-
-def layout_format(input):
-    """The output memory format of every bnext op: csrc/common/layout.h layout_format()."""
-    if input.is_contiguous():
-        return torch.contiguous_format
-    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return suggest_memory_format(input)
 
 
 def _like_input(input):
@@ -139,15 +123,14 @@ _FAKES = {
 }
 
 
-def register_fakes(namespace: str) -> None:
-    """Register the fake kernels for every op of `namespace` (bnext, or bnext_simt when emulating)."""
-    for name, fn in _FAKES.items():
-        torch.library.register_fake(f"{namespace}::{name}", fn)
-
-
-register_fakes("bnext")
-
-
-@torch.library.register_fake("bnext::update_running_stats")
 def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
     return None
+
+
+def register_fakes(namespace: str) -> None:
+    """Register the fake kernels for every kernel op of `namespace` (bnext, or bnext_simt when
+    emulating), and for bnext the running-statistics update (the emulated build has no such op)."""
+    for name, fn in _FAKES.items():
+        torch.library.register_fake(f"{namespace}::{name}", fn)
+    if namespace == "bnext":
+        torch.library.register_fake("bnext::update_running_stats", _update_running_stats_fake)

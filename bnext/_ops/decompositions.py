@@ -25,7 +25,7 @@ except training with momentum=None, whose programs keep bnext.update_running_sta
 """
 import torch
 
-from ._fake import acc_dtype
+from .conventions import acc_dtype
 
 aten = torch.ops.aten
 

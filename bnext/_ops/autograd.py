@@ -1,13 +1,11 @@
-"""Autograd of every bnext op: a backward formula (reverse mode), a jvp formula (forward mode) and a
-vmap rule, so that each op works under autograd, forward AD, double backward, batched gradients
-and every torch.func transform, on its own and composed.
+"""Autograd of every bnext kernel op: a backward formula (reverse mode) and a jvp formula (forward
+mode); with the vmap rules (vmap.py) each op works under autograd, forward AD, double backward,
+batched gradients and every torch.func transform, on its own and composed.
 
 torch.library.register_autograd covers reverse mode only, and its autograd.Function predates
 setup_context, which torch.func requires. So each op gets here an autograd.Function of its own
-(forward = the op below autograd, setup_context, backward, jvp, generate_vmap_rule), registered
-as the op's Autograd kernel; and a vmap rule (torch.library.register_vmap) that folds the vmapped
-dimension into the channels: bnext ops treat channels independently, so B samples of C channels
-are one call with B * C channels.
+(forward = the op below autograd, setup_context, backward, jvp), registered as the op's Autograd
+kernel.
 
 Formulas use torch ops and bnext ops that are themselves differentiable in both modes, so they can
 be differentiated again (gradgradcheck, forward-over-reverse).
@@ -21,8 +19,8 @@ import torch
 from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd import forward_ad
 
-from ._fake import acc_dtype
-from ._vmap import register_vmap_rules
+from .conventions import acc_dtype
+from .handles import ops
 
 
 def _bc(v, like):
@@ -258,8 +256,6 @@ def _forward_setup(ctx, inputs, output):
 
 
 def _forward_backward(ctx, g, g_mean, g_invstd, g_var):
-    from ._ops import ops
-
     x, weight, mean, invstd = ctx.saved_tensors
     nx, nw, nb, _ = ctx.needs_input_grad
     d_x = d_w = d_b = None
@@ -327,8 +323,6 @@ def _eval_setup(ctx, inputs, output):
 
 
 def _eval_backward(ctx, g):
-    from ._ops import ops
-
     x, weight, running_mean, running_var = ctx.saved_tensors
     nx, nw, nb = ctx.needs_input_grad[:3]
     g = g if g.dtype == x.dtype else g.to(x.dtype)
@@ -560,7 +554,3 @@ def register_autograd(namespace: str) -> None:
                 stack.pop()
 
         lib.impl(name, kernel, "Autograd", with_keyset=True)
-    register_vmap_rules(namespace)
-
-
-register_autograd("bnext")
