@@ -105,7 +105,7 @@ Tensor channel_values(const Tensor& a, const Tensor* b, at::ScalarType dtype) {
   return out;
 }
 
-// The autograd formula of batch_norm_forward (bnext/_op_autograd.py), for the output alone, in C++.
+// The autograd formula of batch_norm_forward (bnext/_ops/autograd.py), for the output alone, in C++.
 struct TrainFunction : public torch::autograd::Function<TrainFunction> {
   static variable_list forward(
       AutogradContext* ctx, const Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps) {

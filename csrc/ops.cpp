@@ -1,7 +1,7 @@
 // Every bnext schema: the functional op set is defined by bnext::define_schemas
 // (csrc/common/schemas.h), shared with the emulated CUDA build (namespace bnext_simt). Kernels live
-// in csrc/cpu (CPU key), csrc/cuda (CUDA key) and csrc/module_ops.cpp; fake kernels and autograd formulas are registered from Python (bnext/_fake.py,
-// bnext/_op_autograd.py).
+// in csrc/cpu (CPU key), csrc/cuda (CUDA key) and csrc/module_ops.cpp; fake kernels, autograd
+// formulas and vmap rules are registered from Python (bnext/_ops/).
 #include <torch/library.h>
 
 #include "common/schemas.h"
