@@ -1,0 +1,302 @@
+// Elementwise passes over the whole tensor (part of batch_norm_kernel.h: see the map there):
+// normalize y = (x - pivot) * scale + shift and the backward's dx, NCHW and channels-last.
+
+#ifndef BNEXT_CPU_ISA_NS
+#error "kernel/passes.h is a part of csrc/cpu/batch_norm_kernel.h, compiled per ISA by kernels_<isa>.cpp"
+#endif
+
+namespace bnext {
+namespace cpu {
+namespace BNEXT_CPU_ISA_NS {
+
+// NCHW planes that do not start on a line (7x7, 14x14 float32; 14x14, 28x28 bfloat16), streamed:
+// the planes [p0, p1) of a task are one contiguous range of values, written line by line with
+// streaming stores; a vector that straddles two planes takes each lane's coefficients from its own
+// plane (a lane select), so no line mixes streamed and ordinary stores. Only the partial lines at
+// the ends of the range, which a neighbouring task may share, are stored one value at a time.
+// Needs a line to be one or two vectors (kLineVecs) and planes of at least one line (a line then
+// spans at most two planes). Measured on an Intel Xeon VM, two threads, float32 normalize:
+// (32, 512, 7, 7) 203 -> 120 us, (32, 256, 14, 14) 328 -> 293 us (torch's eval: 198 and 331 us);
+// two-vector lines on the AVX-512 Intel Xeon VM of 2026-12-02, in one process, bfloat16 eval,
+// plane by plane with ordinary stores -> lines streamed: (32, 1024, 14, 14) 2.12 -> 1.20 ms and
+// 3.39 -> 2.46 ms (two runs), (32, 128, 28, 28) 1.35 -> 0.65 and 1.34 -> 0.84 ms,
+// (32, 256, 28, 28) 2.54 -> 1.76 ms, (32, 256, 14, 14) 0.50 -> 0.35 ms (torch 0.65 ms).
+template <typename scalar_t, typename acc_t>
+constexpr int64_t kLineVecs = kStreamAlign / (Vec<acc_t>::W * static_cast<int64_t>(sizeof(scalar_t)));
+
+template <typename scalar_t, typename acc_t, bool Centered = true>
+inline void planes_affine_lines(
+    const scalar_t* x, scalar_t* y, const Layout& l, int64_t p0, int64_t p1, const acc_t* pivot, const acc_t* scale,
+    const acc_t* shift) {
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::W;
+  constexpr int64_t kLine = W * kLineVecs<scalar_t, acc_t>;
+  static_assert(kLineVecs<scalar_t, acc_t> == 1 || kLineVecs<scalar_t, acc_t> == 2);
+  const int64_t HxW = l.HxW, C = l.C;
+  const int64_t end = p1 * HxW;
+  int64_t i = p0 * HxW;
+  int64_t c = p0 % C, plane_end = i + HxW;
+  auto next_plane = [&] {
+    c = c + 1 == C ? 0 : c + 1;
+    plane_end += HxW;
+  };
+  auto one = [&](int64_t j) {
+    store<scalar_t, acc_t>(y, j, normalize(load<scalar_t, acc_t>(x, j), pivot[c], scale[c], shift[c]));
+  };
+  for (const int64_t head = i + aligned_head<scalar_t, true>(y + i, end - i); i < head; ++i) {
+    if (i == plane_end) {
+      next_plane();
+    }
+    one(i);
+  }
+  vec lane;
+  for (int64_t j = 0; j < W; ++j) {
+    lane[j] = static_cast<acc_t>(j);
+  }
+  // The vector at o (inside the line at i, which starts in plane c and may end in the next one):
+  // lanes below plane_end - o belong to channel c, the others to the next.
+  auto straddling = [&](int64_t o, vec v) {
+    const int64_t c2 = c + 1 == C ? 0 : c + 1;
+    const auto first = lane < static_cast<acc_t>(plane_end - o);
+    const vec pv = first ? vec{} + pivot[c] : vec{} + pivot[c2];
+    const vec sv = first ? vec{} + scale[c] : vec{} + scale[c2];
+    const vec tv = first ? vec{} + shift[c] : vec{} + shift[c2];
+    return vnormalize<Centered>(v, pv, sv, tv);
+  };
+  for (; i + kLine <= end; i += kLine) {
+    if (i == plane_end) {
+      next_plane();
+    }
+    const bool inside = i + kLine <= plane_end;
+    if constexpr (kLineVecs<scalar_t, acc_t> == 1) {
+      const vec v = vload<scalar_t, acc_t>(x + i);
+      vstore<scalar_t, acc_t, true>(
+          y + i, inside ? vnormalize<Centered>(v, vec{} + pivot[c], vec{} + scale[c], vec{} + shift[c]) : straddling(i, v));
+    } else {
+      vec a, b;
+      vload2<scalar_t, acc_t>(x + i, a, b);
+      if (inside) {
+        const vec pv = vec{} + pivot[c], sv = vec{} + scale[c], tv = vec{} + shift[c];
+        vstore2<scalar_t, acc_t, true>(y + i, vnormalize<Centered>(a, pv, sv, tv), vnormalize<Centered>(b, pv, sv, tv));
+      } else {
+        vstore2<scalar_t, acc_t, true>(y + i, straddling(i, a), straddling(i + W, b));
+      }
+    }
+    if (!inside) {
+      next_plane();
+    }
+  }
+  for (; i < end; ++i) {
+    if (i == plane_end) {
+      next_plane();
+    }
+    one(i);
+  }
+}
+
+// A channel group whose runs of one sample (G * HxW adjacent values) are whole float vectors:
+// lane j of vector v belongs to channel (v * W + j) / HxW. Its coefficients are laid out per lane
+// once, and each sample's G runs are then one run of vectors with no tails and no per-run setup
+// (7x7 planes: 49 vectors for 16 channels instead of 4 vectors, one of them masked, per channel).
+// Every value gets the arithmetic of seg_affine / seg_backward, so the bits are the same. Used by
+// the fused per-group forward/backward and by unstreamed normalize/dx passes. Measured with two
+// threads (A/B in one process), run by run -> per lane: (32, 512, 7, 7) bfloat16 forward 137 ->
+// 115 us, backward 208 -> 180 us; (32, 2048, 7, 7) bfloat16 forward 616 -> 520 us, backward
+// 852 -> 715 us; float32 5%; 14x14 planes (groups of 4) unchanged; bfloat16 (32, 512, 7, 7)
+// eval about 85 -> 58 us (separate processes).
+
+template <typename scalar_t, typename acc_t, bool Centered = true, bool NT = false>
+inline void lanes_affine(
+    const scalar_t* x, scalar_t* y, int64_t nvec, const acc_t* pv, const acc_t* s, const acc_t* t) {
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::W;
+  auto one = [&](int64_t i, vec a) {
+    return vnormalize<Centered>(a, Centered ? vload_acc(pv + i) : vec{}, vload_acc(s + i), vload_acc(t + i));
+  };
+  int64_t v = 0;
+  for (; v + 2 <= nvec; v += 2) {
+    const int64_t i = v * W;
+    vec a, b;
+    vload2<scalar_t, acc_t>(x + i, a, b);
+    vstore2<scalar_t, acc_t, NT>(y + i, one(i, a), one(i + W, b));
+  }
+  if (v < nvec) {
+    const int64_t i = v * W;
+    vstore<scalar_t, acc_t, NT && kVecIsLine<scalar_t, acc_t>>(y + i, one(i, vload<scalar_t, acc_t>(x + i)));
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool NT = false>
+inline void lanes_backward(
+    const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t nvec, const acc_t* m, const acc_t* mdy, const acc_t* k,
+    const acc_t* a) {
+  constexpr int64_t W = Vec<acc_t>::W;
+  auto one = [&](int64_t i, typename Vec<acc_t>::type g, typename Vec<acc_t>::type xv) {
+    return backward_elemt(g, xv, vload_acc(m + i), vload_acc(mdy + i), vload_acc(k + i), vload_acc(a + i));
+  };
+  int64_t v = 0;
+  for (; v + 2 <= nvec; v += 2) {
+    const int64_t i = v * W;
+    typename Vec<acc_t>::type g0, g1, x0, x1;
+    vload2<scalar_t, acc_t>(dy + i, g0, g1);
+    vload2<scalar_t, acc_t>(x + i, x0, x1);
+    vstore2<scalar_t, acc_t, NT>(dx + i, one(i, g0, x0), one(i + W, g1, x1));
+  }
+  if (v < nvec) {
+    const int64_t i = v * W;
+    vstore<scalar_t, acc_t, NT && kVecIsLine<scalar_t, acc_t>>(
+        dx + i, one(i, vload<scalar_t, acc_t>(dy + i), vload<scalar_t, acc_t>(x + i)));
+  }
+}
+
+// Normalizes channels c0 .. c0 + G - 1 of every sample, k[g] being channel c0 + g's coefficients:
+// as one run of vectors per sample where GroupLanes applies, else run by run.
+template <typename scalar_t, typename acc_t, bool NT, bool Centered = true>
+inline void group_affine(
+    const scalar_t* x, scalar_t* y, const Layout& l, int64_t c0, int64_t G, const NormalizeCoeffs<acc_t>* k) {
+  // Streamed planes that do not start on a line: G is a line_group (the caller's choice).
+  if (NT ? !planes_on_lines<scalar_t>(l) : group_lanes_fit<scalar_t, acc_t>(l, G)) {
+    constexpr int64_t kLanes = kMaxLineLaneVecs * kLaneWidth;
+    alignas(64) acc_t pv[kLanes], sv[kLanes], tv[kLanes];
+    spread_lanes<acc_t>(l.HxW, G, [&](int64_t g) { return k[g].pivot; }, pv);
+    spread_lanes<acc_t>(l.HxW, G, [&](int64_t g) { return k[g].scale; }, sv);
+    spread_lanes<acc_t>(l.HxW, G, [&](int64_t g) { return k[g].shift; }, tv);
+    const int64_t nvec = G * l.HxW / Vec<acc_t>::W;
+    for (int64_t n = 0; n < l.N; ++n) {
+      const int64_t off = (n * l.C + c0) * l.HxW;
+      lanes_affine<scalar_t, acc_t, Centered, NT>(x + off, y + off, nvec, pv, sv, tv);
+    }
+    return;
+  }
+  for (int64_t n = 0; n < l.N; ++n) {
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t off = (n * l.C + c0 + g) * l.HxW;
+      seg_affine<scalar_t, acc_t, NT, Centered>(x + off, y + off, l.HxW, k[g]);
+    }
+  }
+}
+
+// The same for the backward's dx.
+template <typename scalar_t, typename acc_t, bool NT>
+inline void group_backward(
+    const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Layout& l, int64_t c0, int64_t G,
+    const BackwardCoeffs<acc_t>* k) {
+  if (NT ? !planes_on_lines<scalar_t>(l) : group_lanes_fit<scalar_t, acc_t>(l, G)) {
+    constexpr int64_t kLanes = kMaxLineLaneVecs * kLaneWidth;
+    alignas(64) acc_t mv[kLanes], dv[kLanes], kv[kLanes], av[kLanes];
+    spread_lanes<acc_t>(l.HxW, G, [&](int64_t g) { return k[g].mean; }, mv);
+    spread_lanes<acc_t>(l.HxW, G, [&](int64_t g) { return k[g].mean_dy; }, dv);
+    spread_lanes<acc_t>(l.HxW, G, [&](int64_t g) { return k[g].k; }, kv);
+    spread_lanes<acc_t>(l.HxW, G, [&](int64_t g) { return k[g].a; }, av);
+    const int64_t nvec = G * l.HxW / Vec<acc_t>::W;
+    for (int64_t n = 0; n < l.N; ++n) {
+      const int64_t off = (n * l.C + c0) * l.HxW;
+      lanes_backward<scalar_t, acc_t, NT>(dy + off, x + off, dx + off, nvec, mv, dv, kv, av);
+    }
+    return;
+  }
+  for (int64_t n = 0; n < l.N; ++n) {
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t off = (n * l.C + c0 + g) * l.HxW;
+      seg_backward<scalar_t, acc_t, NT>(dy + off, x + off, dx + off, l.HxW, k[g]);
+    }
+  }
+}
+
+// affine_kernel over an NCHW tensor; !Centered: every pivot is +0 (see vnormalize).
+template <typename scalar_t, typename acc_t, bool Centered>
+void affine_nchw(const scalar_t* x, scalar_t* y, const Layout& l, const acc_t* pivot, const acc_t* scale, const acc_t* shift) {
+  if (const auto [G, streamed] = lanes_pass<scalar_t, acc_t>(y, l, 2); G > 0) {
+    const int64_t groups = (l.C + G - 1) / G;
+    with_constant(streamed, [&](auto nt) {
+      at::parallel_for(0, groups, std::max<int64_t>(1, channel_grain(l) / G), [&](int64_t begin, int64_t end) {
+        NormalizeCoeffs<acc_t> k[kMaxGroup];
+        for (int64_t q = begin; q < end; ++q) {
+          const int64_t c0 = q * G, g_n = std::min(G, l.C - c0);
+          for (int64_t g = 0; g < g_n; ++g) {
+            k[g] = {pivot[c0 + g], scale[c0 + g], shift[c0 + g]};
+          }
+          group_affine<scalar_t, acc_t, nt.value, Centered>(x, y, l, c0, g_n, k);
+        }
+        end_streaming<nt.value>();
+      });
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, l.HxW));
+  if constexpr (kLineVecs<scalar_t, acc_t> == 1 || kLineVecs<scalar_t, acc_t> == 2) {
+    if (l.HxW >= Vec<acc_t>::W * kLineVecs<scalar_t, acc_t> && !stream_planes(y, l, 2) && stream_pass<scalar_t>(l, 2)) {
+      at::parallel_for(0, l.N * l.C, grain, [&](int64_t begin, int64_t end) {
+        planes_affine_lines<scalar_t, acc_t, Centered>(x, y, l, begin, end, pivot, scale, shift);
+        stream_fence();
+      });
+      return;
+    }
+  }
+  with_constant(stream_planes(y, l, 2), [&](auto nt) {
+    at::parallel_for(0, l.N * l.C, grain, [&](int64_t begin, int64_t end) {
+      // The channel advances with the plane (no division per plane: planes of 7x7 are a few
+      // vectors long).
+      for (int64_t p = begin, c = begin % l.C; p < end; ++p, c = c + 1 == l.C ? 0 : c + 1) {
+        seg_affine<scalar_t, acc_t, nt.value, Centered>(
+            x + p * l.HxW, y + p * l.HxW, l.HxW, NormalizeCoeffs<acc_t>{pivot[c], scale[c], shift[c]});
+      }
+      end_streaming<nt.value>();
+    });
+  });
+}
+
+// affine_kernel over channels_last rows; !Centered: every pivot is +0 (see vnormalize).
+template <typename scalar_t, typename acc_t, bool Centered>
+void rows_affine_all(const scalar_t* x, scalar_t* y, const Layout& l, const acc_t* pivot, const acc_t* scale, const acc_t* shift) {
+  const RowPlan plan(l, sizeof(scalar_t));
+  Buffer<acc_t> pv(plan.P), s(plan.P), t(plan.P);
+  replicate(pivot, l.C, plan.k, pv.p);
+  replicate(scale, l.C, plan.k, s.p);
+  replicate(shift, l.C, plan.k, t.p);
+  const int64_t nsuper = plan.R / plan.k;
+  with_constant(stream_rows<scalar_t, acc_t>(y, l, plan, 2), [&](auto nt) {
+    at::parallel_for(0, nsuper, std::max<int64_t>(1, kGrainElems / plan.P), [&](int64_t begin, int64_t end) {
+      rows_affine<scalar_t, acc_t, nt.value, Centered>(
+          x + begin * plan.P, y + begin * plan.P, end - begin, plan.P, plan.wide, pv.p, s.p, t.p);
+      end_streaming<nt.value>();
+    });
+  });
+  const int64_t tail = (plan.R - nsuper * plan.k) * l.C;
+  if (tail > 0) {
+    rows_affine<scalar_t, acc_t, false, Centered>(x + nsuper * plan.P, y + nsuper * plan.P, 1, tail, plan.wide, pv.p, s.p, t.p);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void rows_backward_all(
+    const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Layout& l, const BackwardCoeffs<acc_t>* coeffs) {
+  const RowPlan plan(l, sizeof(scalar_t));
+  const int64_t C = l.C;
+  Buffer<acc_t> m(plan.P), mdy(plan.P), k(plan.P), a(plan.P);
+  for (int64_t i = 0; i < plan.k; ++i) {
+    for (int64_t c = 0; c < C; ++c) {
+      m.p[i * C + c] = coeffs[c].mean;
+      mdy.p[i * C + c] = coeffs[c].mean_dy;
+      k.p[i * C + c] = coeffs[c].k;
+      a.p[i * C + c] = coeffs[c].a;
+    }
+  }
+  const int64_t nsuper = plan.R / plan.k;
+  with_constant(stream_rows<scalar_t, acc_t>(dx, l, plan, 3), [&](auto nt) {
+    at::parallel_for(0, nsuper, std::max<int64_t>(1, kGrainElems / plan.P), [&](int64_t begin, int64_t end) {
+      const int64_t off = begin * plan.P;
+      rows_backward<scalar_t, acc_t, nt.value>(dy + off, x + off, dx + off, end - begin, plan.P, plan.wide, m.p, mdy.p, k.p, a.p);
+      end_streaming<nt.value>();
+    });
+  });
+  const int64_t tail = (plan.R - nsuper * plan.k) * C;
+  if (tail > 0) {
+    const int64_t off = nsuper * plan.P;
+    rows_backward<scalar_t, acc_t>(dy + off, x + off, dx + off, 1, tail, plan.wide, m.p, mdy.p, k.p, a.p);
+  }
+}
+
+}  // namespace BNEXT_CPU_ISA_NS
+}  // namespace cpu
+}  // namespace bnext
