@@ -13,8 +13,8 @@
 //
 // The eager call computes what the composed path computes (bnext/functional.py: batch_norm_forward,
 // then update_running_stats) with the same kernels, so both give the same bits. What it saves is
-// per-call cost: on a small layer ((8, 64, 8, 8) float32, two threads) the Python autograd wrapper
-// and the update took about 35 us around a 14 us kernel. It is device independent
+// per-call cost: on a small layer the Python autograd wrapper and the update took longer than the
+// kernel (see docs/performance.md#per-call-cost). It is device independent
 // (CompositeImplicitAutograd): the kernels run in the bnext ops of the input's device, called
 // through the dispatcher. Arguments are checked before anything is written: the running
 // statistics change only after the kernels succeeded.
@@ -83,9 +83,10 @@ OptTensor opt(const Tensor& t) {
 }
 
 // a * b per channel (a alone when b is null) in a's type, rounded to `dtype`: what a * b and
-// .to(dtype) give, on the host, for the CPU tensors of a first-order backward (the ATen ops cost
-// about 2 us each; bfloat16 parameters need up to three of them per call). a and b are the
-// contiguous per-channel outputs of the bnext ops.
+// .to(dtype) give, on the host, for the CPU tensors of a first-order backward (each ATen op is a
+// dispatcher call, and bfloat16 parameters need up to three of them per call; see
+// docs/performance.md#per-call-cost). a and b are the contiguous per-channel outputs of the bnext
+// ops.
 Tensor channel_values(const Tensor& a, const Tensor* b, at::ScalarType dtype) {
   const int64_t C = a.numel();
   Tensor out = at::empty({C}, a.options().dtype(dtype));
@@ -110,7 +111,7 @@ struct TrainFunction : public torch::autograd::Function<TrainFunction> {
   static variable_list forward(
       AutogradContext* ctx, const Tensor& input, const OptTensor& weight, const OptTensor& bias, double eps) {
     // Function::apply only turns grad mode off; going below autograd also skips the op's Python
-    // autograd kernel, which would only re-dispatch (about 20 us a call).
+    // autograd kernel, which would only re-dispatch (see docs/performance.md#per-call-cost).
     at::AutoDispatchBelowADInplaceOrView below;
     auto [output, save_mean, save_invstd, save_var] = forward_op().call(input, weight, bias, eps);
     ctx->saved_data["eps"] = eps;
@@ -199,7 +200,8 @@ void blend(Tensor& running, Tensor batch, double momentum, double scale) {
 // tensor times a Python float rounds it), rounded to the running statistic's dtype, then lerp in
 // that dtype's opmath type with one fma, as ATen's vectorized lerp_ computes it
 // (tests/test_eager_path.py checks the bits against the ATen ops). The ATen ops are three to five
-// calls of 1-3.5 us each, most of a small layer's per-call cost next to its kernel.
+// dispatcher calls, most of a small layer's per-call cost next to its kernel (see
+// docs/performance.md#per-call-cost).
 template <typename run_t, typename acc_t>
 void blend_values(run_t* r, int64_t stride, const acc_t* batch, int64_t C, double momentum, double scale) {
   using opmath_t = at::opmath_type<run_t>;
@@ -248,8 +250,8 @@ void update_running(Tensor running, const Tensor& batch, double momentum, double
   }
 }
 
-// num_batches_tracked += 1: a plain CPU int64 count on the host (the ATen op cost about 3.6 us a
-// call, a tenth of a small layer's training forward).
+// num_batches_tracked += 1: a plain CPU int64 count on the host (the ATen op is a dispatcher call,
+// a visible part of a small layer's training forward; see docs/performance.md#per-call-cost).
 void count_batch(Tensor& n) {
   if (plain_cpu(n) && n.scalar_type() == at::kLong && n.numel() == 1) {
     *n.mutable_data_ptr<int64_t>() += 1;

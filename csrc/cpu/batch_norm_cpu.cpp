@@ -22,8 +22,9 @@ using at::Tensor;
 
 // The C values of a per-channel vector in the accumulation type acc_t, as a pointer: the tensor's
 // own memory where it already is that (contiguous acc_t), else converted here on the host, as
-// .to(acc_t) rounds; `fill` for an absent one. (A .to() is an ATen call: about 2 us for each
-// bfloat16 parameter of every op call, a visible part of a small layer's time.)
+// .to(acc_t) rounds; `fill` for an absent one. (A .to() is an ATen call for each bfloat16
+// parameter of every op call, a visible part of a small layer's time: see
+// docs/performance.md#per-call-cost.)
 template <typename acc_t>
 class AccChannels {
  public:

@@ -94,8 +94,9 @@ std::string supported_isas() {
 }
 
 namespace {
-// The cache this process's cores share: Linux describes it per core in sysfs (e.g. 32768K on an
-// EPYC, whose sysconf(_SC_LEVEL3_CACHE_SIZE) reports the whole socket's L3 instead).
+// The cache this process's cores share: Linux describes it per core in sysfs, where
+// sysconf(_SC_LEVEL3_CACHE_SIZE) may report the whole socket's L3 instead (see
+// docs/performance.md#cache-sizes).
 int64_t sysfs_cache_bytes(int index) {
   char path[96];
   std::snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu0/cache/index%d/size", index);
@@ -135,20 +136,15 @@ int64_t last_level_cache_bytes() {
   return int64_t(32) << 20;
 }
 // The part of the last-level cache this process can count on: at most kCacheBytesPerCore per CPU
-// it may run on. A virtual machine's sysfs may describe the host's whole L3 (480 MiB on a 2-CPU
-// Xeon VM here) although every other core of the host shares it. Measured on that VM, two threads,
-// float32 normalize: (32, 256, 56, 56) 8.3 ms stored against 4.3 ms streamed, (32, 512, 7, 7)
-// channels_last (3.1 MiB) 186 us against 130 us; 6 to 16 MiB inputs the same either way; a
-// 0.5 MiB input 12 us against 21 us (streaming what would have stayed in L2 loses).
+// it may run on. A virtual machine's sysfs may describe the host's whole L3 although every other
+// core of the host shares it; a pass that streams only above that size then stores outputs that
+// cannot stay cached, and streaming what would have stayed in L2 loses (see
+// docs/performance.md#streaming-threshold).
 constexpr int64_t kCacheBytesPerCore = int64_t(4) << 20;
 
-// AMD's L3 is described per core complex (32 MiB on a 2-CPU EPYC VM here: the complex's own L3,
-// not the host's), and there streaming what fits in half of it loses clearly. Measured on that VM,
-// two threads, in-process A/B of a 6 MiB threshold (the rule above) against 16 MiB or more: eval
-// float32 (32, 256, 14, 14) (12.8 MB touched) 165 -> 104 us, (32, 128, 256) 116 -> 74 us,
-// (32, 512, 7, 7) 94 -> 58 us; while the backward of a 6.4 MB tensor (19.2 MB touched) still
-// gains from streaming: (32, 256, 14, 14) float32 forward+backward 821 us streamed against
-// 1038 us stored.
+// AMD's L3 is described per core complex (the complex's own L3, not the host's), and there
+// streaming what fits in half of it loses clearly, while a pass that touches more than that still
+// gains from streaming (see docs/performance.md#streaming-threshold).
 bool amd_cache_complex() {
 #if defined(__x86_64__)
   return __builtin_cpu_is("amd");

@@ -50,21 +50,16 @@ inline int64_t prefetch_ahead(int64_t row_bytes) {
 
 // Wide rows (see RowPlan::wide) are walked in memory order, each lane's sum updated in place (the
 // lane arrays stay in L1). A column block walking down the rows of a chunk instead strides a whole
-// row per step, every row of a 4 KiB width mapping to the same L1 sets: measured on
-// (32, 1024, 14, 14) channels_last float32, one thread, statistics 2.3 ms that way and 0.9 ms
-// row by row. They go four at a time, for the reductions: four(x0, j) adds lanes
-// [j, j + W) of the four rows from x0 into its lane sums, four_s(x0, j) lane j; one(x0, j) and
-// one_s(x0, j) the same for the single rows left over. One row at a time, the sums' loads and
-// stores (two per vector of x for each sum), not x, bounded these loops: (32, 512, 14, 14)
-// channels_last, two threads, with the chunk size below: statistics float32 544 -> 379 us,
-// bfloat16 (one pass) 482 -> 199 us. The functors capture by value and are inlined: pointers held
-// in a closure by reference were reloaded after every vector store (the stores may alias them).
+// row per step, every row of a 4 KiB width mapping to the same L1 sets (see
+// docs/performance.md#wide-rows). They go four at a time, for the reductions: four(x0, j) adds
+// lanes [j, j + W) of the four rows from x0 into its lane sums, four_s(x0, j) lane j; one(x0, j)
+// and one_s(x0, j) the same for the single rows left over. One row at a time, the sums' loads and
+// stores (two per vector of x for each sum), not x, bounded these loops. The functors capture by
+// value and are inlined: pointers held in a closure by reference were reloaded after every vector
+// store (the stores may alias them).
 // Each 4-row step also prefetches the rows about kPrefetchBytes on (of x, and of x2 where given:
 // dy of the backward reduction): the hardware prefetchers did not keep four interleaved row
-// streams ahead. Measured with two threads on an AMD EPYC (Zen 3) VM, AVX2, channels_last, in
-// one process, no prefetch -> 8 rows (8 KiB) ahead: (32, 256, 28, 28) float32 statistics 3.85 ->
-// 1.50 ms, bfloat16 1.73 -> 0.57 ms, bfloat16 backward reduction 3.64 -> 1.00 ms;
-// (32, 1024, 14, 14) bfloat16 backward reduction 2.80 -> 0.99 ms (x.sum(): 0.40 ms).
+// streams ahead (see docs/performance.md#prefetch).
 template <typename scalar_t, typename acc_t, typename Four, typename FourS, typename One, typename OneS>
 __attribute__((always_inline)) inline void rows_wide_by4(
     const scalar_t* x, int64_t nrows, int64_t width, Four four, FourS four_s, One one, OneS one_s,
@@ -409,10 +404,8 @@ inline void rows_reduce(
 // block and reused down the rows (the bfloat16 conversions then vectorize as in seg_affine).
 // NT: every row's vectors are store-aligned (the caller checked y and the row width).
 // !Centered: the pivot vectors are not loaded at all (two coefficient vectors per column instead
-// of three: with 16 AVX2 registers a 4-vector block then keeps 8 of them in registers, not 12).
-// In one process on an AVX2 EPYC (Zen 3), channels_last bfloat16 eval: (32, 512, 14, 14) 0.83 ->
-// 0.59 ms, (32, 256, 14, 14) 0.34 -> 0.27 ms, (32, 128, 28, 28) 0.72 -> 0.63 ms; on an AVX-512
-// Xeon 0-15% (bfloat16) and 0-7% (float32).
+// of three: with 16 AVX2 registers a 4-vector block then keeps 8 of them in registers, not 12;
+// see docs/performance.md#eval-passes).
 template <typename scalar_t, typename acc_t, bool NT, bool Centered = true>
 inline void rows_affine_group(
     const scalar_t* x, scalar_t* y, int64_t nrows, int64_t width, const acc_t* pivot, const acc_t* scale,
@@ -503,11 +496,10 @@ inline void rows_backward_group(
 
 // The elementwise row passes walk a few rows at a time: a column block going down thousands of
 // rows would stride through the whole tensor once per block (TLB and prefetcher misses).
-// Rows of at least kWideRow values are walked one at a time, in memory order, instead: measured
-// on (32, 512, 14, 14) channels_last float32 (2 KiB rows), the fused backward took 5.25 ms with
-// column blocks going down 16 rows and 3.07 ms row by row (the affine pass did not change). Likely
-// cause: the strided walk loads x[r + 1] 2 KiB after storing dx[r], which 4 KiB store-to-load
-// alias checks can stall; not proven.
+// Rows of at least kWideRow values are walked one at a time, in memory order, instead: the
+// backward's column blocks going down a group of 2 KiB rows were much slower than row by row (see
+// docs/performance.md#wide-rows). Likely cause: the strided walk loads x[r + 1] 2 KiB after
+// storing dx[r], which 4 KiB store-to-load alias checks can stall; not proven.
 constexpr int64_t kRowGroupValues = 8192;
 
 inline int64_t row_group(int64_t width, bool wide) {

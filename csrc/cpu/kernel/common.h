@@ -15,9 +15,9 @@ namespace BNEXT_CPU_ISA_NS {
 constexpr int64_t kBlock = 4096;
 // Channels-last reductions give each chunk of about this many values its own per-channel
 // partials (second pass from L2: 256 KiB of float32), merged in chunk order. Every chunk costs a
-// fold and a merge of C partials: chunks of 16384 values (32 rows of C = 512) spent a tenth of
-// the statistics' time there; measured with two threads, (32, 512, 14, 14) channels_last float32
-// statistics 544 -> 356 us, bfloat16 359 -> 216 us (131072 values per chunk: the same).
+// fold and a merge of C partials, so chunks are large enough for that to stay a small part of the
+// statistics' time (a quarter of this size was measurably slower, twice it no faster: see
+// docs/performance.md#chunk-size).
 constexpr int64_t kChunkValues = 65536;
 // ... but a chunk has at least this many super-rows, so that the per-chunk work on C partials
 // (fold, merge) stays small next to the chunk's rows when C is large (2048: 32 rows, 256 KiB).
@@ -31,11 +31,8 @@ constexpr int64_t kWideRow = 256;
 // Below AVX-512 a 4-vector column block is narrower than 64 values, so rows of 64 or 128 values
 // (C = 64 or 128, or super-rows of smaller C) take two or more column blocks, each striding
 // down the chunk's rows: where the tensor comes from memory (at least kWideBytes) those rows go
-// in memory order too. Measured with two threads on an AMD EPYC (Zen 3) VM, AVX2, channels_last,
-// in one process: (32, 64, 56, 56) bfloat16 forward+backward 10.4 -> 6.4 ms, float32 14.2 ->
-// 11.3 ms; (32, 128, 28, 28) float32 forward 2.43 -> 1.42 ms, bfloat16 eval 1.45 -> 0.79 ms;
-// (2, 64, 16, 56, 56) bfloat16 forward 3.87 -> 2.33 ms. Inputs below 1 MiB were 5-25% slower
-// that way ((16, 64, 16, 16), (8, 128, 14, 14), (4, 32, 8, 28, 28)): they keep column blocks.
+// in memory order too. Inputs that stay in cache were slower that way and keep column blocks
+// (see docs/performance.md#wide-rows).
 constexpr int64_t kWideBytes = int64_t(2) << 20;
 // Work per task below which at::parallel_for keeps a range on one thread.
 constexpr int64_t kGrainElems = 32768;

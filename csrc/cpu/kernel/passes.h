@@ -15,12 +15,7 @@ namespace BNEXT_CPU_ISA_NS {
 // plane (a lane select), so no line mixes streamed and ordinary stores. Only the partial lines at
 // the ends of the range, which a neighbouring task may share, are stored one value at a time.
 // Needs a line to be one or two vectors (kLineVecs) and planes of at least one line (a line then
-// spans at most two planes). Measured on an Intel Xeon VM, two threads, float32 normalize:
-// (32, 512, 7, 7) 203 -> 120 us, (32, 256, 14, 14) 328 -> 293 us (torch's eval: 198 and 331 us);
-// two-vector lines on the AVX-512 Intel Xeon VM of 2026-12-02, in one process, bfloat16 eval,
-// plane by plane with ordinary stores -> lines streamed: (32, 1024, 14, 14) 2.12 -> 1.20 ms and
-// 3.39 -> 2.46 ms (two runs), (32, 128, 28, 28) 1.35 -> 0.65 and 1.34 -> 0.84 ms,
-// (32, 256, 28, 28) 2.54 -> 1.76 ms, (32, 256, 14, 14) 0.50 -> 0.35 ms (torch 0.65 ms).
+// spans at most two planes). See docs/performance.md#line-groups.
 template <typename scalar_t, typename acc_t>
 constexpr int64_t kLineVecs = kStreamAlign / (Vec<acc_t>::W * static_cast<int64_t>(sizeof(scalar_t)));
 
@@ -99,11 +94,8 @@ inline void planes_affine_lines(
 // once, and each sample's G runs are then one run of vectors with no tails and no per-run setup
 // (7x7 planes: 49 vectors for 16 channels instead of 4 vectors, one of them masked, per channel).
 // Every value gets the arithmetic of seg_affine / seg_backward, so the bits are the same. Used by
-// the fused per-group forward/backward and by unstreamed normalize/dx passes. Measured with two
-// threads (A/B in one process), run by run -> per lane: (32, 512, 7, 7) bfloat16 forward 137 ->
-// 115 us, backward 208 -> 180 us; (32, 2048, 7, 7) bfloat16 forward 616 -> 520 us, backward
-// 852 -> 715 us; float32 5%; 14x14 planes (groups of 4) unchanged; bfloat16 (32, 512, 7, 7)
-// eval about 85 -> 58 us (separate processes).
+// the fused per-group forward/backward and by unstreamed normalize/dx passes (see
+// docs/performance.md#per-lane-groups).
 
 template <typename scalar_t, typename acc_t, bool Centered = true, bool NT = false>
 inline void lanes_affine(

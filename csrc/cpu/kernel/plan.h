@@ -119,8 +119,8 @@ constexpr int64_t kMaxLineLaneVecs = 128;
 // runs of at least 2 KiB of each sample (7x7 runs are 98 or 196 bytes), at most kMaxGroup, and
 // a multiple of the channels whose runs fill whole float vectors (16 for 7x7, 4 for 14x14; see
 // GroupLanes); fewer where the group's (x, dy) would not stay in L2 for the fused passes' second
-// read (float32 (32, 128, 28, 28) backward: 0.89 ms with one channel per task, 1.22 ms with 16),
-// or where there would be fewer than four groups per thread.
+// read, or where there would be fewer than four groups per thread (see
+// docs/performance.md#channel-groups).
 template <typename scalar_t>
 inline int64_t channel_group(const Layout& l) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -221,15 +221,11 @@ inline GroupPass lanes_pass(const scalar_t* out, const Layout& l, int64_t passes
 
 // NCHW backward with enough channels and long runs, or runs of at least a cache line whose (dy, x)
 // per channel fit in 1 MiB: one task per channel reduces the channel and writes its dx while
-// (dy, x) of the channel are still in L2. Measured with two threads on this kind of machine, the
-// second condition (added to HxW >= 1024): float32 backward (32, 512, 28, 28) 5.4 -> 3.6 ms,
-// (32, 1024, 14, 14) 3.8 -> 2.1 ms, (32, 128, 28, 28) 1.26 -> 0.83 ms; bfloat16 5-13% less.
-// Otherwise (and always for
-// statistics and the forward, where streaming the tensor in memory order measured faster than
-// per-channel strided reads: (32,64,56,56) float32, one thread, forward 3.6 ms against 4.2 ms),
-// tasks are (block, channel) pairs in memory order and the elementwise pass is separate. The blocks
-// and their merge order are the same either way, so this choice (which depends on the thread
-// count) never changes a bit of the result.
+// (dy, x) of the channel are still in L2. Otherwise (and always for the statistics, where
+// streaming the tensor in memory order is faster than per-channel strided reads), tasks are
+// (block, channel) pairs in memory order and the elementwise pass is separate (see
+// docs/performance.md#fused-channel-tasks). The blocks and their merge order are the same either
+// way, so this choice (which depends on the thread count) never changes a bit of the result.
 template <typename scalar_t>
 inline bool fused_channel_backward(const Layout& l) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -240,19 +236,11 @@ inline bool fused_channel_backward(const Layout& l) {
 
 // NCHW training forward, one task per channel (statistics, then normalization from L2): where a
 // channel (its runs of at least one cache line) fits in 512 KiB and there are channels enough to
-// share. Measured with two threads on this kind of machine, float32 forward: (32, 64, 56, 56)
-// 1.92 -> 1.52 ms, (32, 256, 28, 28) 1.88 -> 1.41 ms, (32, 1024, 14, 14) 1.97 -> 1.72 ms against
-// the memory-order passes; 7x7 planes and channels above 512 KiB ((32, 64, 112, 112)) the same.
-// (An earlier tuning that kept only runs of 64 KiB and more had been measured with kernels that,
-// built without OpenMP, ran on one thread.)
+// share.
 // Below AVX-512 an input above 1 MiB that fits the cache share (see stream_outputs) takes the
 // memory-order passes instead: their second read comes from the last-level cache, while the
-// per-channel tasks read runs a plane apart. Measured with two threads on an AMD EPYC (Zen 3) VM,
-// AVX2, in one process, fused -> passes: bfloat16 (32, 128, 28, 28) 1.26 -> 0.87 ms,
-// (32, 1024, 14, 14) 5.4 -> 4.4 ms, (32, 2048, 7, 7) 2.7 -> 2.0 ms, (32, 64, 56, 56) 2.85 ->
-// 2.32 ms; float32 (32, 256, 14, 14) 1.31 -> 0.96 ms, (32, 128, 28, 28) 1.77 -> 1.32 ms. Larger
-// inputs ((32, 256, 56, 56) float32 12.9 -> 17.0 ms) and smaller ones ((16, 32, 16, 16) float32
-// 93 -> 113 us) keep the fused tasks.
+// per-channel tasks read runs a plane apart. Larger and smaller inputs keep the fused tasks (see
+// docs/performance.md#fused-channel-tasks).
 constexpr int64_t kFusedMinBytes = int64_t(1) << 20;
 template <typename scalar_t>
 inline bool fused_channel_forward(const Layout& l) {

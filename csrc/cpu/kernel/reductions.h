@@ -40,13 +40,13 @@ inline Welford<merge_t> two_pass_welford(
 // 16-bit inputs (bfloat16, float16) take their statistics in ONE pass of shifted sums,
 // sum(x - pivot) and sum((x - pivot)^2), where wider types take two (mean, then squared
 // deviations from L1). The second pass cost as much as the first: the conversion of every value
-// to float made both compute-bound ((32, 256, 28, 28) bfloat16, two threads: statistics 570 us
-// against 316 us for x.sum(); one pass: 411 us). It is accurate enough here: a 16-bit value has
-// 8 or 11 significant bits, so x - pivot and its square lose at most the last bits of a float,
-// and the main error is the float accumulation of the sums (a block, or a chunk's rows), which
-// M2 = sum2 - sum1 * mean (taken in double) scales by sum2 / M2 = 1 + (mean - pivot)^2 / var,
-// near 1 with the pivot used here (the mean of the channel's first values, see nchw_pivot). Checked
-// by tests/test_cpu_kernels.py to 1e-4 of the variance with a first value 30 deviations out.
+// to float made both compute-bound (see docs/performance.md#one-pass-statistics). It is accurate
+// enough here: a 16-bit value has 8 or 11 significant bits, so x - pivot and its square lose at
+// most the last bits of a float, and the main error is the float accumulation of the sums (a
+// block, or a chunk's rows), which M2 = sum2 - sum1 * mean (taken in double) scales by
+// sum2 / M2 = 1 + (mean - pivot)^2 / var, near 1 with the pivot used here (the mean of the
+// channel's first values, see nchw_pivot). Checked by tests/test_cpu_kernels.py to 1e-4 of the
+// variance with a first value 30 deviations out.
 template <typename scalar_t>
 constexpr bool kOnePassStats = sizeof(scalar_t) == 2;
 
@@ -124,8 +124,8 @@ struct GradSums {
 };
 
 // VecSums of channels 0 .. n - 1 of a group, zeroed: a whole array of kMaxGroup zeroes 8 KiB of
-// float accumulators per array at every call. (8, 64, 8, 8) float32 statistics, one thread: memset
-// took 7% of the op's time, the VecSum arrays of a group of 8 channels reading 16 KiB.
+// float accumulators per array at every call, a visible part of a small input's statistics (see
+// docs/performance.md#channel-groups).
 template <typename acc_t>
 struct GroupSums {
   explicit GroupSums(int64_t n) {
@@ -144,11 +144,9 @@ struct GroupSums {
 // sample about kPrefetchBytes on (a whole number of samples, at least one) where the runs are
 // whole planes of at most kBlock values, short enough for the hardware prefetchers to lose the
 // stream at every jump; none past the last sample, which would land past the tensor's end and
-// still take a fill buffer (half the prefetches of (8, 64, 8, 8), 4 samples on of 8). Measured
-// with two threads, in one process, without -> with that limit: backward (32, 128, 28, 28) float32
-// 3.90 -> 3.35 ms, (32, 2048, 7, 7) bfloat16 2.86 -> 2.66 ms; forward (32, 64, 56, 56) bfloat16
-// 3.03 -> 2.75 ms, (32, 2048, 7, 7) float32 2.79 -> 2.64 ms. (The memory-order tasks read the next
-// group's runs next to these and do not prefetch: measured no faster that way.)
+// still take a fill buffer (half the prefetches of (8, 64, 8, 8), 4 samples on of 8). The
+// memory-order tasks read the next group's runs next to these and do not prefetch: they were no
+// faster that way (see docs/performance.md#prefetch).
 struct GroupPrefetch {
   int64_t samples = 0;  // 0: none
   int64_t stride = 0;   // bytes from a sample's runs to the next sample's
@@ -187,11 +185,9 @@ inline void spread_lanes(int64_t HxW, int64_t G, const Get& get, acc_t* out) {
 // vector at the span's end), then fold each channel's HxW positions in a fixed order. A channel's
 // terms are added in an order set by HxW alone, whatever G (which follows the thread count) is:
 // the same bits for any G. Walking run by run instead cost each 7x7 run three vectors, a masked
-// fourth for one value and the run's setup. Measured with two threads, in one process, run by run
-// -> per position: (32, 512, 7, 7) statistics float32 438 -> 392 us, bfloat16 328 -> 257 us;
-// training forward bfloat16 553 -> 499 us, (32, 2048, 7, 7) 2.62 -> 2.43 ms; backward reduction
-// bfloat16 430 -> 345 us. Planes of whole vectors (8x8, 16x16, 14x14's 12 of 12.25) were 5-15%
-// slower this way: their run-by-run sums stay in registers, these go through L1.
+// fourth for one value and the run's setup. Planes of whole vectors (8x8, 16x16, 14x14's 12 of
+// 12.25) were slower this way: their run-by-run sums stay in registers, these go through L1 (see
+// docs/performance.md#lane-reductions).
 constexpr int64_t kLanePlane = 64;
 // Positions of one span at most: 8 KiB of float each.
 constexpr int64_t kLaneSpan = 2048;
@@ -385,9 +381,7 @@ inline void lane_block_reduce(
 // channel's sums carried over its runs in run order. The runs are walked in memory order (run n
 // of every channel of the group, then run n + 1): a channel's values are summed in the same order
 // whatever G is, so G never changes a bit, but the reads are G runs long instead of one run a
-// plane apart. Measured with two threads, NCHW training forward, G = 1 -> 8: (32, 2048, 7, 7)
-// bfloat16 989 -> 621 us, float32 1160 -> 881 us; (32, 512, 7, 7) bfloat16 203 -> 154 us;
-// (32, 512, 14, 14) bfloat16 505 -> 453 us.
+// plane apart (see docs/performance.md#channel-groups).
 template <typename scalar_t, typename acc_t>
 inline void group_block_stats(
     const scalar_t* x, const Layout& l, const BlockPlan& plan, int64_t c0, int64_t G, int64_t j, const acc_t* pivot,

@@ -11,8 +11,8 @@ namespace BNEXT_CPU_ISA_NS {
 
 // Streaming (non-temporal) stores: an output larger than the last-level cache is written
 // without first reading its lines into the cache (a normal store reads each line it fills),
-// which cuts the traffic of an elementwise pass from three tensor passes to two. Measured with
-// a 25 MiB float32 output on this kind of machine: 1.08 ms streamed against 1.75 ms stored.
+// which cuts the traffic of an elementwise pass from three tensor passes to two (see
+// docs/performance.md#streaming-stores).
 // NB bytes from a register-sized value to p, which must be NB-byte aligned.
 template <int NB>
 inline void stream_bytes(void* p, const void* v) {
@@ -97,9 +97,9 @@ inline bool stream_pass(const Layout& l, int64_t passes) {
 
 // NCHW passes stream plane by plane only when every HxW plane starts on a line: planes that
 // share lines would mix streamed and ordinary stores in those lines and store their heads one
-// value at a time (measured slower than not streaming: (32, 1024, 14, 14) bfloat16, 1.85 ms
-// against 0.99 ms). Planes that share lines stream by channel groups (line_group) or line by line
-// (planes_affine_lines).
+// value at a time, which is slower than not streaming at all (see
+// docs/performance.md#streaming-stores). Planes that share lines stream by channel groups
+// (line_group) or line by line (planes_affine_lines).
 template <typename scalar_t>
 inline bool planes_on_lines(const Layout& l) {
   return (l.HxW * static_cast<int64_t>(sizeof(scalar_t))) % kStreamAlign == 0;

@@ -36,9 +36,8 @@ inline void store(scalar_t* p, int64_t i, acc_t v) {
 // Vectors of the ISA's native width (GCC/Clang vector extensions): one zmm under AVX-512, one ymm
 // under AVX2, one xmm on the baseline (SSE2, NEON), so the same source serves every ISA. (Wider
 // vectors than the ISA has are split by GCC, but it builds their splats lane by lane on the stack,
-// copies them to memory through the stack and compares and shuffles them one lane at a time:
-// with 64-byte vectors under AVX2 on an EPYC, float32 (32, 2048, 7, 7) eval took 1.9 ms and
-// bfloat16 (32, 64, 56, 56) eval 8.5 ms, against torch's 0.4 and 0.5 ms.)
+// copies them to memory through the stack and compares and shuffles them one lane at a time,
+// several times slower than torch: see docs/performance.md#isa-variants.)
 #if BNEXT_CPU_ISA_LEVEL >= 2
 constexpr int64_t kNativeBytes = 64;
 #elif BNEXT_CPU_ISA_LEVEL == 1
@@ -97,9 +96,9 @@ inline typename Vec<acc_t>::type vload(const scalar_t* p) {
 }
 
 // Only whole 64-byte lines are ever streamed: a streaming store of part of a line (one 32-byte
-// vector of a 16-bit type) next to ordinary stores into the rest of that line measured 8x slower
-// than not streaming at all ((32, 1024, 14, 14) bfloat16). Single vectors of 16-bit types are
-// therefore stored normally; their pairs (vstore2) stream.
+// vector of a 16-bit type) next to ordinary stores into the rest of that line was several times
+// slower than not streaming at all (see docs/performance.md#streaming-stores). Single vectors of
+// 16-bit types are therefore stored normally; their pairs (vstore2) stream.
 template <typename scalar_t, typename acc_t>
 constexpr bool kVecIsLine = Vec<acc_t>::W * sizeof(scalar_t) == kStreamAlign;
 
@@ -123,10 +122,8 @@ inline bnext_u16x32 bf16_in_high_halves(typename Vec<float>::type v) {
 // With AVX512-BF16 (the avx512bf16 variant) vcvtneps2bf16 rounds 16 floats in one instruction,
 // to the same bits as c10 except in two kinds of lanes: NaN (c10: 0x7FC0; the instruction keeps
 // the payload) and denormals (the instruction flushes them to zero). A vector with any such lane
-// takes the exact shift-and-add rounding instead. Measured with two threads, bfloat16 NCHW,
-// avx512 -> avx512bf16 in one process: (32, 512, 7, 7) normalize 98 -> 87 us, eval 93 -> 83 us;
-// (32, 256, 14, 14) forward 241 -> 194 us; (32, 64, 56, 56) backward 1053 -> 982 us (passes that
-// read and write main memory gain little).
+// takes the exact shift-and-add rounding instead. Passes over data in cache gain most, passes
+// that read and write main memory little (see docs/performance.md#bfloat16-rounding).
 #if BNEXT_CPU_BF16
 inline bool bf16_exact_lanes(typename Vec<float>::type v, __mmask16 lanes = 0xFFFF) {
   __m512 r;
@@ -229,8 +226,8 @@ inline void vstore(scalar_t* p, typename Vec<acc_t>::type v) {
 }
 
 // Two adjacent vectors (2 W values). For bfloat16 the pair rounds back with one shuffle picking
-// the high halves of both vectors (measured on (32, 64, 56, 56) bfloat16, one thread: the
-// affine pass 0.94 ms singly, 0.72 ms in pairs; bitwise the same values).
+// the high halves of both vectors: the same bits as two single vectors, in fewer instructions
+// (see docs/performance.md#bfloat16-rounding).
 template <typename scalar_t, typename acc_t>
 inline void vload2(const scalar_t* p, typename Vec<acc_t>::type& a, typename Vec<acc_t>::type& b) {
   a = vload<scalar_t, acc_t>(p);
