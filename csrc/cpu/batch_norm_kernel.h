@@ -7,11 +7,11 @@
 //
 //   stats            stats_kernel -> channel_stats
 //     NCHW           nchw_stats [reductions]: (block, channel group) tasks in memory order,
-//                    group_block_stats [reductions] -> seg_mean + seg_m2, or seg_moments for 16-bit
+//                    group_block_stats [reductions] -> seg_mean + seg_moments, or seg_moments for 16-bit
 //                    types [nchw_segments]; lane_block_stats [reductions] for short planes that
 //                    end in a partial vector (7x7)
-//     channels-last  rows_stats [reductions]: chunks of super-rows -> rows_mean + rows_m2, or
-//                    rows_moments [channels_last_rows]
+//     channels-last  rows_stats [reductions]: chunks of super-rows -> rows_mean + rows_moments, or
+//                    rows_moments alone [channels_last_rows]
 //   affine           affine_kernel (normalize and eval; eval's folded pivots are +0: !Centered)
 //     NCHW           affine_nchw [passes]: lanes_pass [plan] picks group_affine -> lanes_affine
 //                    (per-lane coefficients) [passes], planes_affine_lines (streamed lines)

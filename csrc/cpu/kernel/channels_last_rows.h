@@ -161,88 +161,12 @@ inline void rows_mean(
       });
 }
 
-// One pass for 16-bit inputs (see kOnePassStats): sums of d = x - pivot into s1, of d * d into s2.
-template <typename scalar_t, typename acc_t>
-inline void rows_moments(
-    const scalar_t* x, int64_t nrows, int64_t width, bool wide, const acc_t* pivot, acc_t* s1, acc_t* s2) {
-  using vec = typename Vec<acc_t>::type;
-  constexpr int64_t W = Vec<acc_t>::W;
-  if (wide) {
-    rows_wide_by4<scalar_t, acc_t>(
-        x, nrows, width,
-        [=](const scalar_t* x0, int64_t j) {
-          const vec pv = vload_acc(pivot + j);
-          const vec d0 = vload<scalar_t, acc_t>(x0 + j) - pv, d1 = vload<scalar_t, acc_t>(x0 + width + j) - pv;
-          const vec d2 = vload<scalar_t, acc_t>(x0 + 2 * width + j) - pv, d3 = vload<scalar_t, acc_t>(x0 + 3 * width + j) - pv;
-          vstore_acc(s1 + j, vload_acc(s1 + j) + ((d0 + d1) + (d2 + d3)));
-          vstore_acc(s2 + j, vload_acc(s2 + j) + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)));
-        },
-        [=](const scalar_t* x0, int64_t j) {
-          for (int64_t k = 0; k < 4; ++k) {
-            const acc_t d = load<scalar_t, acc_t>(x0, k * width + j) - pivot[j];
-            s1[j] += d;
-            s2[j] += d * d;
-          }
-        },
-        [=](const scalar_t* x0, int64_t j) {
-          const vec d = vload<scalar_t, acc_t>(x0 + j) - vload_acc(pivot + j);
-          vstore_acc(s1 + j, vload_acc(s1 + j) + d);
-          vstore_acc(s2 + j, vload_acc(s2 + j) + d * d);
-        },
-        [=](const scalar_t* x0, int64_t j) {
-          const acc_t d = load<scalar_t, acc_t>(x0, j) - pivot[j];
-          s1[j] += d;
-          s2[j] += d * d;
-        });
-    return;
-  }
-  for_column_blocks<acc_t>(
-      width,
-      [&](int64_t j) {
-        vec a[4], q[4], pv[4];
-        for (int v = 0; v < 4; ++v) {
-          a[v] = vload_acc(s1 + j + v * W);
-          q[v] = vload_acc(s2 + j + v * W);
-          pv[v] = vload_acc(pivot + j + v * W);
-        }
-        for (int64_t r = 0; r < nrows; ++r) {
-          const scalar_t* row = x + r * width + j;
-          for (int v = 0; v < 4; ++v) {
-            const vec d = vload<scalar_t, acc_t>(row + v * W) - pv[v];
-            a[v] += d;
-            q[v] += d * d;
-          }
-        }
-        for (int v = 0; v < 4; ++v) {
-          vstore_acc(s1 + j + v * W, a[v]);
-          vstore_acc(s2 + j + v * W, q[v]);
-        }
-      },
-      [&](int64_t j) {
-        vec a = vload_acc(s1 + j), q = vload_acc(s2 + j);
-        const vec pv = vload_acc(pivot + j);
-        for (int64_t r = 0; r < nrows; ++r) {
-          const vec d = vload<scalar_t, acc_t>(x + r * width + j) - pv;
-          a += d;
-          q += d * d;
-        }
-        vstore_acc(s1 + j, a);
-        vstore_acc(s2 + j, q);
-      },
-      [&](int64_t j) {
-        for (int64_t r = 0; r < nrows; ++r) {
-          const acc_t d = load<scalar_t, acc_t>(x, r * width + j) - pivot[j];
-          s1[j] += d;
-          s2[j] += d * d;
-        }
-      });
-}
-
-// The second pass of two-pass statistics over rows (see two_pass_welford): sums of d = x - center
-// into s1 and of d * d into s2, per lane (one center vector per column: with 16 AVX2 registers a
+// Sums of d = x - center into s1 and of d * d into s2 over rows, per lane: the one pass of 16-bit
+// statistics (center: the pivots, see kOnePassStats) and the second pass of two-pass statistics
+// (center: the first pass's means, see two_pass_welford) (one center vector per column: with 16 AVX2 registers a
 // 4-vector column block keeps its 8 sums and 4 centers in registers).
 template <typename scalar_t, typename acc_t>
-inline void rows_m2(
+inline void rows_moments(
     const scalar_t* x, int64_t nrows, int64_t width, bool wide, const acc_t* center, acc_t* s1, acc_t* s2) {
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::W;

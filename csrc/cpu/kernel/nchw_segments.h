@@ -96,10 +96,11 @@ inline void seg_mean(const scalar_t* p, int64_t len, acc_t pivot, acc_t inv_coun
       p, len, s, [&](vec v) { return (v - pv) * iv; }, [&](acc_t v) { return (v - pivot) * inv_count; });
 }
 
-// Sums of d = x - center into s1 and of d * d into s2 (the second pass of two-pass statistics,
-// see two_pass_welford).
+// Sums of d = x - center into s1 and of d * d into s2, over one segment: the one pass of 16-bit
+// statistics (center: the pivot) and the second pass of two-pass statistics (center: the first
+// pass's mean, see two_pass_welford).
 template <typename scalar_t, typename acc_t>
-inline void seg_m2(const scalar_t* p, int64_t len, acc_t center, VecSum<acc_t>& sum1, VecSum<acc_t>& sum2) {
+inline void seg_moments(const scalar_t* p, int64_t len, acc_t center, VecSum<acc_t>& sum1, VecSum<acc_t>& sum2) {
   using vec = typename Vec<acc_t>::type;
   const vec cv = vec{} + center;
   // Local copies: the caller's sums could alias p as far as the compiler knows (float vectors and
@@ -126,30 +127,6 @@ inline void seg_m2(const scalar_t* p, int64_t len, acc_t center, VecSum<acc_t>& 
   sum2 = s2;
 }
 
-// Sums of d = x - pivot into s1 and of d * d into s2, over one segment.
-template <typename scalar_t, typename acc_t>
-inline void seg_moments(const scalar_t* p, int64_t len, acc_t pivot, VecSum<acc_t>& s1, VecSum<acc_t>& s2) {
-  using vec = typename Vec<acc_t>::type;
-  const vec pv = vec{} + pivot;
-  seg_walk<scalar_t, acc_t>(
-      p, len,
-      [&](auto k, vec v) {
-        const vec d = v - pv;
-        s1.template at<k.value>() += d;
-        s2.template at<k.value>() += d * d;
-      },
-      [&](auto v, int64_t n) {  // generic: instantiated only where masked tails exist
-        const vec d = first_lanes<acc_t>(v - pv, n);
-        s1.a3 += d;
-        s2.a3 += d * d;
-      },
-      [&](acc_t v) {
-        const acc_t d = v - pivot;
-        s1.tail += d;
-        s2.tail += d * d;
-      });
-}
-
 // sum(dy) into a, sum(dy * (x - mean)) into b, over one segment.
 template <typename scalar_t, typename acc_t>
 inline void seg_reduce(
@@ -157,7 +134,7 @@ inline void seg_reduce(
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::W;
   const vec m = vec{} + mean;
-  VecSum<merge_t> a = sum_a;  // local copies, as in seg_m2
+  VecSum<merge_t> a = sum_a;  // local copies, as in seg_moments
   VecSum<acc_t> b = sum_b;
   int64_t i = 0;
   for (; i + 4 * W <= len; i += 4 * W) {

@@ -424,7 +424,7 @@ inline void group_block_stats(
     center[g] = pivot[g] + mean[g];
   }
   GroupSums<acc_t> dev(G), m2(G);
-  each_run([&](int64_t g, const scalar_t* run) { seg_m2<scalar_t, acc_t>(run, len, center[g], dev[g], m2[g]); }, false);
+  each_run([&](int64_t g, const scalar_t* run) { seg_moments<scalar_t, acc_t>(run, len, center[g], dev[g], m2[g]); }, false);
   for (int64_t g = 0; g < G; ++g) {
     out[g] = two_pass_welford(pivot[g], mean[g], center[g], dev[g].total(), m2[g].total(), count);
   }
@@ -549,7 +549,7 @@ void rows_stats(const scalar_t* x, const Layout& l, ChannelStats<acc_t>& st) {
       replicate(center.p, C, plan.k, lanes_center.p);
       std::fill(s1.p, s1.p + plan.P, acc_t(0));
       for_super_rows(plan, r0, r1, [&](int64_t off, int64_t nrows, int64_t width) {
-        rows_m2<scalar_t, acc_t>(x + off, nrows, width, plan.wide, lanes_center.p, s1.p, s2.p);
+        rows_moments<scalar_t, acc_t>(x + off, nrows, width, plan.wide, lanes_center.p, s1.p, s2.p);
       });
       fold(s1.p, C, plan.k, t2.p);
       fold(s2.p, C, plan.k, s1.p);
