@@ -26,3 +26,14 @@ def layout_format(input):
     if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return suggest_memory_format(input)
+
+
+# The activations of the fused ops (csrc/common/act.h, enum Act): name -> the op's `activation`
+# code. The parameter (`activation_param`) is negative_slope for leaky_relu and alpha for elu.
+ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4, "hardswish": 5}
+
+
+def act_invertible(activation: str, param: float) -> bool:
+    """Whether z can be recovered from act(z) (the memory-saving mode): csrc/common/act.h
+    act_invertible()."""
+    return activation == "identity" or (activation in ("leaky_relu", "elu") and param > 0)

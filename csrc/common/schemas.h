@@ -39,6 +39,26 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean,"
       " Tensor save_invstd) -> (Tensor grad_input, Tensor sum_dy, Tensor sum_dy_xmu)");
+  // Fused BN + activation (+ residual add), csrc/common/act.h: output = act(BN(input) + residual),
+  // `activation` an Act code, `activation_param` its negative_slope / alpha. BN(input) is never
+  // stored. The backward takes the saved tensor `saved`: the input (from_output=False: z is
+  // recomputed from it and the residual), or the output (from_output=True, the memory-saving
+  // mode of the invertible activations: z = act_inverse(output), input - mean recovered from z,
+  // residual, weight and bias; channels whose weight * invstd is 0 give no usable values there and
+  // are recomputed by the caller from the input it kept for them). grad_residual is dz =
+  // dy * act'(z) when a residual is given, else an empty tensor; sum_dz = sum(dz), sum_dz_xmu =
+  // sum(dz * (input - mean)).
+  m.def(
+      "batch_norm_act_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, float eps,"
+      " int activation, float activation_param)"
+      " -> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor save_var)");
+  m.def(
+      "batch_norm_act_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean,"
+      " Tensor? running_var, Tensor? residual, float eps, int activation, float activation_param) -> Tensor");
+  m.def(
+      "batch_norm_act_backward(Tensor grad_out, Tensor saved, Tensor? residual, Tensor? weight, Tensor? bias,"
+      " Tensor save_mean, Tensor save_invstd, int activation, float activation_param, bool from_output)"
+      " -> (Tensor grad_input, Tensor grad_residual, Tensor sum_dz, Tensor sum_dz_xmu)");
 }
 
 }  // namespace bnext
