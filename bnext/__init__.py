@@ -6,6 +6,8 @@
 
 Where things live (each module imports only the ones below it):
     convert.py        convert_model / revert_model and the torch <-> bnext class tables
+    fuse.py           fuse_model: BN -> (add ->) activation chains into fused layers
+    act.py            BatchNormAct1d/2d/3d: BN, residual add and activation in one layer
     sync.py           SyncBatchNorm: statistics over a process group
     modules.py        BatchNorm1d/2d/3d, LazyBatchNorm1d/2d/3d: running-statistic bookkeeping
     _quantization.py  bnext layers in torch.ao.quantization (eager fusion table, FX warning)
@@ -23,7 +25,9 @@ from . import _ops  # noqa: F401  (fake kernels, autograd formulas and vmap rule
 from . import _quantization, convert, modules
 from ._ops.decompositions import decompositions
 from .convert import convert_model, revert_model
-from .functional import batch_norm
+from .fuse import fuse_model
+from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from .functional import batch_norm, batch_norm_act
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .sync import SyncBatchNorm
 
@@ -39,6 +43,9 @@ modules.convert_model, modules.BNEXT_TWIN = convert.convert_model, convert.BNEXT
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
@@ -47,9 +54,11 @@ __all__ = [
     "LazyBatchNorm3d",
     "SyncBatchNorm",
     "batch_norm",
+    "batch_norm_act",
     "build_info",
     "convert_model",
     "decompositions",
+    "fuse_model",
     "revert_model",
 ]
 

@@ -21,6 +21,8 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import _C  # noqa: F401  (registers the ops)
+from ._ops import fused as _fused
+from ._ops.conventions import ACTIVATIONS, act_invertible
 from ._ops.handles import namespace, ops
 from ._shared import empty_batch, flat
 
@@ -154,3 +156,169 @@ def batch_norm(
     if momentum is None:
         raise TypeError("batch_norm(): argument 'momentum' must be float, not NoneType")
     return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused BN + activation (+ residual): y = act(BN(x) + residual). bnext/_ops/fused.py holds the
+# ops' contract; this is how a call is routed.
+
+
+def _act_torch(z: Tensor, activation: str, param: float) -> Tensor:
+    return _fused.act(z, ACTIVATIONS[activation], param)
+
+
+def _fusable_residual(input: Tensor, residual) -> bool:
+    """The fused ops add a residual of the input's shape, dtype and device; anything else (a
+    broadcast, a dtype promotion) is torch's add, done unfused so the result is torch's."""
+    return residual is None or (
+        isinstance(residual, Tensor)
+        and residual.shape == input.shape
+        and residual.dtype == input.dtype
+        and residual.device == input.device
+    )
+
+
+def _tiny_weight_channels(weight: Optional[Tensor], bias: Optional[Tensor]) -> Optional[Tensor]:
+    """Channels the memory-saving backward cannot invert: z = w * xhat + b (+ r) carries xhat with
+    a relative error of about eps(dtype) * (1 + |b| + |r|) / |w|, so where |w| < 2^-10 * (1 + |b|)
+    (w = 0 included) the input of those channels is kept instead. None when there are none."""
+    if weight is None:
+        return None
+    w = weight.detach().reshape(-1).abs()
+    limit = 1.0 if bias is None else 1.0 + bias.detach().reshape(-1).abs()
+    tiny = (w < limit * 2.0**-10).nonzero().reshape(-1)
+    return tiny if tiny.numel() > 0 else None
+
+
+class _MemorySavingBatchNormAct(torch.autograd.Function):
+    """Training forward of the memory-saving mode: saves the output y (which the next layer keeps
+    anyway) instead of the input, and recovers the input from y in backward (invertible
+    activations only). Channels with a tiny weight keep their input (_tiny_weight_channels) and
+    get their gradients from it."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, residual, eps, activation, param):
+        out, mean, invstd, var = ops().batch_norm_act_forward(input, weight, bias, residual, eps, activation, param)
+        kept = _tiny_weight_channels(weight, bias)
+        kept_input = None if kept is None else input.index_select(1, kept)
+        ctx.activation, ctx.param = activation, param
+        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(out, weight, bias, residual, mean, invstd, kept, kept_input)
+        ctx.mark_non_differentiable(mean, invstd, var)
+        return out, mean, invstd, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g, _g_mean, _g_invstd, _g_var):
+        y, weight, bias, residual, mean, invstd, kept, kept_input = ctx.saved_tensors
+        g = g if g.dtype == y.dtype else g.to(y.dtype)
+        a, p = ctx.activation, ctx.param
+        dx, dr, sum_dz, sum_dz_xmu = ops().batch_norm_act_backward(g, y, residual, weight, bias, mean, invstd, a, p, True)
+        if kept is not None:
+            # The kept channels, from their input: the fused backward on those channels alone.
+            def sub(t, dim=1):
+                return None if t is None else t.index_select(dim, kept)
+
+            kdx, kdr, ks, ksx = ops().batch_norm_act_backward(
+                sub(g), kept_input, sub(residual), sub(weight, 0), sub(bias, 0), sub(mean, 0), sub(invstd, 0), a, p, False
+            )
+            dx.index_copy_(1, kept, kdx)
+            if residual is not None:
+                dr.index_copy_(1, kept, kdr)
+            sum_dz.index_copy_(0, kept, ks)
+            sum_dz_xmu.index_copy_(0, kept, ksx)
+        nx, nw, nb, nr = ctx.needs_input_grad[:4]
+        d_w = (sum_dz_xmu * invstd).to(ctx.param_dtypes[0]) if nw else None
+        d_b = sum_dz.to(ctx.param_dtypes[1]) if nb else None
+        return dx if nx else None, d_w, d_b, dr if nr else None, None, None, None
+
+
+def batch_norm_act_impl(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    num_batches_tracked: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    activation: str = "relu",
+    param: float = 0.0,
+    memory_saving: bool = False,
+) -> Tensor:
+    """act(batch_norm(input, ...) + residual) with batch_norm_impl's arguments and bookkeeping;
+    `param` is leaky_relu's negative_slope or elu's alpha."""
+    if input.is_cuda:
+        check_device(input)
+    compiling = torch.compiler.is_compiling()
+    saved_program = (compiling and torch.compiler.is_exporting()) or torch._C._get_tracing_state() is not None
+    if saved_program or input.numel() == 0 or not _fusable_residual(input, residual):
+        # A saved program (torch's ops, as batch_norm_impl records them), an empty batch, or a
+        # residual torch's add would broadcast or promote: batch norm, add and activation apart.
+        out = batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked)
+        return _act_torch(out if residual is None else out + residual, activation, param)
+    _bnext._check_batch_norm_args(input, weight, bias, running_mean, running_var, training, eps)
+    weight, bias, code = flat(weight), flat(bias), ACTIVATIONS[activation]
+    if not training:
+        return ops().batch_norm_act_eval(input, weight, bias, flat(running_mean), flat(running_var), residual, eps, code, param)
+    if not compiling and _recomputing():
+        running_mean = running_var = num_batches_tracked = None  # see batch_norm_impl
+    grads = _requires_grad(input, weight, bias) or (residual is not None and residual.requires_grad)
+    if memory_saving and grads and torch.is_grad_enabled() and not _transformed():
+        out, mean, _invstd, var = _MemorySavingBatchNormAct.apply(input, weight, bias, residual, eps, code, param)
+    else:
+        out, mean, _invstd, var = ops().batch_norm_act_forward(input, weight, bias, residual, eps, code, param)
+    if running_mean is not None or running_var is not None or num_batches_tracked is not None:
+        count = input.numel() // input.shape[1]
+        _bnext.update_running_stats(flat(running_mean), flat(running_var), num_batches_tracked, mean, var, count, momentum)
+    return out
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    residual: Optional[Tensor] = None,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    alpha: float = 1.0,
+    memory_saving: bool = False,
+) -> Tensor:
+    """act(batch_norm(input, ...) + residual) in fused kernels: F.batch_norm's arguments, then the
+    residual to add (optional) and the activation (identity, relu, leaky_relu(negative_slope),
+    elu(alpha), silu, hardswish). Equal to torch's batch_norm, add and activation in sequence.
+    memory_saving=True (identity, leaky_relu with negative_slope > 0, elu with alpha > 0): the
+    backward keeps the output instead of the input (see bnext.BatchNormAct2d)."""
+    param = check_activation(activation, negative_slope, alpha, memory_saving)
+    if not isinstance(input, Tensor):
+        raise TypeError(f"batch_norm_act(): argument 'input' must be Tensor, not {type(input).__name__}")
+    return batch_norm_act_impl(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, None, residual, activation, param,
+        memory_saving,
+    )
+
+
+def check_activation(activation: str, negative_slope: float, alpha: float, memory_saving: bool) -> float:
+    """The activation's parameter (negative_slope or alpha; 0.0 for the others), after checking the
+    arguments: ValueError naming the argument, what was expected and what came."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"bnext: activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+    param = {"leaky_relu": negative_slope, "elu": alpha}.get(activation, 0.0)
+    if not isinstance(param, (int, float)) or isinstance(param, bool):
+        name = "negative_slope" if activation == "leaky_relu" else "alpha"
+        raise TypeError(f"bnext: {name} must be a float, got {type(param).__name__}")
+    if memory_saving and not act_invertible(activation, param):
+        raise ValueError(
+            "bnext: memory_saving=True needs an invertible activation (identity, leaky_relu with negative_slope > 0, "
+            f"elu with alpha > 0), got activation={activation!r}"
+            + (f" with parameter {param}" if activation in ("leaky_relu", "elu") else "")
+        )
+    return float(param)

@@ -10,13 +10,13 @@ from .functional import batch_norm_impl
 _MISSING = object()
 
 
-def _fx_leaf(module, input):
+def _fx_leaf(module, args):
     """torch.fx: a leaf call_module, as torch's own batch norm layers are, whatever the tracer (FX
     passes, torchvision's feature extraction and quantization see the layer). (Out of forward, which
     TorchScript parses in full: forward keeps to what TorchScript accepts.)"""
-    tracer = input.tracer
+    tracer = args[0].tracer
     warn_if_quantization_tracer(module, tracer)
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
 
 
 class _BatchNormMixin:
@@ -32,30 +32,40 @@ class _BatchNormMixin:
         if torch.jit.is_scripting():
             # TorchScript compiles this branch only: torch's own _BatchNorm.forward, so a scripted
             # model records torch's batch_norm op and runs where bnext is not installed.
-            self._check_input_dim(input)
-            factor = 0.0
-            if self.momentum is not None:
-                factor = self.momentum
-            if self.training and self.track_running_stats:
-                if self.num_batches_tracked is not None:
-                    self.num_batches_tracked.add_(1)
-                    if self.momentum is None:
-                        factor = 1.0 / float(self.num_batches_tracked)
-            bn_training = self.training or (self.running_mean is None and self.running_var is None)
-            keep = not self.training or self.track_running_stats
-            return F.batch_norm(
-                input,
-                self.running_mean if keep else None,
-                self.running_var if keep else None,
-                self.weight,
-                self.bias,
-                bn_training,
-                factor,
-                self.eps,
-            )
+            return self._torch_forward(input)
         if isinstance(input, torch.fx.Proxy):
-            return _fx_leaf(self, input)
+            return _fx_leaf(self, (input,))
         self._check_input_dim(input)
+        return self._batch_norm(input, *self._layer_args())
+
+    def _torch_forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = 0.0
+        if self.momentum is not None:
+            factor = self.momentum
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    factor = 1.0 / float(self.num_batches_tracked)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if keep else None,
+            self.running_var if keep else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            factor,
+            self.eps,
+        )
+
+    @torch.jit.unused
+    def _layer_args(self):
+        """The arguments of _batch_norm after the input, torch's _BatchNorm.forward rules: (running_mean,
+        running_var, weight, bias, use batch statistics, momentum, eps, num_batches_tracked to count
+        the batch in)."""
         if type(self) in PLAIN_LAYERS:
             # The dictionaries nn.Module.__getattr__ would read (half a microsecond per attribute,
             # a visible part of a small layer's call); anything else (a plain tensor set in place of
@@ -83,8 +93,7 @@ class _BatchNormMixin:
         track = training and self.track_running_stats
         use_batch_stats = training or (running_mean is None and running_var is None)
         pass_buffers = not training or self.track_running_stats
-        return self._batch_norm(
-            input,
+        return (
             running_mean if pass_buffers else None,
             running_var if pass_buffers else None,
             weight,

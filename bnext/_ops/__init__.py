@@ -10,11 +10,12 @@ registers the rest, per op, for the real library (namespace bnext) and for the e
     autograd.py        backward and jvp formulas, registered as each op's Autograd kernel
     vmap.py            vmap rules: the vmapped dimension folded into the channels
     decompositions.py  each op in aten ops, for programs that must run without bnext
+    fused.py           all of the above for the fused BN + activation (+ residual) ops
 
 Importing it registers everything for namespace bnext.
 """
 from .. import _C  # noqa: F401  (defines the schemas and kernels of torch.ops.bnext.*)
-from . import autograd, fake, vmap
+from . import autograd, fake, fused, vmap
 
 
 def register(namespace: str) -> None:
@@ -22,6 +23,7 @@ def register(namespace: str) -> None:
     fake.register_fakes(namespace)
     autograd.register_autograd(namespace)
     vmap.register_vmap_rules(namespace)
+    fused.register(namespace)
 
 
 register("bnext")

@@ -272,19 +272,27 @@ def _forward_backward(ctx, g, g_mean, g_invstd, g_var):
             d_w = (sum_dy_xmu * invstd).to(ctx.dtypes[1])
         if nb:
             d_b = sum_dy.to(ctx.dtypes[2])
-    if nx and (g_mean is not None or g_invstd is not None or g_var is not None):
-        # mean, invstd and var are outputs too: d invstd / d var = -invstd^3 / 2.
-        M = _count(x)
-        g_v = g_var
-        if g_invstd is not None:
-            g_v = _sum(g_v, -0.5 * g_invstd * invstd * invstd * invstd)
-        terms = [None if d_x is None else _acc(d_x, x)]
-        if g_mean is not None:
-            terms.append(_bc(g_mean / M, x).expand(x.shape))
-        if g_v is not None:
-            terms.append(_bc(g_v * (2.0 / M), x) * (_acc(x, x) - _bc(mean, x)))
-        d_x = _to(_sum(*terms), x)
+    if nx:
+        d_x = _stats_output_grads(d_x, x, mean, invstd, g_mean, g_invstd, g_var)
     return d_x, d_w, d_b, None
+
+
+def _stats_output_grads(d_x, x, mean, invstd, g_mean, g_invstd, g_var):
+    """d_x plus the gradient reaching x through a training forward's statistics outputs (mean,
+    invstd, var), which callers may use (shared with the fused ops, _ops/fused.py)."""
+    if g_mean is None and g_invstd is None and g_var is None:
+        return d_x
+    # d invstd / d var = -invstd^3 / 2.
+    M = _count(x)
+    g_v = g_var
+    if g_invstd is not None:
+        g_v = _sum(g_v, -0.5 * g_invstd * invstd * invstd * invstd)
+    terms = [None if d_x is None else _acc(d_x, x)]
+    if g_mean is not None:
+        terms.append(_bc(g_mean / M, x).expand(x.shape))
+    if g_v is not None:
+        terms.append(_bc(g_v * (2.0 / M), x) * (_acc(x, x) - _bc(mean, x)))
+    return _to(_sum(*terms), x)
 
 
 def _forward_jvp(ctx, t_x, t_w, t_b, _t_eps):

@@ -155,4 +155,7 @@ def decompositions() -> dict:
     """A fresh dict {op overload: decomposition} for every functional bnext op, to pass to
     ExportedProgram.run_decompositions (alone, or merged into
     torch.export.default_decompositions()). Fresh so that callers may edit it."""
-    return {getattr(torch.ops.bnext, name).default: fn for name, fn in _DECOMPOSITIONS.items()}
+    from .fused import DECOMPOSITIONS as fused  # the fused ops' (built on the functions above)
+
+    table = dict(_DECOMPOSITIONS, **fused)
+    return {getattr(torch.ops.bnext, name).default: fn for name, fn in table.items()}
