@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: all install build test demo bench bench-cuda clean static-check asan
+.PHONY: all install build test demo bench bench-fused bench-cuda clean static-check asan
 
 all: install
 
@@ -55,6 +55,11 @@ demo: build
 
 bench: build
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# Fused BN + activation (+ residual): layers against torch's unfused modules and torch.compile, and
+# whole-model training steps (torch vs convert_model vs fuse_model); writes benchmarks/results/fused.json.
+bench-fused: build
+	$(PY) benchmarks/bench_fused.py $(BENCH_ARGS)
 
 # CUDA timings (CUDA events) against nn.BatchNorm2d (cuDNN); refuses cleanly without a GPU.
 bench-cuda: build

@@ -31,6 +31,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -516,6 +517,13 @@ def write_markdown(path, info, s, rows, chart_rel, json_rel, args, elapsed):
                      f"{r['torch_s'] * 1e3:.3f} | {comp} | {r['speedup']:.2f}{flag} | {r['gbps']:.1f} | "
                      f"{r['floor_s'] * 1e3:.3f} | {r['floor_ratio']:.2f} |")
     lines.append("")
+    fused = os.path.join(HERE, "results", "fused.json")
+    if os.path.exists(fused):
+        # The fused BN + activation benchmark's section (benchmarks/bench_fused.py), from its saved results.
+        from bench_fused import fused_markdown
+
+        with open(fused) as f:
+            lines += fused_markdown(json.load(f))
     with open(path, "w") as f:
         f.write("\n".join(lines))
 

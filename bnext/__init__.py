@@ -29,7 +29,7 @@ from .fuse import fuse_model
 from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .functional import batch_norm, batch_norm_act
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
-from .sync import SyncBatchNorm
+from .sync import SyncBatchNorm, SyncBatchNormAct
 
 # torch.ao.quantization.fuse_modules finds fusers by exact type; bnext's layers join its table.
 _quantization.register(
@@ -53,6 +53,7 @@ __all__ = [
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
     "SyncBatchNorm",
+    "SyncBatchNormAct",
     "batch_norm",
     "batch_norm_act",
     "build_info",

@@ -34,7 +34,7 @@ class _BatchNormActMixin:
         alpha: float = 1.0,
         memory_saving: bool = False,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         check_activation(activation, negative_slope, alpha, memory_saving)
         self.activation = activation
         self.negative_slope = float(negative_slope)
@@ -58,9 +58,11 @@ class _BatchNormActMixin:
         if isinstance(input, torch.fx.Proxy):
             return _fx_leaf(self, (input,) if residual is None else (input, residual))
         self._check_input_dim(input)
-        return batch_norm_act_impl(
-            input, *self._layer_args(), residual, self.activation, self._activation_param(), self.memory_saving
-        )
+        return self._batch_norm_act(input, *self._layer_args(), residual)
+
+    def _batch_norm_act(self, input, *args):
+        # (args: _layer_args(), then the residual.) The one place SyncBatchNormAct changes.
+        return batch_norm_act_impl(input, *args, self.activation, self._activation_param(), self.memory_saving)
 
     def _torch_activation(self, z: Tensor) -> Tensor:
         if self.activation == "relu":

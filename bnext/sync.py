@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ._ops.conventions import acc_dtype, layout_format
 from ._ops.handles import ops
 from ._shared import empty_batch, flat, replace_layers
+from .act import _BatchNormActMixin
 from .functional import batch_norm_impl
 from .modules import PLAIN_LAYERS, _BatchNormMixin
 
@@ -303,4 +304,47 @@ class SyncBatchNorm(_BatchNormMixin, nn.modules.batchnorm._BatchNorm):
         )
 
 
+class SyncBatchNormAct(_BatchNormActMixin, SyncBatchNorm):
+    """act(SyncBatchNorm(x) + residual): bnext.BatchNormAct2d's layer (activation, negative_slope,
+    alpha, memory_saving; forward(input, residual=None)) with SyncBatchNorm's statistics.
+
+    Where SyncBatchNorm synchronizes (training, a process group of more than one rank), the
+    synchronized batch norm runs first and the add and activation after it, as torch ops; otherwise
+    it is bnext.BatchNormAct*d, fused. Same state_dict as torch.nn.SyncBatchNorm.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        *,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+        alpha: float = 1.0,
+        memory_saving: bool = False,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, activation=activation,
+            negative_slope=negative_slope, alpha=alpha, memory_saving=memory_saving,
+        )
+        self.process_group = process_group
+
+    def _batch_norm_act(self, input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked, residual):
+        if training and self.training and sync_world_size(self.process_group) > 1:
+            out = sync_batch_norm(
+                input, running_mean, running_var, weight, bias, momentum, eps, self.process_group, num_batches_tracked
+            )
+            return self._torch_activation(out if residual is None else out + residual)
+        return super()._batch_norm_act(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked, residual
+        )
+
+
 PLAIN_LAYERS.add(SyncBatchNorm)
+PLAIN_LAYERS.add(SyncBatchNormAct)

@@ -15,6 +15,7 @@ import traceback
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
 import bnext
@@ -276,7 +277,24 @@ def _compiled(rank, world_size, data):
     return out
 
 
+def _act(rank, world_size, data):
+    """bnext.SyncBatchNormAct (leaky_relu, residual) over the ranks: output, gradients, buffers."""
+    case = data["act"]
+    m = bnext.SyncBatchNormAct(3, activation="leaky_relu", negative_slope=0.2).double()
+    m.load_state_dict(case["state"])
+    out = []
+    for x, r, g in case["batches"]:
+        x_local = _split(x, case["sizes"], rank).detach().requires_grad_(True)
+        r_local = _split(r, case["sizes"], rank).detach().requires_grad_(True)
+        m.zero_grad()
+        y = m(x_local, r_local)
+        (y * _split(g, case["sizes"], rank)).sum().backward()
+        out.append(dict(y=y.detach(), dx=x_local.grad, dr=r_local.grad, grads=_grads(m), buffers=_buffers(m)))
+    return out
+
+
 SCENARIOS = {
+    "act": _act,
     "parity_2d_f64": _parity("parity_2d_f64"),
     "parity_1d_f32": _parity("parity_1d_f32"),
     "parity_3d_f32": _parity("parity_3d_f32"),
@@ -366,6 +384,11 @@ def _data(world_size):
         n = sum(s)
         batches.append((torch.randn(n, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (n,))))
     cases["ddp"] = dict(batches=batches, sizes=sizes)
+    cases["act"] = dict(
+        sizes=[3, 4] if world_size == 2 else [3, 0, 4],
+        state=copy.deepcopy(nn.BatchNorm2d(3).double().state_dict()),
+        batches=[tuple(torch.randn(7, 3, 4, 4, dtype=torch.float64) for _ in range(3)) for _ in range(2)],
+    )
     cases["local"] = dict(
         x=[torch.randn(4 + r, 3, 5, 5, dtype=torch.float64) for r in range(world_size)],
         state=copy.deepcopy(nn.BatchNorm2d(3).double().state_dict()),
@@ -435,6 +458,28 @@ def test_two_ranks_match_one_process(world2, key):
 def test_three_ranks_match_one_process(world3, key):
     data, results = world3
     _check_parity(data, results, key)
+
+
+def test_sync_batchnorm_act_matches_one_process(world2):
+    """SyncBatchNormAct over two ranks = torch's BatchNorm2d + add + LeakyReLU on the whole batch."""
+    data, results = world2
+    case = data["act"]
+    bn = nn.BatchNorm2d(3).double()
+    bn.load_state_dict(case["state"])
+    for step, (x, r, g) in enumerate(case["batches"]):
+        x, r = x.clone().requires_grad_(True), r.clone().requires_grad_(True)
+        bn.zero_grad()
+        y = F.leaky_relu(bn(x) + r, 0.2)
+        (y * g).sum().backward()
+        per_rank = [res["act"][step] for res in results]
+        torch.testing.assert_close(torch.cat([p["y"] for p in per_rank]), y.detach(), **F64)
+        torch.testing.assert_close(torch.cat([p["dx"] for p in per_rank]), x.grad, **F64)
+        torch.testing.assert_close(torch.cat([p["dr"] for p in per_rank]), r.grad, **F64)
+        for name, p in bn.named_parameters():
+            torch.testing.assert_close(sum(q["grads"][name] for q in per_rank), p.grad, **F64)
+        for q in per_rank:
+            for name, b in bn.named_buffers():
+                torch.testing.assert_close(q["buffers"][name], b, **F64)
 
 
 @pytest.mark.parametrize("world", ["world2", "world3"])
