@@ -105,7 +105,7 @@ void check_case(at::IntArrayRef shape, at::MemoryFormat fmt, bool misaligned, at
   expect_close(a_dr, dz_relu, tol * 10, "act_backward relu grad_residual " + tag);
   expect_close(a_sdz, dz_relu.sum(red), tol * 10, "act_backward relu sum_dz " + tag);
   const Tensor yl = at::leaky_relu(y, 0.1).to(dtype).contiguous(fmt);
-  const Tensor dz_leaky = dyr * at::where(y.gt(0), 1.0, 0.1);
+  const Tensor dz_leaky = dyr * at::where(y.gt(0), at::ones_like(y), at::full_like(y, 0.1));
   const auto [o_dx, o_dr, o_sdz, o_sdzx] = batch_norm_act_backward_cuda(
       dy, yl, c10::nullopt, w.to(acc), b.to(acc), mean.to(acc), invstd.to(acc), leaky, 0.1, true);
   const double otol = dtype == at::kDouble ? tol * 10 : tol * 100;  // x - mean recovered from a rounded y
