@@ -14,6 +14,8 @@
 #include <cmath>
 #include <string>
 
+#include "act.h"
+
 namespace bnext {
 
 inline bool is_supported_dtype(at::ScalarType t) {
@@ -258,6 +260,53 @@ inline void check_batch_norm_args(
       common = (*t)->scalar_type();
     }
   }
+}
+
+// The fused BN + activation ops (schemas.h): the activation code, and the residual (the input's
+// shape, dtype and device; any strides).
+inline void check_activation(int64_t activation, const char* op) {
+  TORCH_CHECK_VALUE(
+      activation >= 0 && activation < kNumActs,
+      op, ": activation must be an activation code from 0 to ", kNumActs - 1,
+      " (identity, relu, leaky_relu, elu, silu, hardswish), got ", activation);
+}
+
+inline void check_act_args(
+    const c10::optional<at::Tensor>& residual,
+    const at::Tensor& input,
+    int64_t activation,
+    const char* op) {
+  if (residual.has_value() && residual->defined()) {
+    check_like_input(*residual, "residual", input, op);
+  }
+  check_activation(activation, op);
+}
+
+inline void check_act_backward_args(
+    const at::Tensor& grad_out,
+    const at::Tensor& saved,
+    const c10::optional<at::Tensor>& residual,
+    const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    int64_t activation,
+    double activation_param,
+    bool from_output,
+    const char* op) {
+  check_input(saved, op, "saved");
+  check_like_input(grad_out, "grad_out", saved, op);
+  check_act_args(residual, saved, activation, op);
+  check_optional_channel_vector(weight, "weight", saved, op);
+  check_optional_channel_vector(bias, "bias", saved, op);
+  check_channel_vector(save_mean, "save_mean", saved, op);
+  check_channel_vector(save_invstd, "save_invstd", saved, op);
+  // z = act^-1(y) exists for identity, leaky_relu with negative_slope > 0, elu with alpha > 0.
+  TORCH_CHECK_VALUE(
+      !from_output || act_invertible(static_cast<Act>(activation), activation_param),
+      op, ": from_output=True needs an invertible activation (0 identity, 2 leaky_relu with activation_param > 0, "
+      "3 elu with activation_param > 0), got activation ", activation, " with activation_param ",
+      python_float(activation_param));
 }
 
 }  // namespace bnext

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/eval.h"
 #include "../common/prepare.h"
 #include "batch_norm_kernels.cuh"
 
@@ -59,6 +60,115 @@ Tensor coeff_storage(const Tensor& input, int64_t count) {
   return at::empty({count * 4}, acc_options(input));
 }
 
+// The residual of the fused ops contiguous in the input's layout format (read element for element
+// with the input); undefined when there is none.
+Tensor layout_residual(const c10::optional<Tensor>& residual, const Prepared& p) {
+  return residual.has_value() && residual->defined() ? residual->contiguous(p.fmt) : Tensor();
+}
+
+template <typename scalar_t>
+const scalar_t* data_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+}
+
+// Normalize with given per-channel tensors (the split elemt op, inference): the coefficient
+// kernel, then one elementwise pass of make_op(NormalizeOp) over x and the residual `r` (may be
+// undefined).
+template <class MakeOp>
+Tensor normalize_with(
+    const Prepared& p,
+    const Tensor& w,
+    const Tensor& b,
+    const Tensor& m,
+    const Tensor& s,
+    const Tensor& r,
+    MakeOp&& make_op) {
+  Tensor out = at::empty_like(p.x, p.fmt);
+  Tensor pivot = at::empty({p.layout.C}, acc_options(p.x));
+  Tensor scale = at::empty({p.layout.C}, acc_options(p.x));
+  Tensor shift = at::empty({p.layout.C}, acc_options(p.x));
+  BNEXT_DISPATCH(p.x.scalar_type(), "normalize_with", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const Stream stream = current_stream();
+    launch(
+        BNEXT_KERNEL(normalize_coeffs_kernel, acc_t), channel_grid(p.layout.C), dim3(kElementwiseThreads), 0,
+        stream, m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
+        b.const_data_ptr<acc_t>(), pivot.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), shift.data_ptr<acc_t>(),
+        p.layout.C);
+    const auto op = make_op(NormalizeOp<acc_t>{
+        pivot.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>()});
+    const ElementwiseTensors<scalar_t> t{{p.x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(r)}, {out.data_ptr<scalar_t>()}};
+    dispatch_index(p.x.numel(), [&](auto index) {
+      launch_elementwise<std::remove_const_t<decltype(op)>, scalar_t, decltype(index)>(op, t, p.layout, stream);
+    });
+  });
+  return out;
+}
+
+// The fused training forward: statistics, whose epilogue writes the normalize coefficients, then
+// one elementwise pass of make_op(NormalizeOp) over x and the residual `r` (may be undefined).
+template <class MakeOp>
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_with(
+    const Tensor& input,
+    const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& residual,
+    double eps,
+    MakeOp&& make_op) {
+  const DeviceGuard guard(input.device());
+  const auto p = prepare(input);
+  const int64_t C = p.layout.C;
+  Tensor out = at::empty_like(p.x, p.fmt);
+  Tensor mean = at::empty({C}, acc_options(input));
+  Tensor invstd = at::empty({C}, acc_options(input));
+  Tensor var = at::empty({C}, acc_options(input));
+  if (p.x.numel() == 0) {
+    // No values: mean and biased variance 0, as the CPU kernels report.
+    return {out, mean.zero_(), invstd.fill_(1.0 / std::sqrt(eps)), var.zero_()};
+  }
+  const Tensor w = channel_vector(weight, input, 1.0), b = channel_vector(bias, input, 0.0);
+  const Tensor r = layout_residual(residual, p);
+  Tensor pivot = at::empty({C}, acc_options(input));
+  Tensor scale = at::empty({C}, acc_options(input));
+  Tensor shift = at::empty({C}, acc_options(input));
+  Scratch scratch{input.options(), {}};
+  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_forward_cuda", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const Stream stream = current_stream();
+    const StatsReducer<scalar_t, acc_t> red{
+        p.x.const_data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
+        w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), pivot.data_ptr<acc_t>(), scale.data_ptr<acc_t>(),
+        shift.data_ptr<acc_t>(), eps};
+    const auto op = make_op(NormalizeOp<acc_t>{
+        pivot.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>()});
+    const ElementwiseTensors<scalar_t> t{{p.x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(r)}, {out.data_ptr<scalar_t>()}};
+    dispatch_index(p.x.numel(), [&](auto index) {
+      launch_reduce<std::remove_const_t<decltype(red)>, decltype(index)>(red, p.layout, stream, scratch);
+      launch_elementwise<std::remove_const_t<decltype(op)>, scalar_t, decltype(index)>(op, t, p.layout, stream);
+    });
+  });
+  return {out, mean, invstd, var};
+}
+
+// make_op of the plain ops: normalize as it is.
+struct Plain {
+  template <class Norm>
+  Norm operator()(const Norm& norm) const {
+    return norm;
+  }
+};
+
+// make_op of the fused activation ops.
+struct WithActivation {
+  int64_t activation;
+  double param;
+  bool residual;
+  template <typename acc_t>
+  ActNormalizeOp<acc_t> operator()(const NormalizeOp<acc_t>& norm) const {
+    return ActNormalizeOp<acc_t>{norm, static_cast<Act>(activation), static_cast<acc_t>(param), residual};
+  }
+};
+
 std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input) {
   const char* op = "bnext.batch_norm_stats";
   check_input(input, op);
@@ -92,31 +202,12 @@ Tensor batch_norm_elemt_cuda(
   check_elemt_args(input, weight, bias, mean, invstd, op);
   const DeviceGuard guard(input.device());
   const auto p = prepare(input);
-  Tensor out = at::empty_like(p.x, p.fmt);
   if (p.x.numel() == 0) {
-    return out;
+    return at::empty_like(p.x, p.fmt);
   }
   const Tensor w = channel_vector(weight, input, 1.0), b = channel_vector(bias, input, 0.0);
   const Tensor m = acc_vector(mean, input), s = acc_vector(invstd, input);
-  Tensor pivot = at::empty({p.layout.C}, acc_options(input));
-  Tensor scale = at::empty({p.layout.C}, acc_options(input));
-  Tensor shift = at::empty({p.layout.C}, acc_options(input));
-  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_elemt_cuda", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    const Stream stream = current_stream();
-    launch(
-        BNEXT_KERNEL(normalize_coeffs_kernel, acc_t), channel_grid(p.layout.C), dim3(kElementwiseThreads), 0,
-        stream, m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
-        b.const_data_ptr<acc_t>(), pivot.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), shift.data_ptr<acc_t>(),
-        p.layout.C);
-    const NormalizeOp<acc_t> norm{
-        pivot.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>()};
-    dispatch_index(p.x.numel(), [&](auto index) {
-      launch_elementwise<NormalizeOp<acc_t>, scalar_t, decltype(index)>(
-          norm, p.x.const_data_ptr<scalar_t>(), nullptr, out.data_ptr<scalar_t>(), p.layout, stream);
-    });
-  });
-  return out;
+  return normalize_with(p, w, b, m, s, Tensor(), Plain{});
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward_cuda(
@@ -126,38 +217,50 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward_cuda(
     double eps) {
   const char* op = "bnext.batch_norm_forward";
   check_forward_args(input, weight, bias, eps, op);
+  return forward_with(input, weight, bias, c10::nullopt, eps, Plain{});
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_forward_cuda(
+    const Tensor& input,
+    const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& residual,
+    double eps,
+    int64_t activation,
+    double activation_param) {
+  const char* op = "bnext.batch_norm_act_forward";
+  check_forward_args(input, weight, bias, eps, op);
+  check_act_args(residual, input, activation, op);
+  const bool has_residual = residual.has_value() && residual->defined();
+  return forward_with(input, weight, bias, residual, eps, WithActivation{activation, activation_param, has_residual});
+}
+
+// Inference with the coefficients batch_norm_eval folds (common/eval.h) and the same coefficient
+// kernel its batch_norm_elemt runs (mean 0, invstd = scale, weight 1, bias = shift): the same bits
+// of BN's output, then + residual and the activation in the same pass.
+Tensor batch_norm_act_eval_cuda(
+    const Tensor& input,
+    const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean,
+    const c10::optional<Tensor>& running_var,
+    const c10::optional<Tensor>& residual,
+    double eps,
+    int64_t activation,
+    double activation_param) {
+  const char* op = "bnext.batch_norm_act_eval";
+  check_batch_norm_args(op, input, weight, bias, running_mean, running_var, false, eps);
+  check_act_args(residual, input, activation, op);
+  if (input.numel() == 0) {
+    return at::empty_like(input);
+  }
   const DeviceGuard guard(input.device());
   const auto p = prepare(input);
-  const int64_t C = p.layout.C;
-  Tensor out = at::empty_like(p.x, p.fmt);
-  Tensor mean = at::empty({C}, acc_options(input));
-  Tensor invstd = at::empty({C}, acc_options(input));
-  Tensor var = at::empty({C}, acc_options(input));
-  if (p.x.numel() == 0) {
-    // No values: mean and biased variance 0, as the CPU kernels report.
-    return {out, mean.zero_(), invstd.fill_(1.0 / std::sqrt(eps)), var.zero_()};
-  }
-  const Tensor w = channel_vector(weight, input, 1.0), b = channel_vector(bias, input, 0.0);
-  Tensor pivot = at::empty({C}, acc_options(input));
-  Tensor scale = at::empty({C}, acc_options(input));
-  Tensor shift = at::empty({C}, acc_options(input));
-  Scratch scratch{input.options(), {}};
-  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_forward_cuda", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    const Stream stream = current_stream();
-    const StatsReducer<scalar_t, acc_t> r{
-        p.x.const_data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
-        w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), pivot.data_ptr<acc_t>(), scale.data_ptr<acc_t>(),
-        shift.data_ptr<acc_t>(), eps};
-    const NormalizeOp<acc_t> norm{
-        pivot.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>()};
-    dispatch_index(p.x.numel(), [&](auto index) {
-      launch_reduce<std::remove_const_t<decltype(r)>, decltype(index)>(r, p.layout, stream, scratch);
-      launch_elementwise<NormalizeOp<acc_t>, scalar_t, decltype(index)>(
-          norm, p.x.const_data_ptr<scalar_t>(), nullptr, out.data_ptr<scalar_t>(), p.layout, stream);
-    });
-  });
-  return {out, mean, invstd, var};
+  const auto [scale, shift] = eval_scale_shift(input, weight, bias, running_mean, running_var, eps);
+  const Tensor w = channel_vector(c10::nullopt, input, 1.0), b = channel_vector(shift, input, 0.0);
+  const Tensor m = acc_vector(at::zeros_like(scale), input), s = acc_vector(scale, input);
+  const Tensor r = layout_residual(residual, p);
+  return normalize_with(p, w, b, m, s, r, WithActivation{activation, activation_param, r.defined()});
 }
 
 std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(
@@ -180,8 +283,8 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(
   BNEXT_DISPATCH(input.scalar_type(), "batch_norm_backward_reduce_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const GradReducer<scalar_t, acc_t> r{
-        dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), m.const_data_ptr<acc_t>(),
-        sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(), nullptr, nullptr, nullptr};
+        {dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), m.const_data_ptr<acc_t>()},
+        sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(), nullptr, nullptr, nullptr, nullptr};
     dispatch_index(p.x.numel(), [&](auto index) {
       launch_reduce<std::remove_const_t<decltype(r)>, decltype(index)>(r, p.layout, current_stream(), scratch);
     });
@@ -221,12 +324,46 @@ Tensor batch_norm_backward_elemt_cuda(
     const BackwardElemtOp<acc_t> bw{k};
     dispatch_index(p.x.numel(), [&](auto index) {
       launch_elementwise<BackwardElemtOp<acc_t>, scalar_t, decltype(index)>(
-          bw, dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), p.layout,
+          bw, {{dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>()}, {dx.data_ptr<scalar_t>()}}, p.layout,
           stream);
     });
   });
   return dx;
 }
+
+// What the fused backward entries share: dy in the saved tensor's layout, the per-channel
+// tensors in the accumulation type, the per-channel sums and backward coefficients.
+struct BackwardSetup {
+  Prepared p;
+  Tensor dy;
+  Tensor w;
+  Tensor m;
+  Tensor s;
+  Tensor sum_dy;
+  Tensor sum_dy_xmu;
+  Tensor coeffs;
+
+  BackwardSetup(const Tensor& grad_out, const Tensor& saved, const c10::optional<Tensor>& weight,
+                const Tensor& save_mean, const Tensor& save_invstd)
+      : p(prepare(saved)) {
+    sum_dy = at::empty({p.layout.C}, acc_options(saved));
+    sum_dy_xmu = at::empty({p.layout.C}, acc_options(saved));
+    if (p.x.numel() == 0) {
+      sum_dy.zero_();
+      sum_dy_xmu.zero_();
+      return;
+    }
+    dy = grad_out.contiguous(p.fmt);
+    w = channel_vector(weight, saved, 1.0);
+    m = acc_vector(save_mean, saved);
+    s = acc_vector(save_invstd, saved);
+    coeffs = coeff_storage(saved, p.layout.C);
+  }
+  template <typename acc_t>
+  BackwardCoeffs<acc_t>* k() {
+    return reinterpret_cast<BackwardCoeffs<acc_t>*>(coeffs.data_ptr<acc_t>());
+  }
+};
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
     const Tensor& grad_out,
@@ -238,36 +375,85 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
   check_backward_common(grad_out, input, save_mean, "save_mean", save_invstd, "save_invstd", op);
   check_optional_channel_vector(weight, "weight", input, op);
   const DeviceGuard guard(input.device());
-  const auto p = prepare(input);
-  const int64_t C = p.layout.C;
+  BackwardSetup b(grad_out, input, weight, save_mean, save_invstd);
+  const auto& p = b.p;
   Tensor dx = at::empty_like(p.x, p.fmt);
-  Tensor sum_dy = at::empty({C}, acc_options(input));
-  Tensor sum_dy_xmu = at::empty({C}, acc_options(input));
   if (p.x.numel() == 0) {
-    return {dx, sum_dy.zero_(), sum_dy_xmu.zero_()};
+    return {dx, b.sum_dy, b.sum_dy_xmu};
   }
-  const Tensor dy = grad_out.contiguous(p.fmt);
-  const Tensor w = channel_vector(weight, input, 1.0);
-  const Tensor m = acc_vector(save_mean, input), s = acc_vector(save_invstd, input);
-  Tensor coeffs = coeff_storage(input, C);
   Scratch scratch{input.options(), {}};
   BNEXT_DISPATCH(input.scalar_type(), "batch_norm_backward_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const Stream stream = current_stream();
-    auto* k = reinterpret_cast<BackwardCoeffs<acc_t>*>(coeffs.data_ptr<acc_t>());
     const GradReducer<scalar_t, acc_t> r{
-        dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), m.const_data_ptr<acc_t>(),
-        sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(), s.const_data_ptr<acc_t>(),
-        w.const_data_ptr<acc_t>(), k};
-    const BackwardElemtOp<acc_t> bw{k};
+        {b.dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), b.m.const_data_ptr<acc_t>()},
+        b.sum_dy.data_ptr<acc_t>(), b.sum_dy_xmu.data_ptr<acc_t>(), b.m.const_data_ptr<acc_t>(),
+        b.s.const_data_ptr<acc_t>(), b.w.const_data_ptr<acc_t>(), b.k<acc_t>()};
+    const BackwardElemtOp<acc_t> bw{b.k<acc_t>()};
+    const ElementwiseTensors<scalar_t> t{
+        {b.dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>()}, {dx.data_ptr<scalar_t>()}};
     dispatch_index(p.x.numel(), [&](auto index) {
       launch_reduce<std::remove_const_t<decltype(r)>, decltype(index)>(r, p.layout, stream, scratch);
-      launch_elementwise<BackwardElemtOp<acc_t>, scalar_t, decltype(index)>(
-          bw, dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), p.layout,
-          stream);
+      launch_elementwise<BackwardElemtOp<acc_t>, scalar_t, decltype(index)>(bw, t, p.layout, stream);
     });
   });
-  return {dx, sum_dy, sum_dy_xmu};
+  return {dx, b.sum_dy, b.sum_dy_xmu};
+}
+
+// The fused activation backward (schemas.h): the backward reduction with dz = dy * act'(z) in
+// place of dy (ActGrad terms; its epilogue also stores the per-channel ActChannel values), then
+// one elementwise pass writing dx and, with a residual, grad_residual = dz.
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cuda(
+    const Tensor& grad_out,
+    const Tensor& saved,
+    const c10::optional<Tensor>& residual,
+    const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias,
+    const Tensor& save_mean,
+    const Tensor& save_invstd,
+    int64_t activation,
+    double activation_param,
+    bool from_output) {
+  const char* op = "bnext.batch_norm_act_backward";
+  check_act_backward_args(
+      grad_out, saved, residual, weight, bias, save_mean, save_invstd, activation, activation_param, from_output, op);
+  const DeviceGuard guard(saved.device());
+  BackwardSetup b(grad_out, saved, weight, save_mean, save_invstd);
+  const auto& p = b.p;
+  const int64_t C = p.layout.C;
+  const bool has_residual = residual.has_value() && residual->defined();
+  Tensor dx = at::empty_like(p.x, p.fmt);
+  Tensor dr = has_residual ? at::empty_like(p.x, p.fmt) : at::empty({0}, saved.options());
+  if (p.x.numel() == 0) {
+    return {dx, dr, b.sum_dy, b.sum_dy_xmu};
+  }
+  const Tensor r = layout_residual(residual, p);
+  const Tensor bi = channel_vector(bias, saved, 0.0);
+  static_assert(sizeof(ActChannel<float>) == 6 * sizeof(float), "ActChannel layout");
+  Tensor channels = at::empty({C * 6}, acc_options(saved));
+  Scratch scratch{saved.options(), {}};
+  BNEXT_DISPATCH(saved.scalar_type(), "batch_norm_act_backward_cuda", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const Stream stream = current_stream();
+    auto* ch = reinterpret_cast<ActChannel<acc_t>*>(channels.data_ptr<acc_t>());
+    const ActParams<acc_t> a{static_cast<Act>(activation), static_cast<acc_t>(activation_param), from_output};
+    const ActGrad<scalar_t, acc_t> terms{
+        b.dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(r),
+        b.m.const_data_ptr<acc_t>(), b.s.const_data_ptr<acc_t>(), b.w.const_data_ptr<acc_t>(),
+        bi.const_data_ptr<acc_t>(), a, ch};
+    const GradReducer<scalar_t, acc_t, ActGrad<scalar_t, acc_t>> red{
+        terms, b.sum_dy.data_ptr<acc_t>(), b.sum_dy_xmu.data_ptr<acc_t>(), b.m.const_data_ptr<acc_t>(),
+        b.s.const_data_ptr<acc_t>(), b.w.const_data_ptr<acc_t>(), b.k<acc_t>()};
+    const ActBackwardElemtOp<acc_t> bw{ch, b.k<acc_t>(), a};
+    const ElementwiseTensors<scalar_t> t{
+        {b.dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(r)},
+        {dx.data_ptr<scalar_t>(), has_residual ? dr.data_ptr<scalar_t>() : nullptr}};
+    dispatch_index(p.x.numel(), [&](auto index) {
+      launch_reduce<std::remove_const_t<decltype(red)>, decltype(index)>(red, p.layout, stream, scratch);
+      launch_elementwise<ActBackwardElemtOp<acc_t>, scalar_t, decltype(index)>(bw, t, p.layout, stream);
+    });
+  });
+  return {dx, dr, b.sum_dy, b.sum_dy_xmu};
 }
 
 }  // namespace
@@ -287,6 +473,9 @@ TORCH_LIBRARY_IMPL(BNEXT_CUDA_NAMESPACE, BNEXT_CUDA_KEY, m) {
   m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cuda);
   m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cuda);
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
+  m.impl("batch_norm_act_forward", &batch_norm_act_forward_cuda);
+  m.impl("batch_norm_act_eval", &batch_norm_act_eval_cuda);
+  m.impl("batch_norm_act_backward", &batch_norm_act_backward_cuda);
 }
 
 }  // namespace cuda

@@ -3,12 +3,15 @@
 // elementwise op and the index type, and the entries in batch_norm_cuda.cu that check arguments,
 // dispatch the dtype and pick 32/64-bit indexing.
 //
-// Two kernel families cover the six ops:
+// Two kernel families cover every op:
 //  * per-channel reductions (statistics, backward reduce), one NCHW and one channels-last kernel,
 //    parametrized by a Reducer (per-element step, merge, per-channel epilogue);
 //  * elementwise kernels (normalize, backward elementwise), parametrized by an op that reads
 //    per-channel coefficients computed once per channel (by the reduction's epilogue in the fused
 //    ops, by a small coefficient kernel in the split ops).
+// The fused BN + activation (+ residual) ops (common/act.h) are the same kernels with other
+// parameters: the backward reduction sums dz = dy * act'(z) in place of dy (GradReducer with
+// ActGrad terms), the elementwise ops apply the activation, read the residual and write dz.
 //
 // Determinism: every reduction is a fixed tree. A thread's values are visited in a fixed order,
 // warps and blocks merge by lane and warp number, and multi-block reductions write per-block
@@ -20,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../common/act.h"
 #include "../common/layout.h"
 #include "../common/math.h"
 #include "device.cuh"
@@ -122,22 +126,131 @@ struct GradState {
   int64_t n;
 };
 
-// Backward reduce: sum_dy = mean_dy * M, sum_dy_xmu = sum(dy * (x - mean)). In the fused backward
-// the epilogue also computes the channel's backward coefficients (see backward_coeffs()).
-template <typename scalar_t, typename acc_t_>
-struct GradReducer {
-  using acc_t = acc_t_;
-  using State = GradState<acc_t>;
+// What the backward reduction takes of one element: g (dy; dz = dy * act'(z) in the fused
+// activation backward) and x - mean.
+template <typename acc_t>
+struct GradTerms {
+  acc_t g;
+  acc_t xmu;
+};
+
+// Batch norm's own terms: dy, and x - mean from the input.
+template <typename scalar_t, typename acc_t>
+struct InputGrad {
   struct Channel {
     acc_t mean;
   };
-
   const scalar_t* dy;
   const scalar_t* x;
   const acc_t* mean;
+
+  template <typename index_t>
+  BNEXT_DEVICE Channel channel(index_t c) const {
+    return Channel{ldg(mean + c)};
+  }
+  template <typename index_t>
+  BNEXT_DEVICE GradTerms<acc_t> operator()(const Channel& ch, index_t i) const {
+    return GradTerms<acc_t>{static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]) - ch.mean};
+  }
+  template <typename index_t>
+  BNEXT_DEVICE void finalize(index_t) const {}
+};
+
+// Per channel of the fused activation backward: the forward's normalize coefficients (z is
+// recomputed from the input with the forward's arithmetic, so it has the forward's bits), the
+// mean, and for the memory-saving mode the bias and rcp = 1 / (weight * invstd), computed once per
+// channel. rcp is 0 where weight * invstd is 0: x - mean cannot be recovered from the output of
+// such a channel (its output does not depend on x); its values are finite don't-cares that the
+// caller replaces (schemas.h).
+template <typename acc_t>
+struct ActChannel {
+  NormalizeCoeffs<acc_t> z;
+  acc_t mean;
+  acc_t bias;
+  acc_t rcp;
+};
+
+template <typename acc_t>
+BNEXT_DEVICE ActChannel<acc_t> act_channel(acc_t mean, acc_t invstd, acc_t weight, acc_t bias) {
+  ActChannel<acc_t> ch;
+  ch.z = normalize_coeffs(mean, invstd, weight, bias);
+  ch.mean = mean;
+  ch.bias = bias;
+  ch.rcp = ch.z.scale != acc_t(0) ? acc_t(1) / ch.z.scale : acc_t(0);
+  return ch;
+}
+
+// The activation of a fused backward and where z comes from (see act_grad_terms).
+template <typename acc_t>
+struct ActParams {
+  Act act;
+  acc_t param;
+  bool from_output;
+};
+
+// dz and x - mean of one element, from dy, the saved tensor (x, or y when from_output) and the
+// residual (0 when there is none). One function for the reduction and the elementwise pass, so
+// both see the same dz.
+template <typename acc_t>
+BNEXT_DEVICE GradTerms<acc_t> act_grad_terms(
+    const ActParams<acc_t>& a,
+    const ActChannel<acc_t>& ch,
+    acc_t dy,
+    acc_t saved,
+    acc_t r) {
+  if (a.from_output) {
+    // y = act(z), z = (x - mean) * w * invstd + b + r.
+    const acc_t z = act_inverse(a.act, saved, a.param);
+    return GradTerms<acc_t>{dy * act_derivative_from_output(a.act, saved, a.param), (z - ch.bias - r) * ch.rcp};
+  }
+  const acc_t z = normalize(saved, ch.z.pivot, ch.z.scale, ch.z.shift) + r;
+  return GradTerms<acc_t>{dy * act_derivative(a.act, z, a.param), saved - ch.mean};
+}
+
+// The fused activation backward's terms. The epilogue stores each channel's ActChannel for the
+// elementwise pass (the values channel() computed, bit for bit).
+template <typename scalar_t, typename acc_t>
+struct ActGrad {
+  using Channel = ActChannel<acc_t>;
+  const scalar_t* dy;
+  const scalar_t* saved;
+  const scalar_t* residual;  // nullptr: no residual
+  const acc_t* mean;
+  const acc_t* invstd;
+  const acc_t* weight;
+  const acc_t* bias;
+  ActParams<acc_t> a;
+  ActChannel<acc_t>* channels;
+
+  template <typename index_t>
+  BNEXT_DEVICE Channel channel(index_t c) const {
+    return act_channel(ldg(mean + c), ldg(invstd + c), ldg(weight + c), ldg(bias + c));
+  }
+  template <typename index_t>
+  BNEXT_DEVICE GradTerms<acc_t> operator()(const Channel& ch, index_t i) const {
+    const acc_t r = residual != nullptr ? static_cast<acc_t>(residual[i]) : acc_t(0);
+    return act_grad_terms(a, ch, static_cast<acc_t>(dy[i]), static_cast<acc_t>(saved[i]), r);
+  }
+  template <typename index_t>
+  BNEXT_DEVICE void finalize(index_t c) const {
+    channels[c] = channel(c);
+  }
+};
+
+// Backward reduce: sum_dy = mean_dy * M, sum_dy_xmu = sum(g * (x - mean)) over the Terms of every
+// element (g = dy, or dz in the fused activation backward). In the fused backward the epilogue also
+// computes the channel's backward coefficients (see backward_coeffs()).
+template <typename scalar_t, typename acc_t_, class Terms = InputGrad<scalar_t, acc_t_>>
+struct GradReducer {
+  using acc_t = acc_t_;
+  using State = GradState<acc_t>;
+  using Channel = typename Terms::Channel;
+
+  Terms terms;
   acc_t* sum_dy;
   acc_t* sum_dy_xmu;
   // Fused backward only (nullptr otherwise).
+  const acc_t* mean;
   const acc_t* invstd;
   const acc_t* weight;
   BackwardCoeffs<acc_t>* coeffs;
@@ -147,14 +260,14 @@ struct GradReducer {
   }
   template <typename index_t>
   BNEXT_DEVICE Channel channel(index_t c) const {
-    return Channel{ldg(mean + c)};
+    return terms.channel(c);
   }
   template <typename index_t>
   BNEXT_DEVICE void push(State& s, const Channel& ch, index_t i) const {
-    const acc_t g = static_cast<acc_t>(dy[i]);
+    const GradTerms<acc_t> t = terms(ch, i);
     s.n += 1;
-    s.mean_dy = mean_push(s.mean_dy, g, s.n);
-    s.sum_dy_xmu += g * (static_cast<acc_t>(x[i]) - ch.mean);
+    s.mean_dy = mean_push(s.mean_dy, t.g, s.n);
+    s.sum_dy_xmu += t.g * t.xmu;
   }
   // Empty sides are exact no-ops (as in welford_combine).
   BNEXT_DEVICE static State combine(const State& a, const State& b) {
@@ -182,6 +295,7 @@ struct GradReducer {
     if (coeffs != nullptr) {
       const acc_t mean_dy_xmu = s.n > 0 ? s.sum_dy_xmu / count : acc_t(0);
       coeffs[c] = backward_coeffs(mean[c], invstd[c], weight[c], s.mean_dy, mean_dy_xmu);
+      terms.finalize(c);
     }
   }
 };
@@ -413,17 +527,55 @@ inline dim3 channel_grid(int64_t C) {
 // ---------------------------------------------------------------------------------------------
 // Elementwise kernels over the whole tensor, flat. Element i belongs to channel (i / S) % C with
 // S = HxW for NCHW and S = 1 for channels-last, so one kernel serves both layouts and any shape.
+//
+// An op takes Op::kInputs values and gives Op::kOutputs values per element, all in the
+// accumulation type: op(in, out, c).
+
+constexpr int kMaxElementwiseInputs = 3;
+constexpr int kMaxElementwiseOutputs = 2;
+
+// The tensors of one elementwise pass, all of the input's shape and layout. Inputs beyond
+// Op::kInputs and outputs beyond Op::kOutputs are unused. An optional input (the residual) may be
+// nullptr and reads as 0; an optional output (grad_residual) may be nullptr and is not written.
+template <typename scalar_t>
+struct ElementwiseTensors {
+  const scalar_t* in[kMaxElementwiseInputs];
+  scalar_t* out[kMaxElementwiseOutputs];
+};
 
 // y = (x - pivot[c]) * scale[c] + shift[c] (see normalize() in common/math.h)
 template <typename acc_t>
 struct NormalizeOp {
   static constexpr int kInputs = 1;
+  static constexpr int kOutputs = 1;
   const acc_t* pivot;
   const acc_t* scale;
   const acc_t* shift;
   template <typename index_t>
-  BNEXT_DEVICE acc_t operator()(acc_t x, acc_t, index_t c) const {
-    return normalize(x, ldg(pivot + c), ldg(scale + c), ldg(shift + c));
+  BNEXT_DEVICE void operator()(const acc_t* in, acc_t* out, index_t c) const {
+    out[0] = normalize(in[0], ldg(pivot + c), ldg(scale + c), ldg(shift + c));
+  }
+};
+
+// y = act((x - pivot[c]) * scale[c] + shift[c] + r) in the accumulation type, rounded once (BN's
+// output is never stored). Inputs: x, residual (nullptr when there is none).
+template <typename acc_t>
+struct ActNormalizeOp {
+  static constexpr int kInputs = 2;
+  static constexpr int kOutputs = 1;
+  NormalizeOp<acc_t> norm;
+  Act act;
+  acc_t param;
+  // z + 0 would turn a -0 into +0: without a residual, z is BN's output bit for bit.
+  bool residual;
+  template <typename index_t>
+  BNEXT_DEVICE void operator()(const acc_t* in, acc_t* out, index_t c) const {
+    acc_t z;
+    norm(in, &z, c);
+    if (residual) {
+      z += in[1];
+    }
+    out[0] = act_forward(act, z, param);
   }
 };
 
@@ -431,42 +583,77 @@ struct NormalizeOp {
 template <typename acc_t>
 struct BackwardElemtOp {
   static constexpr int kInputs = 2;
+  static constexpr int kOutputs = 1;
   const BackwardCoeffs<acc_t>* coeffs;
   template <typename index_t>
-  BNEXT_DEVICE acc_t operator()(acc_t dy, acc_t x, index_t c) const {
+  BNEXT_DEVICE void operator()(const acc_t* in, acc_t* out, index_t c) const {
     const BackwardCoeffs<acc_t>* k = coeffs + c;
-    return backward_elemt(dy, x, ldg(&k->mean), ldg(&k->mean_dy), ldg(&k->k), ldg(&k->a));
+    out[0] = backward_elemt(in[0], in[1], ldg(&k->mean), ldg(&k->mean_dy), ldg(&k->k), ldg(&k->a));
+  }
+};
+
+// The fused activation backward: dx = a[c] * ((dz - mean_dz[c]) - (x - mean) * k[c]) and
+// grad_residual = dz, dz and x - mean from act_grad_terms() as the reduction computed them.
+// Inputs: dy, saved (x or y), residual (nullptr when none); outputs: dx, dz (nullptr when no
+// residual).
+template <typename acc_t>
+struct ActBackwardElemtOp {
+  static constexpr int kInputs = 3;
+  static constexpr int kOutputs = 2;
+  const ActChannel<acc_t>* channels;
+  const BackwardCoeffs<acc_t>* coeffs;
+  ActParams<acc_t> a;
+  template <typename index_t>
+  BNEXT_DEVICE void operator()(const acc_t* in, acc_t* out, index_t c) const {
+    const ActChannel<acc_t>* p = channels + c;
+    ActChannel<acc_t> ch{};
+    if (a.from_output) {
+      ch.bias = ldg(&p->bias);
+      ch.rcp = ldg(&p->rcp);
+    } else {
+      ch.z = NormalizeCoeffs<acc_t>{ldg(&p->z.pivot), ldg(&p->z.scale), ldg(&p->z.shift)};
+      ch.mean = ldg(&p->mean);
+    }
+    const GradTerms<acc_t> t = act_grad_terms(a, ch, in[0], in[1], in[2]);
+    const BackwardCoeffs<acc_t>* k = coeffs + c;
+    // x - mean is already formed: mean 0 leaves it exact.
+    out[0] = backward_elemt(t.g, t.xmu, acc_t(0), ldg(&k->mean_dy), ldg(&k->k), ldg(&k->a));
+    out[1] = t.g;
   }
 };
 
 template <class Op, typename scalar_t, typename index_t>
 BNEXT_DEVICE void elementwise_one(
     const Op& op,
-    const scalar_t* in0,
-    const scalar_t* in1,
-    scalar_t* out,
+    const ElementwiseTensors<scalar_t>& t,
     index_t i,
     index_t S,
     index_t C) {
   using acc_t = acc_type_t<scalar_t>;
-  const acc_t a = static_cast<acc_t>(in0[i]);
-  acc_t b = acc_t(0);
-  if constexpr (Op::kInputs > 1) {
-    b = static_cast<acc_t>(in1[i]);
+  acc_t in[Op::kInputs];
+  acc_t out[Op::kOutputs];
+  BNEXT_UNROLL
+  for (int j = 0; j < Op::kInputs; ++j) {
+    in[j] = t.in[j] != nullptr ? static_cast<acc_t>(t.in[j][i]) : acc_t(0);
   }
-  out[i] = static_cast<scalar_t>(op(a, b, (i / S) % C));
+  op(in, out, (i / S) % C);
+  BNEXT_UNROLL
+  for (int j = 0; j < Op::kOutputs; ++j) {
+    if (t.out[j] != nullptr) {
+      t.out[j][i] = static_cast<scalar_t>(out[j]);
+    }
+  }
 }
 
-// Vectorized: 16-byte vectors, then a scalar tail of fewer than V elements. The launcher picks
-// this kernel only when every pointer is 16-byte aligned; outputs are fresh allocations, so an
-// input that is not aligned could not share a vector boundary with them and takes the scalar
-// kernel. A vector may straddle channels; the channel is tracked per element.
+// Vectorized: 16-byte vectors (every input and output), then a scalar tail of fewer than V
+// elements. The launcher picks this kernel only when every pointer is 16-byte aligned; outputs
+// are fresh allocations, so an input that is not aligned could not share a vector boundary with
+// them and takes the scalar kernel. A vector may straddle channels; the channel is tracked per
+// element.
 template <class Op, typename scalar_t, typename index_t>
 __global__ void elementwise_vec_kernel(
     Op op,
-    const scalar_t* in0,
-    const scalar_t* in1,
-    scalar_t* out,
+    ElementwiseTensors<scalar_t> t,
     index_t numel,
     index_t S,
     index_t C) {
@@ -478,30 +665,41 @@ __global__ void elementwise_vec_kernel(
   const index_t nvec = numel / V;
   for (index_t v = tid; v < nvec; v += stride) {
     const index_t i = v * V;
-    const VecT a = *reinterpret_cast<const VecT*>(in0 + i);
-    VecT b;
-    if constexpr (Op::kInputs > 1) {
-      b = *reinterpret_cast<const VecT*>(in1 + i);
+    VecT a[Op::kInputs];
+    BNEXT_UNROLL
+    for (int j = 0; j < Op::kInputs; ++j) {
+      a[j] = t.in[j] != nullptr ? *reinterpret_cast<const VecT*>(t.in[j] + i) : VecT{};
     }
-    VecT y;
+    VecT y[Op::kOutputs];
     index_t c = (i / S) % C;
     index_t s = i % S;
     BNEXT_UNROLL
     for (int k = 0; k < V; ++k) {
-      acc_t bk = acc_t(0);
-      if constexpr (Op::kInputs > 1) {
-        bk = static_cast<acc_t>(b.val[k]);
+      acc_t in[Op::kInputs];
+      acc_t out[Op::kOutputs];
+      BNEXT_UNROLL
+      for (int j = 0; j < Op::kInputs; ++j) {
+        in[j] = static_cast<acc_t>(a[j].val[k]);
       }
-      y.val[k] = static_cast<scalar_t>(op(static_cast<acc_t>(a.val[k]), bk, c));
+      op(in, out, c);
+      BNEXT_UNROLL
+      for (int j = 0; j < Op::kOutputs; ++j) {
+        y[j].val[k] = static_cast<scalar_t>(out[j]);
+      }
       if (++s == S) {
         s = 0;
         c = c + 1 == C ? 0 : c + 1;
       }
     }
-    *reinterpret_cast<VecT*>(out + i) = y;
+    BNEXT_UNROLL
+    for (int j = 0; j < Op::kOutputs; ++j) {
+      if (t.out[j] != nullptr) {
+        *reinterpret_cast<VecT*>(t.out[j] + i) = y[j];
+      }
+    }
   }
   for (index_t i = nvec * V + tid; i < numel; i += stride) {
-    elementwise_one(op, in0, in1, out, i, S, C);
+    elementwise_one(op, t, i, S, C);
   }
 }
 
@@ -509,45 +707,45 @@ __global__ void elementwise_vec_kernel(
 template <class Op, typename scalar_t, typename index_t>
 __global__ void elementwise_scalar_kernel(
     Op op,
-    const scalar_t* in0,
-    const scalar_t* in1,
-    scalar_t* out,
+    ElementwiseTensors<scalar_t> t,
     index_t numel,
     index_t S,
     index_t C) {
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
-    elementwise_one(op, in0, in1, out, i, S, C);
+    elementwise_one(op, t, i, S, C);
   }
 }
 
-// Runs `op` over the tensor described by `l`; in1 may be nullptr for one-input ops.
+// Runs `op` over the tensors `t` of the layout `l`.
 template <class Op, typename scalar_t, typename index_t>
-void launch_elementwise(
-    const Op& op,
-    const scalar_t* in0,
-    const scalar_t* in1,
-    scalar_t* out,
-    const Layout& l,
-    Stream stream) {
+void launch_elementwise(const Op& op, const ElementwiseTensors<scalar_t>& t, const Layout& l, Stream stream) {
+  static_assert(Op::kInputs <= kMaxElementwiseInputs && Op::kOutputs <= kMaxElementwiseOutputs, "op arity");
   constexpr int V = kVectorBytes / sizeof(scalar_t);
   const int64_t numel = l.N * l.C * l.HxW;
   const int64_t S = l.channels_last ? 1 : l.HxW;
   const int64_t max_blocks = static_cast<int64_t>(multiprocessor_count()) * kBlocksPerSM * 2;
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0; };
-  if (aligned(in0) && aligned(out) && (in1 == nullptr || aligned(in1)) && numel >= V) {
+  bool vec = numel >= V;
+  for (int j = 0; j < Op::kInputs; ++j) {
+    vec = vec && aligned(t.in[j]);
+  }
+  for (int j = 0; j < Op::kOutputs; ++j) {
+    vec = vec && aligned(t.out[j]);
+  }
+  if (vec) {
     const int64_t blocks = std::min(ceil_div(ceil_div(numel, V), kElementwiseThreads), max_blocks);
     launch(
         BNEXT_KERNEL(elementwise_vec_kernel, Op, scalar_t, index_t), dim3(static_cast<unsigned>(blocks)),
-        dim3(kElementwiseThreads), 0, stream, op, in0, in1, out, static_cast<index_t>(numel),
-        static_cast<index_t>(S), static_cast<index_t>(l.C));
+        dim3(kElementwiseThreads), 0, stream, op, t, static_cast<index_t>(numel), static_cast<index_t>(S),
+        static_cast<index_t>(l.C));
     return;
   }
   const int64_t blocks = std::min(ceil_div(numel, kElementwiseThreads), max_blocks);
   launch(
       BNEXT_KERNEL(elementwise_scalar_kernel, Op, scalar_t, index_t), dim3(static_cast<unsigned>(blocks)),
-      dim3(kElementwiseThreads), 0, stream, op, in0, in1, out, static_cast<index_t>(numel),
-      static_cast<index_t>(S), static_cast<index_t>(l.C));
+      dim3(kElementwiseThreads), 0, stream, op, t, static_cast<index_t>(numel), static_cast<index_t>(S),
+      static_cast<index_t>(l.C));
 }
 
 }  // namespace cuda

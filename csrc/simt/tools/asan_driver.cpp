@@ -60,8 +60,13 @@ void check_case(at::IntArrayRef shape, at::MemoryFormat fmt, bool misaligned, at
   const Tensor y = xhat * w.view(bc) + b.view(bc);
   const Tensor sum_dy = dyr.sum(red), sum_dy_xmu = (dyr * (xr - mean.view(bc))).sum(red);
   const double M = static_cast<double>(x.numel() / std::max<int64_t>(C, 1));
-  const Tensor dx = (w * invstd).view(bc) *
-      (dyr - (sum_dy / M).view(bc) - (xr - mean.view(bc)) * (invstd * invstd * sum_dy_xmu / M).view(bc));
+  // dx of a given dz (dz = dy for batch norm itself).
+  const auto grad_input = [&](const Tensor& dz) {
+    const Tensor s_dz = dz.sum(red), s_dzx = (dz * (xr - mean.view(bc))).sum(red);
+    return (w * invstd).view(bc) *
+        (dz - (s_dz / M).view(bc) - (xr - mean.view(bc)) * (invstd * invstd * s_dzx / M).view(bc));
+  };
+  const Tensor dx = grad_input(dyr);
   const std::string tag = std::string(c10::toString(dtype)) + " " + c10::str(shape) +
       (fmt == at::MemoryFormat::ChannelsLast ? " channels_last" : "") + (misaligned ? " misaligned" : "");
 
@@ -82,6 +87,34 @@ void check_case(at::IntArrayRef shape, at::MemoryFormat fmt, bool misaligned, at
   const auto [b_dx, b_sum_dy, b_sum_dy_xmu] = batch_norm_backward_cuda(dy, x, w.to(acc), mean.to(acc), invstd.to(acc));
   expect_close(b_dx, dx, tol * 10, "backward dx " + tag);
   expect_close(b_sum_dy, sum_dy, tol * 10, "backward sum_dy " + tag);
+
+  // Fused BN + activation + residual (relu from the input, leaky_relu from the output).
+  const Tensor r = at::randn(shape, at::kDouble).to(dtype).contiguous(fmt);
+  const Tensor z = y + r.to(at::kDouble);
+  const auto relu = static_cast<int64_t>(bnext::Act::kRelu), leaky = static_cast<int64_t>(bnext::Act::kLeakyRelu);
+  const auto [a_out, a_mean, a_invstd, a_var] = batch_norm_act_forward_cuda(x, w.to(acc), b.to(acc), r, eps, relu, 0.0);
+  expect_close(a_out, at::relu(z), tol * 10, "act_forward relu " + tag);
+  const Tensor rm = at::randn({C}, at::kDouble), rv = at::rand({C}, at::kDouble) + 0.5;
+  const Tensor ze = (xr - rm.view(bc)) * (w / (rv + eps).sqrt()).view(bc) + b.view(bc) + r.to(at::kDouble);
+  const Tensor a_eval = batch_norm_act_eval_cuda(x, w.to(acc), b.to(acc), rm.to(acc), rv.to(acc), r, eps, leaky, 0.1);
+  expect_close(a_eval, at::leaky_relu(ze, 0.1), tol * 10, "act_eval leaky_relu " + tag);
+  const Tensor dz_relu = dyr * z.gt(0).to(at::kDouble);
+  const auto [a_dx, a_dr, a_sdz, a_sdzx] =
+      batch_norm_act_backward_cuda(dy, x, r, w.to(acc), b.to(acc), mean.to(acc), invstd.to(acc), relu, 0.0, false);
+  expect_close(a_dx, grad_input(dz_relu), tol * 10, "act_backward relu dx " + tag);
+  expect_close(a_dr, dz_relu, tol * 10, "act_backward relu grad_residual " + tag);
+  expect_close(a_sdz, dz_relu.sum(red), tol * 10, "act_backward relu sum_dz " + tag);
+  const Tensor yl = at::leaky_relu(y, 0.1).to(dtype).contiguous(fmt);
+  const Tensor dz_leaky = dyr * at::where(y.gt(0), at::ones_like(y), at::full_like(y, 0.1));
+  const auto [o_dx, o_dr, o_sdz, o_sdzx] = batch_norm_act_backward_cuda(
+      dy, yl, c10::nullopt, w.to(acc), b.to(acc), mean.to(acc), invstd.to(acc), leaky, 0.1, true);
+  const double otol = dtype == at::kDouble ? tol * 10 : tol * 100;  // x - mean recovered from a rounded y
+  expect_close(o_dx, grad_input(dz_leaky), otol, "act_backward from output dx " + tag);
+  expect_close(o_sdzx, (dz_leaky * (xr - mean.view(bc))).sum(red), otol, "act_backward from output sum_dz_xmu " + tag);
+  if (o_dr.numel() != 0) {
+    std::fprintf(stderr, "MISMATCH act_backward without residual: grad_residual not empty %s\n", tag.c_str());
+    ++failures;
+  }
 }
 
 // Deliberately broken kernels: the emulator must report each instead of computing garbage.
@@ -139,6 +172,11 @@ int main() {
       if (c.shape[0] == 0) {
         const auto [mean, var] = batch_norm_stats_cuda(at::empty(c.shape, dtype));
         expect_close(mean, at::zeros({c.shape[1]}, at::kDouble), 0, "empty stats");
+        const Tensor e = at::empty(c.shape, dtype);
+        const auto fwd = batch_norm_act_forward_cuda(e, c10::nullopt, c10::nullopt, e, 1e-5, 1, 0.0);
+        const auto bwd = batch_norm_act_backward_cuda(
+            e, e, e, c10::nullopt, c10::nullopt, std::get<1>(fwd), std::get<2>(fwd), 1, 0.0, false);
+        expect_close(std::get<3>(bwd), at::zeros({c.shape[1]}, at::kDouble), 0, "empty act_backward");
         continue;
       }
       check_case(c.shape, c.fmt, c.misaligned, dtype);
@@ -153,6 +191,6 @@ int main() {
     std::fprintf(stderr, "simt_asan: %d failures\n", failures);
     return 1;
   }
-  std::printf("simt_asan: %zu cases x 4 dtypes x 6 ops and 4 emulator error checks passed\n", cases.size());
+  std::printf("simt_asan: %zu cases x 4 dtypes x 9 ops and 4 emulator error checks passed\n", cases.size());
   return 0;
 }
