@@ -7,8 +7,8 @@
 Where things live (each module imports only the ones below it):
     convert.py        convert_model / revert_model and the torch <-> bnext class tables
     fuse.py           fuse_model: BN -> (add ->) activation chains into fused layers
+    sync.py           SyncBatchNorm, SyncBatchNormAct: statistics over a process group
     act.py            BatchNormAct1d/2d/3d: BN, residual add and activation in one layer
-    sync.py           SyncBatchNorm: statistics over a process group
     modules.py        BatchNorm1d/2d/3d, LazyBatchNorm1d/2d/3d: running-statistic bookkeeping
     _quantization.py  bnext layers in torch.ao.quantization (eager fusion table, FX warning)
     functional.py     batch_norm: how a call is routed (eager C++ call, composed ops, torch's op)

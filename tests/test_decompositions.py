@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import bnext
+from bnext._ops.conventions import ACTIVATIONS
 from conftest import OPS, assert_close, make_input
 
 ops = torch.ops.bnext
@@ -42,6 +43,11 @@ def op_args(name, x, affine, param_dtype):
         "batch_norm_backward_reduce": (dy, x, mean, invstd),
         "batch_norm_backward_elemt": (dy, x, mean, invstd, w, channel(C, a), channel(C, a)),
         "batch_norm_backward": (dy, x, w, mean, invstd),
+        "batch_norm_act_forward": (x, w, b, dy, 1e-5, ACTIVATIONS["silu"], 0.0),
+        "batch_norm_act_eval": (
+            x, w, b, channel(C, param_dtype), channel(C, param_dtype, positive=True), dy, 1e-5, ACTIVATIONS["elu"], 0.7
+        ),
+        "batch_norm_act_backward": (dy, x, dy, w, b, mean, invstd, ACTIVATIONS["hardswish"], 0.0, False),
     }[name]
 
 
@@ -113,6 +119,9 @@ class EveryOp(nn.Module):
             *ops.batch_norm_backward_reduce(dy, x, mean, invstd),
             ops.batch_norm_backward_elemt(dy, x, mean, invstd, w, mean * 0.1, var * 0.2),
             *ops.batch_norm_backward(dy, x, w, mean, invstd),
+            *ops.batch_norm_act_forward(x, w, b, dy, 1e-5, ACTIVATIONS["relu"], 0.0),
+            ops.batch_norm_act_eval(x, w, b, running_mean, running_var, None, 1e-5, ACTIVATIONS["silu"], 0.0),
+            *ops.batch_norm_act_backward(dy, x, None, w, b, mean, invstd, ACTIVATIONS["leaky_relu"], 0.2, False),
         )
 
 

@@ -65,6 +65,9 @@ def _op_args(name, device, shape=(3, 2, 4)):
         "batch_norm_backward_reduce": (dy, x, vec(-0.5), vec()),
         "batch_norm_backward_elemt": (dy, x, vec(-0.5), vec(), vec(), vec(-0.5), vec(-0.5)),
         "batch_norm_backward": (dy, x, vec(), vec(-0.5), vec()),
+        "batch_norm_act_forward": (x, vec(), vec(-0.5), torch.randn_like(x), 1e-3, 4, 0.0),  # silu
+        "batch_norm_act_eval": (x, vec(), vec(-0.5), vec(-0.5), vec(), torch.randn_like(x), 1e-3, 3, 0.7),  # elu
+        "batch_norm_act_backward": (dy, x, torch.randn_like(x), vec(), vec(-0.5), vec(-0.5), vec(), 5, 0.0, False),
     }[name]
 
 
@@ -76,7 +79,7 @@ def test_op_gradcheck(name, device):
     op = getattr(torch.ops.bnext, name).default
     args = _op_args(name, device)
     # The running statistics are constants of batch_norm_eval's graph, as in torch: no gradient.
-    constant = {3, 4} if name == "batch_norm_eval" else set()
+    constant = {3, 4} if name in ("batch_norm_eval", "batch_norm_act_eval") else set()
     args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and i not in constant else a for i, a in enumerate(args))
     assert gradcheck(op, args)
     assert gradgradcheck(op, args)

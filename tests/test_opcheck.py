@@ -6,6 +6,7 @@ import torch
 
 import bnext
 
+from bnext._ops.conventions import ACTIVATIONS
 from conftest import DEVICES, OPS, make_input
 
 # Per-channel arguments by name: offset added to uniform [0, 1) values (positive where the op divides or takes a root).
@@ -24,6 +25,14 @@ def build_args(name, x, param_dtype, requires_grad):
             args.append(torch.randn_like(x).requires_grad_(requires_grad))
         elif arg.name == "eps":
             args.append(1e-3)
+        elif arg.name in ("residual", "saved"):
+            args.append(torch.randn_like(x).requires_grad_(requires_grad and arg.name == "residual"))
+        elif arg.name == "activation":
+            args.append(ACTIVATIONS["leaky_relu"])
+        elif arg.name == "activation_param":
+            args.append(0.1)
+        elif arg.name == "from_output":
+            args.append(False)
         else:
             v = torch.rand(C, device=x.device).add_(VEC[arg.name]).to(param_dtype)
             args.append(v.requires_grad_(requires_grad))
@@ -32,11 +41,12 @@ def build_args(name, x, param_dtype, requires_grad):
 
 def test_every_op_has_its_python_registrations():
     """The Python tables of the op contract (bnext/_ops/) cover exactly the registered kernel ops."""
-    from bnext._ops import autograd, decompositions, fake, vmap
+    from bnext._ops import autograd, decompositions, fake, fused, vmap
 
-    assert set(fake._FAKES) == set(OPS)
-    assert set(autograd._FORMULAS) == set(OPS)
-    assert set(vmap._rules(torch.ops.bnext)) == set(OPS)
+    # The BN ops' tables and the fused ops' (bnext/_ops/fused.py), together exactly the kernel ops.
+    assert set(fake._FAKES) | set(fused._FAKES) == set(OPS)
+    assert set(autograd._FORMULAS) | set(fused._COMPOSITES) == set(OPS)
+    assert set(vmap._rules(torch.ops.bnext)) | set(fused._COMPOSITES) == set(OPS)
     assert set(decompositions._DECOMPOSITIONS) == set(OPS)
 
 

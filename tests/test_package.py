@@ -161,7 +161,8 @@ def test_no_measurements_in_code_comments():
 def test_public_api():
     assert sorted(bnext.__all__) == sorted(
         ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
-         "SyncBatchNorm", "batch_norm", "build_info", "convert_model", "decompositions", "revert_model"]
+         "SyncBatchNorm", "batch_norm", "build_info", "convert_model", "decompositions", "revert_model",
+         "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "SyncBatchNormAct", "batch_norm_act", "fuse_model"]
     )
     for name in bnext.__all__:
         assert getattr(bnext, name) is not None

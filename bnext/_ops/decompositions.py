@@ -155,7 +155,10 @@ def decompositions() -> dict:
     """A fresh dict {op overload: decomposition} for every functional bnext op, to pass to
     ExportedProgram.run_decompositions (alone, or merged into
     torch.export.default_decompositions()). Fresh so that callers may edit it."""
-    from .fused import DECOMPOSITIONS as fused  # the fused ops' (built on the functions above)
+    return {getattr(torch.ops.bnext, name).default: fn for name, fn in _DECOMPOSITIONS.items()}
 
-    table = dict(_DECOMPOSITIONS, **fused)
-    return {getattr(torch.ops.bnext, name).default: fn for name, fn in table.items()}
+
+def register(table: dict) -> None:
+    """Add {op name: decomposition} for more ops (the fused ops' come from _ops/fused.py, which
+    builds them on the functions above)."""
+    _DECOMPOSITIONS.update(table)

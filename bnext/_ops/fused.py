@@ -218,6 +218,9 @@ def _forward_setup(ctx, inputs, output):
     ctx.activation, ctx.param = activation, param
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (x, weight, bias, residual))
     ctx.save_for_backward(x, weight, bias, residual, output[1], output[2])
+    # The statistics outputs usually get no gradient (the running-statistics update takes them):
+    # None then, not zeros that would cost two more passes over x in backward.
+    ctx.set_materialize_grads(False)
 
 
 def _forward_backward(ctx, g, g_mean, g_invstd, g_var):
@@ -319,3 +322,4 @@ DECOMPOSITIONS = {
     "batch_norm_act_eval": _eval_decomposition,
     "batch_norm_act_backward": _backward_decomposition,
 }
+_decomp.register(DECOMPOSITIONS)
