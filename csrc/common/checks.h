@@ -14,6 +14,8 @@
 #include <cmath>
 #include <string>
 
+#include "act.h"
+
 namespace bnext {
 
 inline bool is_supported_dtype(at::ScalarType t) {
@@ -258,6 +260,31 @@ inline void check_batch_norm_args(
       common = (*t)->scalar_type();
     }
   }
+}
+
+// The fused BN + activation ops' own arguments (common/act.h).
+inline void check_activation(int64_t activation, const char* op) {
+  TORCH_CHECK_VALUE(
+      activation >= 0 && activation < kNumActs, op,
+      ": activation must be an activation code 0 .. ", kNumActs - 1,
+      " (identity, relu, leaky_relu, elu, silu, hardswish), got ", activation);
+}
+
+// The residual added before the activation: the input's shape, dtype and device.
+inline void check_optional_residual(
+    const c10::optional<at::Tensor>& residual, const at::Tensor& input, const char* op) {
+  if (residual.has_value() && residual->defined()) {
+    check_like_input(*residual, "residual", input, op);
+  }
+}
+
+// The memory-saving backward (from_output=True) recovers z from the output: invertible
+// activations only (act_invertible).
+inline void check_from_output(bool from_output, int64_t activation, double param, const char* op) {
+  TORCH_CHECK_VALUE(
+      !from_output || act_invertible(static_cast<Act>(activation), param), op,
+      ": from_output=True needs an invertible activation (identity, leaky_relu with activation_param > 0 or elu "
+      "with activation_param > 0), got activation ", activation, " with activation_param ", python_float(param));
 }
 
 }  // namespace bnext
