@@ -262,13 +262,30 @@ inline void check_batch_norm_args(
   }
 }
 
-// The fused BN + activation ops (schemas.h): the activation code, and the residual (the input's
-// shape, dtype and device; any strides).
+// The fused BN + activation ops' own arguments (common/act.h, schemas.h).
 inline void check_activation(int64_t activation, const char* op) {
   TORCH_CHECK_VALUE(
-      activation >= 0 && activation < kNumActs,
-      op, ": activation must be an activation code from 0 to ", kNumActs - 1,
+      activation >= 0 && activation < kNumActs, op,
+      ": activation must be an activation code from 0 to ", kNumActs - 1,
       " (identity, relu, leaky_relu, elu, silu, hardswish), got ", activation);
+}
+
+// The residual added before the activation: the input's shape, dtype and device (any strides).
+inline void check_optional_residual(
+    const c10::optional<at::Tensor>& residual, const at::Tensor& input, const char* op) {
+  if (residual.has_value() && residual->defined()) {
+    check_like_input(*residual, "residual", input, op);
+  }
+}
+
+// The memory-saving backward (from_output=True) recovers z from the output: invertible
+// activations only (act_invertible: identity, leaky_relu with negative_slope > 0, elu with alpha > 0).
+inline void check_from_output(bool from_output, int64_t activation, double param, const char* op) {
+  TORCH_CHECK_VALUE(
+      !from_output || act_invertible(static_cast<Act>(activation), param), op,
+      ": from_output=True needs an invertible activation (0 identity, 2 leaky_relu with activation_param > 0, "
+      "3 elu with activation_param > 0), got activation ", activation, " with activation_param ",
+      python_float(param));
 }
 
 inline void check_act_args(
@@ -276,9 +293,7 @@ inline void check_act_args(
     const at::Tensor& input,
     int64_t activation,
     const char* op) {
-  if (residual.has_value() && residual->defined()) {
-    check_like_input(*residual, "residual", input, op);
-  }
+  check_optional_residual(residual, input, op);
   check_activation(activation, op);
 }
 
@@ -301,12 +316,7 @@ inline void check_act_backward_args(
   check_optional_channel_vector(bias, "bias", saved, op);
   check_channel_vector(save_mean, "save_mean", saved, op);
   check_channel_vector(save_invstd, "save_invstd", saved, op);
-  // z = act^-1(y) exists for identity, leaky_relu with negative_slope > 0, elu with alpha > 0.
-  TORCH_CHECK_VALUE(
-      !from_output || act_invertible(static_cast<Act>(activation), activation_param),
-      op, ": from_output=True needs an invertible activation (0 identity, 2 leaky_relu with activation_param > 0, "
-      "3 elu with activation_param > 0), got activation ", activation, " with activation_param ",
-      python_float(activation_param));
+  check_from_output(from_output, activation, activation_param, op);
 }
 
 }  // namespace bnext

@@ -74,6 +74,22 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
   return {mean, var};
 }
 
+// The residual contiguous in the input's chosen memory format (undefined where absent).
+Tensor residual_like(const c10::optional<Tensor>& residual, const Prepared& p) {
+  return residual.has_value() && residual->defined() ? residual->contiguous(p.fmt) : Tensor();
+}
+
+const void* data_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr() : nullptr;
+}
+
+// The fused ops' activation epilogue of normalize_cpu: out = act(normalized + residual).
+struct ActEpilogue {
+  c10::optional<Tensor> residual;
+  int64_t act;
+  double param;
+};
+
 // out = (x - mean[c]) * invstd * weight[c] + bias[c], the per-channel coefficients folded once,
 // with invstd = to_invstd(spread[c]) in the accumulation type: the invstd itself (elemt) or the
 // running variance it comes from (eval). Arguments checked by the caller.
@@ -84,7 +100,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
 // unfolded. bnext.batch_norm's other eval paths (Python, autograd, device-generic) compute the
 // same two coefficients with the same operations and pass them to batch_norm_elemt as mean 0,
 // invstd = scale, no weight and bias = shift, which gives these coefficients again: every eval
-// path gives the same bits.
+// path gives the same bits. The fused eval op passes its epilogue (act(out + residual), one pass).
 template <typename ToInvstd>
 Tensor normalize_cpu(
     const Tensor& input,
@@ -93,7 +109,8 @@ Tensor normalize_cpu(
     const Tensor& mean,
     const Tensor& spread,
     const ToInvstd& to_invstd,
-    bool fold_mean) {
+    bool fold_mean,
+    const ActEpilogue* epilogue = nullptr) {
   const auto p = prepare(input);
   Tensor out = at::empty_like(p.x, p.fmt);
   BNEXT_DISPATCH(input.scalar_type(), "bnext_normalize_cpu", [&] {
@@ -116,6 +133,12 @@ Tensor normalize_cpu(
       scale[c] = k.scale;
       shift[c] = k.shift;
     }
+    if (epilogue != nullptr) {
+      cpu::kernels().act_affine(
+          input.scalar_type(), p.x.const_data_ptr(), data_or_null(residual_like(epilogue->residual, p)),
+          out.data_ptr(), p.layout, pivot.data(), scale.data(), shift.data(), epilogue->act, epilogue->param);
+      return;
+    }
     cpu::kernels().affine(
         input.scalar_type(), p.x.const_data_ptr(), out.data_ptr(), p.layout, pivot.data(), scale.data(), shift.data());
   });
@@ -132,6 +155,23 @@ Tensor batch_norm_elemt_cpu(
   return normalize_cpu(input, weight, bias, mean, invstd, [](auto s) { return s; }, false);
 }
 
+// The eval ops' normalization: torch's folded coefficients (see normalize_cpu), then the fused
+// ops' epilogue where given.
+Tensor eval_cpu(
+    const Tensor& input,
+    const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean,
+    const c10::optional<Tensor>& running_var,
+    double eps,
+    const ActEpilogue* epilogue) {
+  return normalize_cpu(input, flat_channels(weight), flat_channels(bias), *flat_channels(running_mean),
+      *flat_channels(running_var), [eps](auto v) {
+    using acc_t = decltype(v);
+    return acc_t(1) / std::sqrt(v + static_cast<acc_t>(eps));
+  }, true, epilogue);
+}
+
 // bnext::batch_norm_eval without the small ops of the device-generic version (csrc/common/eval.h):
 // invstd = 1 / sqrt(running_var + eps) in the accumulation type (as torch.rsqrt(var + eps) rounds
 // it) goes straight into the coefficients.
@@ -146,11 +186,7 @@ Tensor batch_norm_eval_cpu(
   if (input.sym_numel() == 0) {
     return input.clone();
   }
-  return normalize_cpu(input, flat_channels(weight), flat_channels(bias), *flat_channels(running_mean),
-      *flat_channels(running_var), [eps](auto v) {
-    using acc_t = decltype(v);
-    return acc_t(1) / std::sqrt(v + static_cast<acc_t>(eps));
-  }, true);
+  return eval_cpu(input, weight, bias, running_mean, running_var, eps, nullptr);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward_cpu(
@@ -255,6 +291,99 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   return {dx, sum_dy, sum_dy_xmu};
 }
 
+// Fused BN + activation (+ residual), common/act.h: output = act(BN(input) + residual).
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_forward_cpu(
+    const Tensor& input,
+    const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& residual,
+    double eps,
+    int64_t activation,
+    double activation_param) {
+  const char* op = "bnext.batch_norm_act_forward";
+  check_forward_args(input, weight, bias, eps, op);
+  check_optional_residual(residual, input, op);
+  check_activation(activation, op);
+  const auto p = prepare(input);
+  const Tensor r = residual_like(residual, p);
+  const auto opts = input.options().dtype(acc_dtype(input.scalar_type()));
+  Tensor out = at::empty_like(p.x, p.fmt);
+  Tensor mean = at::empty({p.layout.C}, opts);
+  Tensor invstd = at::empty({p.layout.C}, opts);
+  Tensor var = at::empty({p.layout.C}, opts);
+  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_act_forward_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const AccChannels<acc_t> w(weight, p.layout.C, 1), b(bias, p.layout.C, 0);
+    cpu::kernels().act_forward(
+        input.scalar_type(), p.x.const_data_ptr(), data_or_null(r), out.data_ptr(), p.layout, w.get(), b.get(), eps,
+        mean.data_ptr(), invstd.data_ptr(), var.data_ptr(), activation, activation_param);
+  });
+  return {out, mean, invstd, var};
+}
+
+Tensor batch_norm_act_eval_cpu(
+    const Tensor& input,
+    const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean,
+    const c10::optional<Tensor>& running_var,
+    const c10::optional<Tensor>& residual,
+    double eps,
+    int64_t activation,
+    double activation_param) {
+  const char* op = "bnext.batch_norm_act_eval";
+  check_batch_norm_args(op, input, weight, bias, running_mean, running_var, false, eps);
+  check_optional_residual(residual, input, op);
+  check_activation(activation, op);
+  if (input.sym_numel() == 0) {
+    return input.clone();
+  }
+  const ActEpilogue epilogue{residual, activation, activation_param};
+  return eval_cpu(input, weight, bias, running_mean, running_var, eps, &epilogue);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cpu(
+    const Tensor& grad_out,
+    const Tensor& saved,
+    const c10::optional<Tensor>& residual,
+    const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias,
+    const Tensor& save_mean,
+    const Tensor& save_invstd,
+    int64_t activation,
+    double activation_param,
+    bool from_output) {
+  const char* op = "bnext.batch_norm_act_backward";
+  check_input(saved, op, "saved");
+  check_like_input(grad_out, "grad_out", saved, op);
+  check_channel_vector(save_mean, "save_mean", saved, op);
+  check_channel_vector(save_invstd, "save_invstd", saved, op);
+  check_optional_channel_vector(weight, "weight", saved, op);
+  check_optional_channel_vector(bias, "bias", saved, op);
+  check_optional_residual(residual, saved, op);
+  check_activation(activation, op);
+  check_from_output(from_output, activation, activation_param, op);
+  const auto p = prepare(saved);
+  const Tensor dy = grad_out.contiguous(p.fmt);
+  const Tensor r = residual_like(residual, p);
+  const auto opts = saved.options().dtype(acc_dtype(saved.scalar_type()));
+  Tensor dx = at::empty_like(p.x, p.fmt);
+  // grad_residual is dz itself (written by the same pass), in the input's dtype and format.
+  Tensor dr = r.defined() ? at::empty_like(p.x, p.fmt) : at::empty({0}, saved.options());
+  Tensor sum_dz = at::empty({p.layout.C}, opts);
+  Tensor sum_dz_xmu = at::empty({p.layout.C}, opts);
+  BNEXT_DISPATCH(saved.scalar_type(), "batch_norm_act_backward_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const int64_t C = p.layout.C;
+    const AccChannels<acc_t> w(weight, C, 1), b(bias, C, 0), m(save_mean, C), s(save_invstd, C);
+    cpu::kernels().act_backward(
+        saved.scalar_type(), dy.const_data_ptr(), p.x.const_data_ptr(), data_or_null(r), dx.data_ptr(),
+        r.defined() ? dr.data_ptr() : nullptr, p.layout, w.get(), b.get(), m.get(), s.get(), sum_dz.data_ptr(),
+        sum_dz_xmu.data_ptr(), activation, activation_param, from_output);
+  });
+  return {dx, dr, sum_dz, sum_dz_xmu};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnext, CPU, m) {
@@ -265,6 +394,9 @@ TORCH_LIBRARY_IMPL(bnext, CPU, m) {
   m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
   m.impl("batch_norm_eval", &batch_norm_eval_cpu);
+  m.impl("batch_norm_act_forward", &batch_norm_act_forward_cpu);
+  m.impl("batch_norm_act_eval", &batch_norm_act_eval_cpu);
+  m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
 }
 
 }  // namespace bnext

@@ -36,10 +36,27 @@
 //                    [reductions] then group_backward [passes] while the group is in L2;
 //                    elsewhere backward_reduce_sums + backward_elemt_kernel
 //     channels-last  backward_reduce_sums + backward_elemt_kernel
+//   act_affine       act_affine_dispatch [act_ops]: y = act((x - pivot) * scale + shift + r), the
+//                    activation (act.h: vector exp/expm1 and the activations of common/act.h) and the
+//                    residual compile-time constants
+//     NCHW           act_affine_kernel [act_ops] -> run_act_affine plane by plane (SplatCoeffs)
+//     channels-last  act_affine_kernel -> run_act_affine per super-row (LaneCoeffs)
+//   act_forward      act_forward_kernel [act_ops]
+//     NCHW           where fused_channel_forward [plan]: per channel group, group_forward_coeffs
+//                    [ops] then run_act_affine while the group is in L2; elsewhere channel_stats +
+//                    act_affine
+//     channels-last  channel_stats + act_affine
+//   act_backward     act_backward_kernel -> act_backward_impl [act_ops]: dz and x - mean per value
+//                    from (dy, x, r) or (dy, y, r) (GradRun)
+//     NCHW           where fused_channel_backward [plan]: per channel group, act_block_sums then
+//                    run_act_backward while the group is in L2; elsewhere act_reduce_sums ((block,
+//                    channel) tasks, run_act_reduce) + act_backward_elemt (run_act_backward)
+//     channels-last  act_reduce_sums (chunks, run_act_reduce_lanes) + act_backward_elemt
 //
 // Beneath them: common.h (tuning constants, merge_t, Buffer, with_constant), stream.h (streaming
 // stores and when a pass streams), vec.h (Vec, vload/vstore, bfloat16 rounding, masked tails,
-// wide_add), plan.h (BlockPlan, RowPlan, channel_group, line_group, the routing predicates).
+// wide_add), plan.h (BlockPlan, RowPlan, channel_group, line_group, the routing predicates);
+// above them, entries.h: the type-erased entries and this variant's KernelTable.
 //
 // These headers are compiled once per instruction set (kernels_baseline.cpp, kernels_avx2.cpp,
 // kernels_avx512.cpp, kernels_avx512bf16.cpp). Each of those includes kernel_deps.h first, then
@@ -79,3 +96,6 @@
 #include "kernel/reductions.h"
 #include "kernel/passes.h"
 #include "kernel/ops.h"
+#include "kernel/act.h"
+#include "kernel/act_ops.h"
+#include "kernel/entries.h"

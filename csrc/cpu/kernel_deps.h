@@ -10,6 +10,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -22,6 +23,7 @@
 #include <immintrin.h>  // streaming stores; the intrinsics are usable under each TU's target pragma
 #endif
 
+#include "../common/act.h"
 #include "../common/layout.h"
 #include "../common/math.h"
 #include "kernels.h"

@@ -33,6 +33,22 @@ struct KernelTable {
   // How many distinct threads at::parallel_for ran `tasks` one-task pieces on, compiled exactly
   // as the kernels are: 1 on any thread count if this TU lost its OpenMP (see setup.py).
   int (*parallel_probe)(int64_t tasks);
+  // The fused BN + activation (+ residual) ops (common/act.h; `act` an Act code, `param` its
+  // parameter). r: the residual, same layout as x, or null. y = act((x - pivot[c]) * scale[c] +
+  // shift[c] + r).
+  void (*act_affine)(
+      at::ScalarType, const void* x, const void* r, void* y, const Layout&, const void* pivot, const void* scale,
+      const void* shift, int64_t act, double param);
+  // Training forward: the statistics of `forward`, then one act_affine pass.
+  void (*act_forward)(
+      at::ScalarType, const void* x, const void* r, void* y, const Layout&, const void* weight, const void* bias,
+      double eps, void* mean, void* invstd, void* var, int64_t act, double param);
+  // saved: x, or y where from_output (invertible activations only). dr: dz where r is given, else
+  // unused.
+  void (*act_backward)(
+      at::ScalarType, const void* dy, const void* saved, const void* r, void* dx, void* dr, const Layout&,
+      const void* weight, const void* bias, const void* mean, const void* invstd, void* sum_dz, void* sum_dz_xmu,
+      int64_t act, double param, bool from_output);
 };
 
 // Each variant's table. Only call one whose ISA the CPU supports (kernels() checks).

@@ -50,6 +50,44 @@ void affine_kernel(const scalar_t* x, scalar_t* y, const Layout& l, const acc_t*
   });
 }
 
+// The training forward's per-channel results of channel c's merged statistics (statistics of
+// x - pivot): mean, invstd and var stored as acc_t, and the normalization coefficients.
+template <typename acc_t>
+inline NormalizeCoeffs<acc_t> forward_channel_coeffs(
+    int64_t c, acc_t pivot, merge_t mean, merge_t var_m, const acc_t* weight, const acc_t* bias, double eps,
+    acc_t* mean_out, acc_t* invstd_out, acc_t* var_out) {
+  const acc_t var = static_cast<acc_t>(var_m);
+  const acc_t invstd = invstd_from_var(var, eps);
+  mean_out[c] = static_cast<acc_t>(pivot + mean);
+  var_out[c] = var;
+  invstd_out[c] = invstd;
+  return normalize_coeffs_shifted(pivot, static_cast<acc_t>(mean), invstd, weight[c], bias[c]);
+}
+
+// The statistics of channels c0 .. c0 + G - 1 of an NCHW tensor (their blocks merged in block
+// order, exactly as nchw_stats merges them: the same bits for any G), each finished by
+// finish(c, pivot, mean, var) into k[g] (the fused per-group forward tasks).
+template <typename scalar_t, typename acc_t, typename Finish>
+inline void group_forward_coeffs(
+    const scalar_t* x, const Layout& l, const BlockPlan& plan, int64_t c0, int64_t G, const Finish& finish,
+    NormalizeCoeffs<acc_t>* k) {
+  acc_t pivot[kMaxGroup];
+  Welford<merge_t> w[kMaxGroup], part[kMaxGroup];
+  for (int64_t g = 0; g < G; ++g) {
+    pivot[g] = nchw_pivot<scalar_t, acc_t>(x, l, c0 + g);
+    w[g] = {0, 0, 0};
+  }
+  for (int64_t j = 0; j < plan.nblocks; ++j) {
+    group_block_stats<scalar_t, acc_t>(x, l, plan, c0, G, j, pivot, part, true);
+    for (int64_t g = 0; g < G; ++g) {
+      w[g] = welford_combine(w[g], part[g]);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    k[g] = finish(c0 + g, pivot[g], w[g].mean, welford_var(w[g]));
+  }
+}
+
 // Training forward in one call: statistics (one pass over memory, second pass of each block
 // from L1), per-channel coefficients once, then one elementwise pass.
 template <typename scalar_t, typename acc_t>
@@ -66,12 +104,7 @@ void forward_kernel(
   const int64_t C = l.C;
   // The per-channel results of one channel's merged statistics (shared by both paths below).
   auto finish = [&](int64_t c, acc_t pivot, merge_t mean, merge_t var_m) {
-    const acc_t var = static_cast<acc_t>(var_m);
-    const acc_t invstd = invstd_from_var(var, eps);
-    mean_out[c] = static_cast<acc_t>(pivot + mean);
-    var_out[c] = var;
-    invstd_out[c] = invstd;
-    return normalize_coeffs_shifted(pivot, static_cast<acc_t>(mean), invstd, weight[c], bias[c]);
+    return forward_channel_coeffs(c, pivot, mean, var_m, weight, bias, eps, mean_out, invstd_out, var_out);
   };
   if (fused_channel_forward<scalar_t>(l)) {
     // One task per channel: its blocks' statistics (merged in block order, exactly as
@@ -83,22 +116,8 @@ void forward_kernel(
       at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
         for (int64_t q = begin; q < end; ++q) {
           const int64_t c0 = q * G, g_n = std::min(G, C - c0);
-          acc_t pivot[kMaxGroup];
-          Welford<merge_t> w[kMaxGroup], part[kMaxGroup];
-          for (int64_t g = 0; g < g_n; ++g) {
-            pivot[g] = nchw_pivot<scalar_t, acc_t>(x, l, c0 + g);
-            w[g] = {0, 0, 0};
-          }
-          for (int64_t j = 0; j < plan.nblocks; ++j) {
-            group_block_stats<scalar_t, acc_t>(x, l, plan, c0, g_n, j, pivot, part, true);
-            for (int64_t g = 0; g < g_n; ++g) {
-              w[g] = welford_combine(w[g], part[g]);
-            }
-          }
           NormalizeCoeffs<acc_t> k[kMaxGroup];
-          for (int64_t g = 0; g < g_n; ++g) {
-            k[g] = finish(c0 + g, pivot[g], w[g].mean, welford_var(w[g]));
-          }
+          group_forward_coeffs<scalar_t, acc_t>(x, l, plan, c0, g_n, finish, k);
           group_affine<scalar_t, acc_t, nt.value>(x, y, l, c0, g_n, k);
         }
         end_streaming<nt.value>();
@@ -219,86 +238,6 @@ void backward_kernel(
     coeffs.p[c] = fused_backward_coeffs(l, c, weight, mean, invstd, sums.p[c], sum_dy, sum_dy_xmu);
   }
   backward_elemt_kernel<scalar_t, acc_t>(dy, x, dx, l, coeffs.p);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Type-erased entries of this ISA variant (see kernels.h).
-
-#define BNEXT_CPU_DISPATCH(TYPE, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, "bnext_cpu", [&] { \
-    using acc_t = acc_type_t<scalar_t>;                                             \
-    __VA_ARGS__;                                                                    \
-  })
-
-#define BNEXT_IN(p) static_cast<const scalar_t*>(p)
-#define BNEXT_OUT(p) static_cast<scalar_t*>(p)
-#define BNEXT_ACC_IN(p) static_cast<const acc_t*>(p)
-#define BNEXT_ACC_OUT(p) static_cast<acc_t*>(p)
-
-inline void stats_entry(at::ScalarType t, const void* x, const Layout& l, void* mean, void* var) {
-  BNEXT_CPU_DISPATCH(t, stats_kernel<scalar_t, acc_t>(BNEXT_IN(x), l, BNEXT_ACC_OUT(mean), BNEXT_ACC_OUT(var)));
-}
-
-inline void affine_entry(
-    at::ScalarType t, const void* x, void* y, const Layout& l, const void* pivot, const void* scale,
-    const void* shift) {
-  BNEXT_CPU_DISPATCH(
-      t, affine_kernel<scalar_t, acc_t>(
-             BNEXT_IN(x), BNEXT_OUT(y), l, BNEXT_ACC_IN(pivot), BNEXT_ACC_IN(scale), BNEXT_ACC_IN(shift)));
-}
-
-inline void forward_entry(
-    at::ScalarType t, const void* x, void* y, const Layout& l, const void* weight, const void* bias, double eps,
-    void* mean, void* invstd, void* var) {
-  BNEXT_CPU_DISPATCH(
-      t, forward_kernel<scalar_t, acc_t>(
-             BNEXT_IN(x), BNEXT_OUT(y), l, BNEXT_ACC_IN(weight), BNEXT_ACC_IN(bias), eps, BNEXT_ACC_OUT(mean),
-             BNEXT_ACC_OUT(invstd), BNEXT_ACC_OUT(var)));
-}
-
-inline void backward_reduce_entry(
-    at::ScalarType t, const void* dy, const void* x, const Layout& l, const void* mean, void* sum_dy,
-    void* sum_dy_xmu) {
-  BNEXT_CPU_DISPATCH(
-      t, backward_reduce_kernel<scalar_t, acc_t>(
-             BNEXT_IN(dy), BNEXT_IN(x), l, BNEXT_ACC_IN(mean), BNEXT_ACC_OUT(sum_dy), BNEXT_ACC_OUT(sum_dy_xmu)));
-}
-
-inline void backward_elemt_entry(
-    at::ScalarType t, const void* dy, const void* x, void* dx, const Layout& l, const void* coeffs) {
-  BNEXT_CPU_DISPATCH(
-      t, backward_elemt_kernel<scalar_t, acc_t>(
-             BNEXT_IN(dy), BNEXT_IN(x), BNEXT_OUT(dx), l, static_cast<const BackwardCoeffs<acc_t>*>(coeffs)));
-}
-
-inline void backward_entry(
-    at::ScalarType t, const void* dy, const void* x, void* dx, const Layout& l, const void* weight,
-    const void* mean, const void* invstd, void* sum_dy, void* sum_dy_xmu) {
-  BNEXT_CPU_DISPATCH(
-      t, backward_kernel<scalar_t, acc_t>(
-             BNEXT_IN(dy), BNEXT_IN(x), BNEXT_OUT(dx), l, BNEXT_ACC_IN(weight), BNEXT_ACC_IN(mean),
-             BNEXT_ACC_IN(invstd), BNEXT_ACC_OUT(sum_dy), BNEXT_ACC_OUT(sum_dy_xmu)));
-}
-
-inline int parallel_probe_entry(int64_t tasks) {
-  std::atomic<uint64_t> seen{0};
-  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
-    seen.fetch_or(uint64_t(1) << std::min(at::get_thread_num(), 63));
-  });
-  return __builtin_popcountll(seen.load());
-}
-
-#undef BNEXT_CPU_DISPATCH
-#undef BNEXT_IN
-#undef BNEXT_OUT
-#undef BNEXT_ACC_IN
-#undef BNEXT_ACC_OUT
-
-const KernelTable& table() {
-  static const KernelTable t{
-      stats_entry, affine_entry, forward_entry, backward_reduce_entry, backward_elemt_entry, backward_entry,
-      parallel_probe_entry};
-  return t;
 }
 
 }  // namespace BNEXT_CPU_ISA_NS

@@ -1,0 +1,619 @@
+// The fused BN + activation (+ residual) kernels (part of batch_norm_kernel.h: see the map there):
+//   act_affine    y = act((x - pivot) * scale + shift + r): the training forward's and eval's
+//                 elementwise pass (one pass, z never stored, rounded once)
+//   act_forward   channel_stats (the statistics of batch_norm_forward, bit for bit), then act_affine
+//   act_backward  the sums of dz = dy * act'(z) and dz * (x - mean) (fixed blocks / chunks, fixed
+//                 merge order), then dx = a * ((dz - mean_dz) - (x - mean) * k) and dr = dz in one
+//                 pass; dz is recomputed in both passes, never stored (but as dr where a residual
+//                 is given)
+// The passes walk runs of one channel (NCHW planes) or channels-last super-rows (RowPlan), with
+// the coefficients of a run as splats (SplatCoeffs) or per-lane arrays (LaneCoeffs), the same
+// element functions either way. Every value of a run is computed by the same code whatever the
+// thread count (runs are never split between tasks): the results are deterministic per ISA.
+
+#ifndef BNEXT_CPU_ISA_NS
+#error "kernel/act_ops.h is a part of csrc/cpu/batch_norm_kernel.h, compiled per ISA by kernels_<isa>.cpp"
+#endif
+
+namespace bnext {
+namespace cpu {
+namespace BNEXT_CPU_ISA_NS {
+
+// K per-channel coefficients of one NCHW run: the same in every lane.
+template <typename acc_t, int K>
+struct SplatCoeffs {
+  using vec = typename Vec<acc_t>::type;
+  vec v[K];
+  acc_t s[K];
+  // Channel c of K per-channel arrays.
+  SplatCoeffs(const acc_t* const* arrays, int64_t c) {
+    for (int k = 0; k < K; ++k) {
+      s[k] = arrays[k][c];
+      v[k] = vec{} + s[k];
+    }
+  }
+  explicit SplatCoeffs(const NormalizeCoeffs<acc_t>& nc) : SplatCoeffs(std::array<acc_t, 3>{nc.pivot, nc.scale, nc.shift}) {}
+  explicit SplatCoeffs(const std::array<acc_t, K>& values) {
+    for (int k = 0; k < K; ++k) {
+      s[k] = values[k];
+      v[k] = vec{} + s[k];
+    }
+  }
+  vec at(int k, int64_t) const {
+    return v[k];
+  }
+  acc_t one(int k, int64_t) const {
+    return s[k];
+  }
+};
+
+// K per-lane coefficient arrays of channels-last super-rows (each per-channel array replicated
+// RowPlan::k times).
+template <typename acc_t, int K>
+struct LaneCoeffs {
+  using vec = typename Vec<acc_t>::type;
+  const acc_t* p[K];
+  vec at(int k, int64_t j) const {
+    return vload_acc(p[k] + j);
+  }
+  acc_t one(int k, int64_t j) const {
+    return p[k][j];
+  }
+};
+
+// The lane arrays of LaneCoeffs from K per-channel arrays.
+template <typename acc_t, int K>
+struct LaneBuffers {
+  LaneBuffers(const acc_t* const* per_channel, int64_t C, int64_t k) : buf(K * k * C) {
+    for (int i = 0; i < K; ++i) {
+      replicate(per_channel[i], C, k, buf.p + i * k * C);
+      lanes.p[i] = buf.p + i * k * C;
+    }
+  }
+  Buffer<acc_t> buf;
+  LaneCoeffs<acc_t, K> lanes;
+};
+
+// p + o, or null for an absent tensor (the residual and its gradient; no offset of a null pointer).
+template <typename T>
+inline T* opt_at(T* p, int64_t o) {
+  return p != nullptr ? p + o : nullptr;
+}
+
+// f2(i) for the pairs of vectors of a run of len values, f1(i) for a last single vector, fs(i)
+// for the values left.
+template <typename acc_t, typename F2, typename F1, typename FS>
+inline void run_map(int64_t len, const F2& f2, const F1& f1, const FS& fs) {
+  constexpr int64_t W = Vec<acc_t>::W;
+  int64_t i = 0;
+  for (; i + 2 * W <= len; i += 2 * W) {
+    f2(i);
+  }
+  for (; i + W <= len; i += W) {
+    f1(i);
+  }
+  for (; i < len; ++i) {
+    fs(i);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: coefficients pivot, scale, shift (normalize() of math.h).
+
+enum : int { kPivot = 0, kScale = 1, kShift = 2, kFwdCoeffs = 3 };
+
+template <typename scalar_t, typename acc_t, Act A, bool Res, bool NT, typename Co>
+inline void run_act_affine(const scalar_t* x, const scalar_t* r, scalar_t* y, int64_t len, const Co& co, acc_t p) {
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::W;
+  auto f = [&](int64_t i, vec v) {
+    vec z = vnormalize<true>(v, co.at(kPivot, i), co.at(kScale, i), co.at(kShift, i));
+    if constexpr (Res) {
+      z = z + vload<scalar_t, acc_t>(r + i);
+    }
+    return vact_forward<A, acc_t>(z, p);
+  };
+  run_map<acc_t>(
+      len,
+      [&](int64_t i) {
+        vec a, b;
+        vload2<scalar_t, acc_t>(x + i, a, b);
+        vstore2<scalar_t, acc_t, NT>(y + i, f(i, a), f(i + W, b));
+      },
+      [&](int64_t i) { vstore<scalar_t, acc_t, NT && kVecIsLine<scalar_t, acc_t>>(y + i, f(i, vload<scalar_t, acc_t>(x + i))); },
+      [&](int64_t i) {
+        acc_t z = normalize(load<scalar_t, acc_t>(x, i), co.one(kPivot, i), co.one(kScale, i), co.one(kShift, i));
+        if constexpr (Res) {
+          z = z + load<scalar_t, acc_t>(r, i);
+        }
+        store<scalar_t, acc_t>(y, i, act_forward(A, z, p));
+      });
+}
+
+// f(nt, offset, len, c) for every NCHW plane (c: its channel), in parallel, the output streamed
+// (nt) where `stream` says so.
+template <typename F>
+inline void for_planes(const Layout& l, bool stream, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, l.HxW));
+  with_constant(stream, [&](auto nt) {
+    at::parallel_for(0, l.N * l.C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin, c = begin % l.C; q < end; ++q, c = c + 1 == l.C ? 0 : c + 1) {
+        f(nt, q * l.HxW, l.HxW, c);
+      }
+      end_streaming<nt.value>();
+    });
+  });
+}
+
+// f(nt, offset, width) for every channels-last super-row of the plan, in parallel (streamed where
+// `stream` says so), then for the tail rows as one row (not streamed).
+template <typename F>
+inline void for_super_rows_all(const RowPlan& plan, bool stream, const F& f) {
+  const int64_t nsuper = plan.R / plan.k;
+  with_constant(stream, [&](auto nt) {
+    at::parallel_for(0, nsuper, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, plan.P)), [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) {
+        f(nt, s * plan.P, plan.P);
+      }
+      end_streaming<nt.value>();
+    });
+  });
+  const int64_t tail = (plan.R - nsuper * plan.k) * plan.C;
+  if (tail > 0) {
+    f(std::false_type(), nsuper * plan.P, tail);
+  }
+}
+
+template <typename scalar_t, typename acc_t, Act A, bool Res>
+void act_affine_kernel(
+    const scalar_t* x, const scalar_t* r, scalar_t* y, const Layout& l, const acc_t* pivot, const acc_t* scale,
+    const acc_t* shift, acc_t p) {
+  const acc_t* arrays[kFwdCoeffs] = {pivot, scale, shift};
+  const int64_t passes = Res ? 3 : 2;
+  if (l.channels_last) {
+    const RowPlan plan(l, sizeof(scalar_t));
+    const LaneBuffers<acc_t, kFwdCoeffs> co(arrays, l.C, plan.k);
+    for_super_rows_all(plan, stream_rows<scalar_t, acc_t>(y, l, plan, passes), [&](auto nt, int64_t off, int64_t len) {
+      run_act_affine<scalar_t, acc_t, A, Res, nt.value>(x + off, opt_at(r, off), y + off, len, co.lanes, p);
+    });
+    return;
+  }
+  for_planes(l, stream_planes(y, l, passes), [&](auto nt, int64_t off, int64_t len, int64_t c) {
+    run_act_affine<scalar_t, acc_t, A, Res, nt.value>(
+        x + off, opt_at(r, off), y + off, len, SplatCoeffs<acc_t, kFwdCoeffs>(arrays, c), p);
+  });
+}
+
+// f(nt, c0, G) for the NCHW channel groups of the fused per-group tasks (see
+// fused_channel_forward), in parallel, streamed where the planes start on lines (the line groups
+// of fused_group_pass stream runs that share lines with per-lane coefficients; these passes go
+// plane by plane).
+template <typename scalar_t, typename F>
+inline void for_channel_groups(const Layout& l, bool stream, int64_t grain, const F& f) {
+  const int64_t G = channel_group<scalar_t>(l), groups = (l.C + G - 1) / G;
+  with_constant(stream, [&](auto nt) {
+    at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) {
+        f(nt, q * G, std::min(G, l.C - q * G));
+      }
+      end_streaming<nt.value>();
+    });
+  });
+}
+
+// The planes of channels c0 .. c0 + G - 1, sample by sample: f(offset, g).
+template <typename F>
+inline void group_planes(const Layout& l, int64_t c0, int64_t G, const F& f) {
+  for (int64_t n = 0; n < l.N; ++n) {
+    for (int64_t g = 0; g < G; ++g) {
+      f((n * l.C + c0 + g) * l.HxW, g);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward. Per channel: mean, scale = weight * invstd, shift = bias, inv_scale = 1 / scale
+// (0 where scale is 0: the memory-saving mode's channels the caller recomputes), and the
+// coefficients of backward_elemt() of math.h (mean_dz, k, a).
+
+enum : int { kMean = 0, kGScale = 1, kGShift = 2, kInvScale = 3, kMeanDz = 4, kK = 5, kA = 6, kGradCoeffs = 7 };
+
+// dz and x - mean of one value (or vector): from the input s = x (z recomputed as the forward
+// computes it, plus r), or from the output s = y (FromOut: z = act_inverse(y), x - mean =
+// (z - bias - r) / scale).
+template <Act A, bool Res, bool FromOut, typename acc_t>
+inline void grad_terms_vec(
+    typename Vec<acc_t>::type g, typename Vec<acc_t>::type s, typename Vec<acc_t>::type r, typename Vec<acc_t>::type m,
+    typename Vec<acc_t>::type scale, typename Vec<acc_t>::type shift, typename Vec<acc_t>::type inv_scale, acc_t p,
+    typename Vec<acc_t>::type& dz, typename Vec<acc_t>::type& xmu) {
+  if constexpr (FromOut) {
+    const typename Vec<acc_t>::type z = vact_inverse<A, acc_t>(s, p);
+    xmu = Res ? ((z - shift) - r) * inv_scale : (z - shift) * inv_scale;
+    dz = A == Act::kIdentity ? g : g * vact_derivative_from_output<A, acc_t>(s, p);
+  } else {
+    xmu = s - m;
+    const typename Vec<acc_t>::type z = Res ? (xmu * scale + shift) + r : xmu * scale + shift;
+    dz = A == Act::kIdentity ? g : g * vact_derivative<A, acc_t>(z, p);
+  }
+}
+
+template <Act A, bool Res, bool FromOut, typename acc_t>
+inline void grad_terms_one(
+    acc_t g, acc_t s, acc_t r, acc_t m, acc_t scale, acc_t shift, acc_t inv_scale, acc_t p, acc_t& dz, acc_t& xmu) {
+  if constexpr (FromOut) {
+    const acc_t z = act_inverse(A, s, p);
+    xmu = Res ? ((z - shift) - r) * inv_scale : (z - shift) * inv_scale;
+    dz = A == Act::kIdentity ? g : g * act_derivative_from_output(A, s, p);
+  } else {
+    xmu = s - m;
+    const acc_t z = Res ? normalize(s, m, scale, shift) + r : normalize(s, m, scale, shift);
+    dz = A == Act::kIdentity ? g : g * act_derivative(A, z, p);
+  }
+}
+
+// One run's loads and the terms of its vectors (v: f2/f1 of run_map get them through these).
+template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut, typename Co>
+struct GradRun {
+  using vec = typename Vec<acc_t>::type;
+  const scalar_t *dy, *s, *r;
+  const Co& co;
+  acc_t p;
+  void vec_terms(int64_t i, vec& dz, vec& xmu) const {
+    grad_terms_vec<A, Res, FromOut, acc_t>(
+        vload<scalar_t, acc_t>(dy + i), vload<scalar_t, acc_t>(s + i), Res ? vload<scalar_t, acc_t>(r + i) : vec{},
+        co.at(kMean, i), co.at(kGScale, i), co.at(kGShift, i), co.at(kInvScale, i), p, dz, xmu);
+  }
+  void one_terms(int64_t i, acc_t& dz, acc_t& xmu) const {
+    grad_terms_one<A, Res, FromOut, acc_t>(
+        load<scalar_t, acc_t>(dy, i), load<scalar_t, acc_t>(s, i), Res ? load<scalar_t, acc_t>(r, i) : acc_t(0),
+        co.one(kMean, i), co.one(kGScale, i), co.one(kGShift, i), co.one(kInvScale, i), p, dz, xmu);
+  }
+};
+
+// A block's sums: dz in merge_t (wide_add, a pair's dz added in acc_t first: exact for a constant
+// dz as in seg_reduce), dz * (x - mean) in acc_t.
+template <typename acc_t>
+struct GradAcc {
+  using vec = typename Vec<acc_t>::type;
+  WideVec lo = {}, hi = {};
+  vec b0 = {}, b1 = {};
+  merge_t ta = 0;
+  acc_t tb = 0;
+  merge_t dz() const {
+    return hsum<merge_t>(lo + hi) + ta;
+  }
+  acc_t dz_xmu() const {
+    return hsum<acc_t>(b0 + b1) + tb;
+  }
+};
+
+template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut, typename Co>
+inline void run_act_reduce(const GradRun<scalar_t, acc_t, A, Res, FromOut, Co>& g, int64_t len, GradAcc<acc_t>& sums) {
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::W;
+  GradAcc<acc_t> s = sums;  // a local copy (see seg_moments)
+  run_map<acc_t>(
+      len,
+      [&](int64_t i) {
+        vec d0, d1, m0, m1;
+        g.vec_terms(i, d0, m0);
+        g.vec_terms(i + W, d1, m1);
+        wide_add<acc_t>(s.lo, s.hi, d0 + d1);
+        s.b0 += d0 * m0;
+        s.b1 += d1 * m1;
+      },
+      [&](int64_t i) {
+        vec d, m;
+        g.vec_terms(i, d, m);
+        wide_add<acc_t>(s.lo, s.hi, d);
+        s.b0 += d * m;
+      },
+      [&](int64_t i) {
+        acc_t d, m;
+        g.one_terms(i, d, m);
+        s.ta += d;
+        s.tb += d * m;
+      });
+  sums = s;
+}
+
+// The same over channels-last rows, per lane: a (merge_t lanes, see wide_lane_add), b.
+template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut, typename Co>
+inline void run_act_reduce_lanes(
+    const GradRun<scalar_t, acc_t, A, Res, FromOut, Co>& g, int64_t len, merge_t* a, acc_t* b) {
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::W;
+  auto one_vec = [&](int64_t i) {
+    vec d, m;
+    g.vec_terms(i, d, m);
+    wide_lane_add<acc_t>(a + i, d);
+    lane_add(b + i, d * m);
+  };
+  run_map<acc_t>(
+      len,
+      [&](int64_t i) {
+        one_vec(i);
+        one_vec(i + W);
+      },
+      one_vec,
+      [&](int64_t i) {
+        acc_t d, m;
+        g.one_terms(i, d, m);
+        a[i] += d;
+        b[i] += d * m;
+      });
+}
+
+// dx (and dr = dz) of one run.
+template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut, bool NT, typename Co>
+inline void run_act_backward(const GradRun<scalar_t, acc_t, A, Res, FromOut, Co>& g, scalar_t* dx, scalar_t* dr, int64_t len) {
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::W;
+  const Co& co = g.co;
+  auto f = [&](int64_t i, vec& d) {
+    vec m;
+    g.vec_terms(i, d, m);
+    return backward_elemt(d, m, vec{}, co.at(kMeanDz, i), co.at(kK, i), co.at(kA, i));
+  };
+  run_map<acc_t>(
+      len,
+      [&](int64_t i) {
+        vec d0, d1;
+        const vec v0 = f(i, d0), v1 = f(i + W, d1);
+        vstore2<scalar_t, acc_t, NT>(dx + i, v0, v1);
+        if constexpr (Res) {
+          vstore2<scalar_t, acc_t, NT>(dr + i, d0, d1);
+        }
+      },
+      [&](int64_t i) {
+        vec d;
+        vstore<scalar_t, acc_t, NT && kVecIsLine<scalar_t, acc_t>>(dx + i, f(i, d));
+        if constexpr (Res) {
+          vstore<scalar_t, acc_t, NT && kVecIsLine<scalar_t, acc_t>>(dr + i, d);
+        }
+      },
+      [&](int64_t i) {
+        acc_t d, m;
+        g.one_terms(i, d, m);
+        store<scalar_t, acc_t>(
+            dx, i, backward_elemt(d, m, acc_t(0), co.one(kMeanDz, i), co.one(kK, i), co.one(kA, i)));
+        if constexpr (Res) {
+          store<scalar_t, acc_t>(dr, i, d);
+        }
+      });
+}
+
+// The sums of block j (BlockPlan) of NCHW channel c.
+template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut>
+inline GradSums act_block_sums(
+    const scalar_t* dy, const scalar_t* s, const scalar_t* r, const Layout& l, const BlockPlan& plan, int64_t c,
+    int64_t j, const SplatCoeffs<acc_t, kGradCoeffs>& co, acc_t p) {
+  using Run = GradRun<scalar_t, acc_t, A, Res, FromOut, SplatCoeffs<acc_t, kGradCoeffs>>;
+  int64_t n0, n1, h0, h1;
+  plan.range(l, j, n0, n1, h0, h1);
+  GradAcc<acc_t> acc;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t o = (n * l.C + c) * l.HxW + h0;
+    run_act_reduce(Run{dy + o, s + o, opt_at(r, o), co, p}, h1 - h0, acc);
+  }
+  return {acc.dz(), static_cast<merge_t>(acc.dz_xmu())};
+}
+
+// A channel's block sums added in block order.
+inline GradSums merge_blocks(const GradSums* part, int64_t nblocks) {
+  merge_t a = 0, b = 0;
+  for (int64_t j = 0; j < nblocks; ++j) {
+    a += part[j].dy;
+    b += part[j].dy_xmu;
+  }
+  return {a, b};
+}
+
+// The sums of every channel: NCHW by (block, channel) tasks over BlockPlan's blocks, merged in
+// block order; channels-last by RowPlan's chunks, merged in chunk order (as backward_reduce_sums).
+template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut>
+void act_reduce_sums(
+    const scalar_t* dy, const scalar_t* s, const scalar_t* r, const Layout& l, const acc_t* const* arrays, acc_t p,
+    GradSums* sums) {
+  const int64_t C = l.C;
+  if (l.channels_last) {
+    const RowPlan plan(l, sizeof(scalar_t));
+    const LaneBuffers<acc_t, kGradCoeffs> co(arrays, C, plan.k);
+    using Run = GradRun<scalar_t, acc_t, A, Res, FromOut, LaneCoeffs<acc_t, kGradCoeffs>>;
+    Buffer<merge_t> pa(plan.nchunks * C), pb(plan.nchunks * C);
+    at::parallel_for(0, plan.nchunks, plan.chunk_grain(), [&](int64_t begin, int64_t end) {
+      Buffer<merge_t> a(plan.P);
+      Buffer<acc_t> b(plan.P), tb(C);
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t r0 = q * plan.rows_per_chunk, r1 = r0 + plan.chunk_rows(q);
+        std::fill(a.p, a.p + plan.P, merge_t(0));
+        std::fill(b.p, b.p + plan.P, acc_t(0));
+        for_super_rows(plan, r0, r1, [&](int64_t off, int64_t nrows, int64_t width) {
+          for (int64_t row = 0; row < nrows; ++row) {
+            const int64_t o = off + row * width;
+            run_act_reduce_lanes(Run{dy + o, s + o, opt_at(r, o), co.lanes, p}, width, a.p, b.p);
+          }
+        });
+        fold(a.p, C, plan.k, pa.p + q * C);
+        fold(b.p, C, plan.k, tb.p);
+        for (int64_t c = 0; c < C; ++c) {
+          pb.p[q * C + c] = tb.p[c];
+        }
+      }
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      merge_t sa = 0, sb = 0;
+      for (int64_t q = 0; q < plan.nchunks; ++q) {
+        sa += pa.p[q * C + c];
+        sb += pb.p[q * C + c];
+      }
+      sums[c] = {sa, sb};
+    }
+    return;
+  }
+  const BlockPlan plan(l);
+  Buffer<GradSums> part(C * plan.nblocks);
+  at::parallel_for(0, C * plan.nblocks, plan.task_grain(l), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t j = t / C, c = t % C;
+      part.p[c * plan.nblocks + j] =
+          act_block_sums<scalar_t, acc_t, A, Res, FromOut>(dy, s, r, l, plan, c, j, SplatCoeffs<acc_t, kGradCoeffs>(arrays, c), p);
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    sums[c] = merge_blocks(part.p + c * plan.nblocks, plan.nblocks);
+  }
+}
+
+// The elementwise pass: dx, and dr where a residual is given.
+template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut>
+void act_backward_elemt(
+    const scalar_t* dy, const scalar_t* s, const scalar_t* r, scalar_t* dx, scalar_t* dr, const Layout& l,
+    const acc_t* const* arrays, acc_t p) {
+  const int64_t passes = 3 + (Res ? 2 : 0);
+  const bool dr_aligned = !Res || store_aligned(dr);
+  if (l.channels_last) {
+    const RowPlan plan(l, sizeof(scalar_t));
+    const LaneBuffers<acc_t, kGradCoeffs> co(arrays, l.C, plan.k);
+    using Run = GradRun<scalar_t, acc_t, A, Res, FromOut, LaneCoeffs<acc_t, kGradCoeffs>>;
+    const bool nt = dr_aligned && stream_rows<scalar_t, acc_t>(dx, l, plan, passes);
+    for_super_rows_all(plan, nt, [&](auto nt_c, int64_t off, int64_t len) {
+      run_act_backward<scalar_t, acc_t, A, Res, FromOut, nt_c.value>(
+          Run{dy + off, s + off, opt_at(r, off), co.lanes, p}, dx + off, opt_at(dr, off), len);
+    });
+    return;
+  }
+  using Run = GradRun<scalar_t, acc_t, A, Res, FromOut, SplatCoeffs<acc_t, kGradCoeffs>>;
+  for_planes(l, dr_aligned && stream_planes(dx, l, passes), [&](auto nt, int64_t off, int64_t len, int64_t c) {
+    const SplatCoeffs<acc_t, kGradCoeffs> co(arrays, c);
+    run_act_backward<scalar_t, acc_t, A, Res, FromOut, nt.value>(Run{dy + off, s + off, opt_at(r, off), co, p}, dx + off, opt_at(dr, off), len);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The op kernels.
+
+template <typename scalar_t, typename acc_t>
+void act_affine_dispatch(
+    const scalar_t* x, const scalar_t* r, scalar_t* y, const Layout& l, const acc_t* pivot, const acc_t* scale,
+    const acc_t* shift, int64_t act, acc_t p) {
+  with_act(act, [&](auto a) {
+    with_constant(r != nullptr, [&](auto res) {
+      act_affine_kernel<scalar_t, acc_t, decltype(a)::value, res.value>(x, r, y, l, pivot, scale, shift, p);
+    });
+  });
+}
+
+// Training forward: the statistics of forward_kernel (channel_stats, finished per channel by
+// forward_channel_coeffs: the same mean, invstd and var bits), then one act_affine pass.
+template <typename scalar_t, typename acc_t>
+void act_forward_kernel(
+    const scalar_t* x, const scalar_t* r, scalar_t* y, const Layout& l, const acc_t* weight, const acc_t* bias,
+    double eps, acc_t* mean_out, acc_t* invstd_out, acc_t* var_out, int64_t act, acc_t p) {
+  const int64_t C = l.C;
+  auto finish = [&](int64_t c, acc_t pivot, merge_t mean, merge_t var_m) {
+    return forward_channel_coeffs(c, pivot, mean, var_m, weight, bias, eps, mean_out, invstd_out, var_out);
+  };
+  if (fused_channel_forward<scalar_t>(l)) {
+    // Per channel group: statistics, then the pass while the group is still in L2 (as forward_kernel).
+    const BlockPlan plan(l);
+    with_act(act, [&](auto a) {
+      with_constant(r != nullptr, [&](auto res) {
+        const bool stream = stream_planes(y, l, res.value ? 3 : 2);
+        for_channel_groups<scalar_t>(l, stream, 1, [&](auto nt, int64_t c0, int64_t G) {
+          NormalizeCoeffs<acc_t> k[kMaxGroup];
+          group_forward_coeffs<scalar_t, acc_t>(x, l, plan, c0, G, finish, k);
+          group_planes(l, c0, G, [&](int64_t off, int64_t g) {
+            run_act_affine<scalar_t, acc_t, decltype(a)::value, res.value, nt.value>(
+                x + off, opt_at(r, off), y + off, l.HxW, SplatCoeffs<acc_t, kFwdCoeffs>(k[g]), p);
+          });
+        });
+      });
+    });
+    return;
+  }
+  ChannelStats<acc_t> st(C);
+  channel_stats<scalar_t, acc_t>(x, l, st);
+  Buffer<acc_t> pivot(C), scale(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const auto k = finish(c, st.pivot.p[c], st.mean.p[c], st.var.p[c]);
+    pivot.p[c] = k.pivot;
+    scale.p[c] = k.scale;
+    shift.p[c] = k.shift;
+  }
+  act_affine_dispatch<scalar_t, acc_t>(x, r, y, l, pivot.p, scale.p, shift.p, act, p);
+}
+
+template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut>
+void act_backward_impl(
+    const scalar_t* dy, const scalar_t* s, const scalar_t* r, scalar_t* dx, scalar_t* dr, const Layout& l,
+    const acc_t* weight, const acc_t* bias, const acc_t* mean, const acc_t* invstd, acc_t* sum_dz, acc_t* sum_dz_xmu,
+    acc_t p) {
+  const int64_t C = l.C;
+  Buffer<acc_t> scale(C), inv_scale(C), mean_dz(C), k(C), a(C);
+  for (int64_t c = 0; c < C; ++c) {
+    scale.p[c] = invstd[c] * weight[c];  // normalize_coeffs' scale
+    inv_scale.p[c] = scale.p[c] != acc_t(0) ? acc_t(1) / scale.p[c] : acc_t(0);
+  }
+  const acc_t* arrays[kGradCoeffs] = {mean, scale.p, bias, inv_scale.p, mean_dz.p, k.p, a.p};
+  auto coeffs = [&](int64_t c, const GradSums& sc) {
+    const BackwardCoeffs<acc_t> bc = fused_backward_coeffs(l, c, weight, mean, invstd, sc, sum_dz, sum_dz_xmu);
+    mean_dz.p[c] = bc.mean_dy;
+    k.p[c] = bc.k;
+    a.p[c] = bc.a;
+  };
+  if (!l.channels_last && fused_channel_backward<scalar_t>(l)) {
+    // Per channel group: the sums (the blocks of act_reduce_sums, merged in the same order: the
+    // same bits), then dx while the group's (dy, saved) are still in L2 (as backward_kernel).
+    const BlockPlan plan(l);
+    const bool stream = (!Res || store_aligned(dr)) && stream_planes(dx, l, Res ? 5 : 3);
+    using Run = GradRun<scalar_t, acc_t, A, Res, FromOut, SplatCoeffs<acc_t, kGradCoeffs>>;
+    const int64_t grain = std::max<int64_t>(1, channel_grain(l) / channel_group<scalar_t>(l) / 2);
+    for_channel_groups<scalar_t>(l, stream, grain, [&](auto nt, int64_t c0, int64_t G) {
+      for (int64_t c = c0; c < c0 + G; ++c) {
+        const SplatCoeffs<acc_t, kGradCoeffs> co(arrays, c);
+        merge_t sa = 0, sb = 0;
+        for (int64_t j = 0; j < plan.nblocks; ++j) {
+          const GradSums b = act_block_sums<scalar_t, acc_t, A, Res, FromOut>(dy, s, r, l, plan, c, j, co, p);
+          sa += b.dy;
+          sb += b.dy_xmu;
+        }
+        coeffs(c, GradSums{sa, sb});
+      }
+      group_planes(l, c0, G, [&](int64_t off, int64_t g) {
+        const SplatCoeffs<acc_t, kGradCoeffs> co(arrays, c0 + g);
+        run_act_backward<scalar_t, acc_t, A, Res, FromOut, nt.value>(
+            Run{dy + off, s + off, opt_at(r, off), co, p}, dx + off, opt_at(dr, off), l.HxW);
+      });
+    });
+    return;
+  }
+  Buffer<GradSums> sums(C);
+  act_reduce_sums<scalar_t, acc_t, A, Res, FromOut>(dy, s, r, l, arrays, p, sums.p);
+  for (int64_t c = 0; c < C; ++c) {
+    coeffs(c, sums.p[c]);
+  }
+  act_backward_elemt<scalar_t, acc_t, A, Res, FromOut>(dy, s, r, dx, dr, l, arrays, p);
+}
+
+template <typename scalar_t, typename acc_t>
+void act_backward_kernel(
+    const scalar_t* dy, const scalar_t* s, const scalar_t* r, scalar_t* dx, scalar_t* dr, const Layout& l,
+    const acc_t* weight, const acc_t* bias, const acc_t* mean, const acc_t* invstd, acc_t* sum_dz, acc_t* sum_dz_xmu,
+    int64_t act, acc_t p, bool from_output) {
+  with_constant(r != nullptr, [&](auto res) {
+    auto run = [&](auto a, auto from_out) {
+      act_backward_impl<scalar_t, acc_t, decltype(a)::value, res.value, from_out.value>(
+          dy, s, r, dx, dr, l, weight, bias, mean, invstd, sum_dz, sum_dz_xmu, p);
+    };
+    if (from_output) {
+      with_invertible_act(act, [&](auto a) { run(a, std::true_type()); });
+    } else {
+      with_act(act, [&](auto a) { run(a, std::false_type()); });
+    }
+  });
+}
+
+}  // namespace BNEXT_CPU_ISA_NS
+}  // namespace cpu
+}  // namespace bnext
