@@ -5,7 +5,9 @@ For every kernel of every architecture embedded in the built extension (bnext/_C
   * registers per thread, stack and local memory (cuobjdump --dump-resource-usage); any local
     memory means register spills (or a local array) and fails the check;
   * the vectorized elementwise kernels (elementwise_vec_kernel) must load and store with 128-bit
-    global accesses (LDG.E.128 / STG.E.128) inside a loop (a backward branch spans them) in SASS.
+    global accesses (LDG.E.128 / STG.E.128) inside a loop (a backward branch spans them) in SASS,
+    at least one per tensor the op reads and writes (VECTOR_TENSORS: the residual of the fused
+    activation ops, their dz, as well as x and y).
 
 cuobjdump and nvdisasm come from the toolkit or from the pinned PyPI wheels nvidia-cuda-cuobjdump
 and nvidia-cuda-nvdisasm (requirements.txt). Exit status 0 when every check passes; the table is
@@ -25,6 +27,14 @@ from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VECTOR_KERNELS = ("elementwise_vec_kernel",)
+# Tensors read and written per element by each elementwise op (batch_norm_kernels.cuh, kInputs and
+# kOutputs): that many 128-bit loads and stores at least in the vectorized main loop.
+VECTOR_TENSORS = {
+    "NormalizeOp": (1, 1),
+    "BackwardElemtOp": (2, 1),
+    "ActNormalizeOp": (2, 1),  # x, residual -> y
+    "ActBackwardElemtOp": (3, 2),  # dy, saved, residual -> dx, grad_residual
+}
 
 
 def find_tool(name):
@@ -102,7 +112,7 @@ def sass_functions(cuobjdump, nvdisasm, lib):
 
 
 def wide_access_in_loop(lines, opcode):
-    """True when some `opcode` instruction lies between a backward branch and its target."""
+    """(how many `opcode` instructions lie between a backward branch and its target, how many in all)."""
     addr = lambda line: int(re.match(r"\s*/\*([0-9a-f]+)\*/", line).group(1), 16)
     wide = [addr(l) for l in lines if re.search(rf"\b{re.escape(opcode)}\b", l)]
     back_edges = []
@@ -112,7 +122,13 @@ def wide_access_in_loop(lines, opcode):
             src, dst = addr(l), int(m.group(1), 16)
             if dst < src:
                 back_edges.append((dst, src))
-    return any(dst <= a <= src for a in wide for dst, src in back_edges), len(wide)
+    return sum(any(dst <= a <= src for dst, src in back_edges) for a in wide), len(wide)
+
+
+def vector_op(short_name):
+    """'elementwise_vec_kernel<ActNormalizeOp<float>, float, int>' -> 'ActNormalizeOp'."""
+    m = re.search(r"elementwise_vec_kernel<(\w+)", short_name)
+    return m.group(1) if m else None
 
 
 def main():
@@ -147,13 +163,20 @@ def main():
     for (arch, fn), lines in sorted(vec, key=lambda kv: (short(names[kv[0][1]]), kv[0][0])):
         ld_loop, n_ld = wide_access_in_loop(lines, "LDG.E.128")
         st_loop, n_st = wide_access_in_loop(lines, "STG.E.128")
-        ok = ld_loop and st_loop
-        print(f"{arch:7} LDG.E.128 x{n_ld} STG.E.128 x{n_st} in loop: {'yes' if ok else 'NO'}  {short(names[fn])}")
+        op = vector_op(short(names[fn]))
+        need_ld, need_st = VECTOR_TENSORS.get(op, (1, 1))
+        ok = ld_loop >= need_ld and st_loop >= need_st
+        print(
+            f"{arch:7} LDG.E.128 x{n_ld} ({ld_loop} in loop, need {need_ld}) STG.E.128 x{n_st} ({st_loop} in loop, "
+            f"need {need_st}): {'ok' if ok else 'NO'}  {short(names[fn])}"
+        )
         for r in results:
             if r["arch"] == arch and r["kernel"] == names[fn]:
-                r.update({"ldg128": n_ld, "stg128": n_st, "wide_in_loop": ok})
-        if not ok:
-            failures.append(f"{arch} {short(names[fn])}: main loop lacks 128-bit global loads/stores")
+                r.update({"ldg128": n_ld, "stg128": n_st, "ldg128_in_loop": ld_loop, "stg128_in_loop": st_loop, "wide_in_loop": ok})
+        if op not in VECTOR_TENSORS:
+            failures.append(f"{arch} {short(names[fn])}: elementwise op {op} missing from VECTOR_TENSORS")
+        elif not ok:
+            failures.append(f"{arch} {short(names[fn])}: main loop lacks a 128-bit global load/store per tensor")
 
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -164,7 +187,7 @@ def main():
     if failures:
         print("FAILED:\n  " + "\n  ".join(failures))
         return 1
-    print("OK: no spills, 128-bit accesses in every vectorized main loop")
+    print("OK: no spills, 128-bit accesses to every tensor in every vectorized main loop")
     return 0
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import bnext
+from bnext._ops.conventions import ACTIVATIONS
 from conftest import OPS
 
 BUILT_WITH_CUDA = bnext.build_info()["cuda"]
@@ -34,6 +35,7 @@ def _args(op, x, acc, gen_device="cpu"):
     w, b, mean, invstd = vec(), vec(), vec(), vec(positive=True)
     dy = torch.empty_like(x).copy_(torch.randn(x.shape, generator=g, dtype=torch.float64))
     running_var = vec(positive=True)
+    residual = torch.empty_like(x).copy_(torch.randn(x.shape, generator=g, dtype=torch.float64))
     return {
         "batch_norm_stats": (x,),
         "batch_norm_elemt": (x, w, b, mean, invstd),
@@ -42,6 +44,9 @@ def _args(op, x, acc, gen_device="cpu"):
         "batch_norm_backward_reduce": (dy, x, mean, invstd),
         "batch_norm_backward_elemt": (dy, x, mean, invstd, w, vec(), vec()),
         "batch_norm_backward": (dy, x, w, mean, invstd),
+        "batch_norm_act_forward": (x, w, b, residual, 1e-5, ACTIVATIONS["silu"], 0.0),
+        "batch_norm_act_eval": (x, w, b, mean, running_var, residual, 1e-5, ACTIVATIONS["leaky_relu"], 0.1),
+        "batch_norm_act_backward": (dy, x, residual, w, b, mean, invstd, ACTIVATIONS["elu"], 0.7, False),
     }[op]
 
 
@@ -74,6 +79,69 @@ def test_cuda_matches_cpu(op, dtype, shape, fmt):
     for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
         assert g.device.type == "cuda" and g.dtype == w.dtype and g.stride() == w.stride()
         torch.testing.assert_close(g.cpu().double(), w.double(), rtol=tol, atol=tol)
+
+
+# Every activation; residual absent and given; the memory-saving backward for the invertible ones.
+ACT_VARIANTS = [("identity", 0.0), ("relu", 0.0), ("leaky_relu", 0.1), ("elu", 0.7), ("silu", 0.0), ("hardswish", 0.0)]
+
+
+@gpu
+@pytest.mark.parametrize("act,param", ACT_VARIANTS)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape,fmt", [SHAPES[0], SHAPES[2], SHAPES[4], SHAPES[6]])
+def test_cuda_act_ops_match_cpu(act, param, with_residual, dtype, shape, fmt):
+    """The fused BN + activation (+ residual) ops on the GPU against bnext's CPU kernels: forward,
+    eval, backward from the input and (invertible activations) from the output."""
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(dtype).contiguous(memory_format=fmt)
+    C = shape[1]
+    w = torch.randn(C, dtype=torch.float64)
+    w[0] = 0.0
+    w, b = w.float(), torch.randn(C).float()
+    r = torch.randn(shape).to(dtype).contiguous(memory_format=fmt) if with_residual else None
+    dy = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
+    rm, rv = torch.randn(C), torch.rand(C) + 0.5
+    code = ACTIVATIONS[act]
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2}[dtype]
+
+    def both(op, *args):
+        want = getattr(torch.ops.bnext, op)(*args)
+        got = getattr(torch.ops.bnext, op)(*_to_cuda(args))
+        want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+        for g, w_ in zip(got, want):
+            assert g.device.type == "cuda" and g.dtype == w_.dtype and g.shape == w_.shape
+            if g.numel():
+                assert g.stride() == w_.stride()
+                torch.testing.assert_close(g.cpu().double(), w_.double(), rtol=tol, atol=tol)
+        return want
+
+    y, mean, invstd, _ = both("batch_norm_act_forward", x, w, b, r, 1e-5, code, param)
+    both("batch_norm_act_eval", x, w, b, rm, rv, r, 1e-5, code, param)
+    both("batch_norm_act_backward", dy, x, r, w, b, mean, invstd, code, param, False)
+    if act in ("identity", "leaky_relu", "elu"):
+        # Channel 0 (weight 0) is a don't-care of the memory-saving mode: compare the others.
+        args = (dy, y, r, w, b, mean, invstd, code, param, True)
+        want = torch.ops.bnext.batch_norm_act_backward(*args)
+        got = torch.ops.bnext.batch_norm_act_backward(*_to_cuda(args))
+        torch.testing.assert_close(got[0].cpu()[:, 1:].double(), want[0][:, 1:].double(), rtol=10 * tol, atol=10 * tol)
+        torch.testing.assert_close(got[2].cpu()[1:], want[2][1:], rtol=10 * tol, atol=10 * tol)
+        torch.testing.assert_close(got[3].cpu()[1:], want[3][1:], rtol=10 * tol, atol=10 * tol)
+
+
+@gpu
+def test_cuda_act_bitwise_deterministic():
+    x = torch.randn(2, 3, 300, 300, device="cuda")
+    r, dy = torch.randn_like(x), torch.randn_like(x)
+    w, b = torch.randn(3, device="cuda"), torch.randn(3, device="cuda")
+
+    def run():
+        fwd = torch.ops.bnext.batch_norm_act_forward(x, w, b, r, 1e-5, ACTIVATIONS["silu"], 0.0)
+        return fwd + torch.ops.bnext.batch_norm_act_backward(dy, x, r, w, b, fwd[1], fwd[2], ACTIVATIONS["silu"], 0.0, False)
+
+    first = run()
+    for _ in range(3):
+        for a, b_ in zip(first, run()):
+            assert torch.equal(a, b_)
 
 
 @gpu
