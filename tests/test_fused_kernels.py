@@ -353,7 +353,7 @@ def test_bad_arguments_raise_torch_exception_types():
     ops = torch.ops.bnext
     x = torch.randn(2, 3, 4, 4)
     w, b, m, s = torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3)
-    with pytest.raises(ValueError, match="activation must be an activation code 0 .. 5.*got 6"):
+    with pytest.raises(ValueError, match="activation must be an activation code from 0 to 5.*got 6"):
         ops.batch_norm_act_forward(x, w, b, None, EPS, 6, 0.0)
     with pytest.raises(ValueError, match="activation must be .*got -1"):
         ops.batch_norm_act_eval(x, w, b, m, s, None, EPS, -1, 0.0)
