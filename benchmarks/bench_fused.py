@@ -230,7 +230,7 @@ def model_variants(name, layout, compile_modes):
     out = {}
     for impl, m in variants.items():
         out[(impl, "eager")] = m
-        if "compiled" in compile_modes:
+        if "compiled" in compile_modes and impl != "convert_model":
             out[(impl, "compiled")] = torch.compile(m)
     return out
 
@@ -288,12 +288,13 @@ def model_table(rows):
     for r in rows:
         groups.setdefault((r["model"], r["dtype"], r["layout"], r["phase"], r["mode"]), {})[r["impl"]] = r
     for (model, dtype, layout, phase, mode), g in groups.items():
-        t, c, f = (g[i]["median_s"] for i in ("torch", "convert_model", "fuse_model"))
+        t, f = g["torch"]["median_s"], g["fuse_model"]["median_s"]
+        c = f"{g['convert_model']['median_s'] * 1e3:9.1f}" if "convert_model" in g else " " * 9
         mem = ""
         if g["torch"]["saved_bytes"]:
             mem = f"{g['torch']['saved_bytes'] / 2**20:8.1f} / {g['fuse_model']['saved_bytes'] / 2**20:8.1f}"
         lines.append(f"{model:<20} {dtype:<9} {layout:<13} {phase:<11} {mode:<9} "
-                     f"{t * 1e3:9.1f} {c * 1e3:9.1f} {f * 1e3:9.1f} {t / f:7.2f} {mem:>20}")
+                     f"{t * 1e3:9.1f} {c} {f * 1e3:9.1f} {t / f:7.2f} {mem:>20}")
     return "\n".join(lines)
 
 
@@ -335,11 +336,12 @@ def fused_markdown(result):
         for r in result["models"]:
             groups.setdefault((r["model"], r["dtype"], r["layout"], r["phase"], r["mode"]), {})[r["impl"]] = r
         for (model, dtype, layout, phase, mode), g in groups.items():
-            t, c, f = (g[i]["median_s"] for i in ("torch", "convert_model", "fuse_model"))
+            t, f = g["torch"]["median_s"], g["fuse_model"]["median_s"]
+            c = f"{g['convert_model']['median_s'] * 1e3:.1f}" if "convert_model" in g else ""
             mem = ""
             if g["torch"]["saved_bytes"]:
                 mem = f"{g['torch']['saved_bytes'] / 2**20:.1f} / {g['fuse_model']['saved_bytes'] / 2**20:.1f}"
-            lines.append(f"| {model} | {dtype} | {layout} | {phase} | {mode} | {t * 1e3:.1f} | {c * 1e3:.1f} | "
+            lines.append(f"| {model} | {dtype} | {layout} | {phase} | {mode} | {t * 1e3:.1f} | {c} | "
                          f"{f * 1e3:.1f} | {t / f:.2f} | {mem} |")
     if result.get("layers"):
         lines += ["", "## Layers: every case", "",
@@ -369,6 +371,8 @@ def main(argv=None):
     p.add_argument("--model-batch", type=int, default=16)
     p.add_argument("--model-resolution", type=int, default=128)
     p.add_argument("--model-rounds", type=int, default=5)
+    p.add_argument("--model-dtypes", default=None, help="default: --dtypes")
+    p.add_argument("--model-layouts", default=None, help="default: --layouts")
     p.add_argument("--model-compile", default="resnet50:float32:channels_last",
                    help="model:dtype:layout groups that also run compiled ('all', or 'none')")
     p.add_argument("--out", default=os.path.join(HERE, "results", "fused.json"))
@@ -401,8 +405,8 @@ def main(argv=None):
         models = ["resnet18"] if args.quick else args.models.split(",")
         mrows = []
         for name in models:
-            for dt in dtype_names:
-                for layout in layouts:
+            for dt in (args.model_dtypes or args.dtypes).split(","):
+                for layout in (args.model_layouts or args.layouts).split(","):
                     spec = f"{name}:{dt}:{layout}"
                     compiled = args.model_compile == "all" or spec in args.model_compile.split(",")
                     modes = ("eager", "compiled") if compiled and not args.no_compile else ("eager",)

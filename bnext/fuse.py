@@ -96,14 +96,12 @@ def _is_add(node) -> bool:
     return node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2 and not node.kwargs
 
 
-def _fused_layer(bn: nn.Module, activation: str, kwargs: dict) -> nn.Module:
-    """A fused layer in place of `bn`, sharing its parameters and buffers."""
-    cls = _FUSED[type(bn)]
+def _fused_layer(bn: nn.Module, activation: str, kwargs: dict, cls=None) -> nn.Module:
+    """A fused layer (`cls`, by default the one of bn's class) in place of `bn`, sharing its
+    parameters and buffers."""
+    cls = cls or _FUSED[type(bn)]
     out = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, activation=activation, **kwargs)
-    out._parameters = bn._parameters
-    out._buffers = bn._buffers
-    out.training = bn.training
-    out.to(next(iter(bn.buffers()), torch.empty(0)).device)
+    out._parameters, out._buffers, out.training = bn._parameters, bn._buffers, bn.training
     return out
 
 
@@ -120,12 +118,8 @@ def _replace_timm_layers(model: nn.Module, prefix: str, fused: List[str]) -> nn.
             and _module_activation(child.act) is not None
         ):
             activation, kwargs = _module_activation(child.act)
-            layer = BatchNormAct2d(
-                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
-                activation=activation, **kwargs,
-            )
-            layer._parameters, layer._buffers, layer.training = child._parameters, child._buffers, child.training
-            setattr(model, name, layer)
+            # In place: such a layer is the fused layer's equivalent.
+            setattr(model, name, _fused_layer(child, activation, kwargs, BatchNormAct2d))
             fused.append(f"{path} ({activation})")
         else:
             _replace_timm_layers(child, path + ".", fused)

@@ -445,3 +445,26 @@ def test_composites_are_the_reference():
             want = fused_ops.backward_composite(dy, saved, r, w, b, out[1], out[2], code, p, from_output)
             for o, c in zip(got, want):
                 torch.testing.assert_close(o, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_memory_saving_elu_where_it_saturates(dtype):
+    """A channel driven far below 0: elu's output is exactly -alpha there, whose inverse would be
+    -inf. The gradients stay finite and match the input-saving layer (dz is 0 at those values)."""
+    torch.manual_seed(16)
+    saving = bnext.BatchNormAct2d(3, activation="elu", memory_saving=True)
+    plain = bnext.BatchNormAct2d(3, activation="elu")
+    with torch.no_grad():
+        for m in (saving, plain):
+            m.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+            m.bias.copy_(torch.tensor([0.0, -30.0, 0.3]))  # channel 1: z about -30 +- 2
+    x = torch.randn(4, 3, 6, 6).to(dtype)
+    g = torch.randn(4, 3, 6, 6).to(dtype)
+    grads = []
+    for m in (saving, plain):
+        xi = x.clone().requires_grad_()
+        m(xi).backward(g)
+        grads.append((xi.grad.float(), m.weight.grad.clone(), m.bias.grad.clone()))
+    for a, b in zip(*grads):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, **tol(dtype))

@@ -84,7 +84,8 @@ def act_inverse(y, activation, param):
     if name == "leaky_relu":
         return torch.where(y > 0, y, y / param)
     if name == "elu":
-        return torch.where(y > 0, y, torch.log1p(y / param))
+        # The argument kept above -1 where elu saturated (csrc/common/act.h elu_inverse_arg).
+        return torch.where(y > 0, y, torch.log1p((y / param).clamp_min(-1 + torch.finfo(y.dtype).eps)))
     return y
 
 

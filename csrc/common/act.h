@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "math.h"
 
@@ -103,13 +104,24 @@ BNEXT_HOST_DEVICE T act_derivative(Act a, T z, T p) {
 
 // Memory-saving backward, invertible activations only (act_invertible): z from y, and act'(z)
 // from y (elu: alpha * exp(z) = y + alpha for y <= 0, as torch's in-place elu backward computes it).
+// The argument of elu's inverse log1p(y / alpha), kept above -1: elu saturates, y = alpha *
+// expm1(z) is exactly -alpha for z below about log(eps) (z < -17 in float32, about -6 once stored
+// in bfloat16), and log1p(-1) = -inf would make x - mean infinite and the channel's sums NaN. There
+// act' = y + alpha is 0 (so dz is 0); the recovered z is log1p(-1 + eps) instead of the true one,
+// and x - mean is off by that difference over weight * invstd at those values only.
+template <typename T>
+BNEXT_HOST_DEVICE T elu_inverse_arg(T q) {
+  const T lo = T(-1) + std::numeric_limits<T>::epsilon();
+  return q < lo ? lo : q;
+}
+
 template <typename T>
 BNEXT_HOST_DEVICE T act_inverse(Act a, T y, T p) {
   switch (a) {
     case Act::kLeakyRelu:
       return y > T(0) ? y : y / p;
     case Act::kElu:
-      return y > T(0) ? y : act_log1p(y / p);
+      return y > T(0) ? y : act_log1p(elu_inverse_arg(y / p));
     default:
       return y;
   }

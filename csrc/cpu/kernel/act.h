@@ -186,7 +186,7 @@ inline typename Vec<acc_t>::type vact_inverse(typename Vec<acc_t>::type y, acc_t
     typename Vec<acc_t>::type z = y;
     for (int64_t j = 0; j < Vec<acc_t>::W; ++j) {
       if (!(y[j] > acc_t(0))) {
-        z[j] = std::log1p(q[j]);
+        z[j] = std::log1p(elu_inverse_arg(q[j]));
       }
     }
     return z;
