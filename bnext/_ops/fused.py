@@ -121,9 +121,10 @@ def _acc(t, x):
     return None if t is None else t.to(acc_dtype(x.dtype))
 
 
-def _backward_math(elemt, bn_backward, grad_out, saved, residual, weight, bias, save_mean, save_invstd, activation, param, from_output):
+def _backward_math(elemt, bn_backward, round_dz, grad_out, saved, residual, weight, bias, save_mean, save_invstd, activation, param, from_output):
     """The backward op with BN's elementwise and backward functions `elemt`, `bn_backward` (bnext's
-    differentiable ops, or the aten decompositions)."""
+    differentiable ops, which take dz in the input's dtype: round_dz; or the aten decompositions,
+    which take it in the accumulation dtype, as the kernels keep it)."""
     dtype = acc_dtype(saved.dtype)
     if from_output:
         # z from the output, then the input it came from: x = mean + (z - bias - residual) / (w * invstd).
@@ -138,13 +139,13 @@ def _backward_math(elemt, bn_backward, grad_out, saved, residual, weight, bias, 
         x = saved
         z = _plus(elemt(x, weight, bias, save_mean, save_invstd).to(dtype), _acc(residual, x))
         deriv = act_derivative(z, activation, param)
-    dz = (grad_out.to(dtype) * deriv).to(saved.dtype)
-    dx, sum_dz, sum_dz_xmu = bn_backward(dz, x, weight, save_mean, save_invstd)
-    return dx, (dz if residual is not None else saved.new_empty(0)), sum_dz, sum_dz_xmu
+    dz = grad_out.to(dtype) * deriv
+    dx, sum_dz, sum_dz_xmu = bn_backward(dz.to(saved.dtype) if round_dz else dz, x, weight, save_mean, save_invstd)
+    return dx, (dz.to(saved.dtype) if residual is not None else saved.new_empty(0)), sum_dz, sum_dz_xmu
 
 
 def backward_composite(*args):
-    return _backward_math(ops().batch_norm_elemt, ops().batch_norm_backward, *args)
+    return _backward_math(ops().batch_norm_elemt, ops().batch_norm_backward, True, *args)
 
 
 _COMPOSITES = {
@@ -314,8 +315,15 @@ def _eval_decomposition(input, weight, bias, running_mean, running_var, residual
     return act(_plus(out, residual), activation, param)
 
 
+def _elemt_acc(x, weight, bias, mean, invstd):
+    # z in the accumulation dtype, unrounded, as the kernels recompute it.
+    scale = invstd if weight is None else _acc(weight, x) * invstd
+    z = (_acc(x, x) - _bc(mean, x)) * _bc(scale, x)
+    return z if bias is None else z + _bc(_acc(bias, x), x)
+
+
 def _backward_decomposition(*args):
-    return _backward_math(_decomp.batch_norm_elemt, _decomp.batch_norm_backward, *args)
+    return _backward_math(_elemt_acc, _decomp.batch_norm_backward, False, *args)
 
 
 DECOMPOSITIONS = {
