@@ -58,11 +58,13 @@ def test_resnet18_fuses_every_chain_and_trains_like_torch():
 
 def test_resnet50_channels_last():
     torch.manual_seed(1)
-    ref = torchvision.models.resnet50(num_classes=10).to(memory_format=torch.channels_last)
+    # float64: a 50-layer network at this small input size (layer4: 16 values per channel) amplifies
+    # float32 rounding differences past any fixed tolerance, bnext's plain BatchNorm2d's as well.
+    ref = torchvision.models.resnet50(num_classes=10).double().to(memory_format=torch.channels_last)
     fused = bnext.fuse_model(copy.deepcopy(ref))
     assert len(fused.bnext_fused) == 49  # 53 BNs, 4 downsample BNs without activation
-    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    train_step_matches(ref, fused, x, steps=1, atol=3e-4, rtol=3e-4)
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    train_step_matches(ref, fused, x, steps=1, atol=1e-8, rtol=1e-8)
 
 
 @pytest.mark.parametrize("name,expected", [("mobilenet_v3_small", {"relu", "hardswish"}), ("efficientnet_b0", {"silu"})])
