@@ -253,9 +253,6 @@ def _forward_setup(ctx, inputs, output):
     ctx.dtypes = (x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
     ctx.save_for_backward(x, weight, output[1], output[2])
     ctx.save_for_forward(x, weight, output[1], output[2])
-    # The statistics outputs usually get no gradient (the running-statistics update takes them):
-    # None then, not zeros that would cost two more passes over x in backward.
-    ctx.set_materialize_grads(False)
 
 
 def _forward_backward(ctx, g, g_mean, g_invstd, g_var):
