@@ -53,6 +53,12 @@ def _eager_route() -> bool:
     return namespace() == "bnext" and not _transformed()
 
 
+def saved_program() -> bool:
+    """A trace that becomes a saved program (torch.export, ONNX, torch.jit.trace): the layers record
+    torch's own ops there, so the program runs where bnext is not installed."""
+    return (torch.compiler.is_compiling() and torch.compiler.is_exporting()) or torch._C._get_tracing_state() is not None
+
+
 def _requires_grad(input, weight, bias) -> bool:
     return input.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
 
@@ -89,15 +95,12 @@ def batch_norm_impl(
     in once it was normalized."""
     if input.is_cuda:
         check_device(input)
-    compiling = torch.compiler.is_compiling()
-    if ((compiling and torch.compiler.is_exporting()) or torch._C._get_tracing_state() is not None) and not (
-        training and momentum is None
-    ):
+    if saved_program() and not (training and momentum is None):
         # A trace that becomes a saved program (torch.export, ONNX, torch.jit.trace): torch's op.
         return _torch_batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
         )
-    if not compiling:
+    if not torch.compiler.is_compiling():
         if training and _recomputing():
             # Checkpoint recomputation: the statistics were taken into the running ones when the
             # forward first ran; taking them again would count the batch twice.
@@ -253,8 +256,7 @@ def batch_norm_act_impl(
     if input.is_cuda:
         check_device(input)
     compiling = torch.compiler.is_compiling()
-    saved_program = (compiling and torch.compiler.is_exporting()) or torch._C._get_tracing_state() is not None
-    if saved_program or input.numel() == 0 or not _fusable_residual(input, residual):
+    if saved_program() or input.numel() == 0 or not _fusable_residual(input, residual):
         # A saved program (torch's ops, as batch_norm_impl records them), an empty batch, or a
         # residual torch's add would broadcast or promote: batch norm, add and activation apart.
         out = batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked)

@@ -508,7 +508,9 @@ def _below_autograd_keysets():
     return stack
 
 
-def _make_function(op, setup_context, backward, jvp):
+def _make_function(op, setup_context, backward, jvp=None):
+    """The Autograd kernel's Function of `op`; without `jvp`, forward AD must never reach it."""
+
     def forward(*args):
         keyset = _below_autograd_keysets()[-1]
         if _transforms_active():
@@ -522,16 +524,14 @@ def _make_function(op, setup_context, backward, jvp):
     # A single-level Function, as the autograd kernels of torch's own ops are: it runs inside the
     # dispatcher, where torch.func has already unwrapped the transform's level (vmap never reaches
     # it: the vmap rules come first), so it records one node per level like a native op does.
-    return type(
-        f"{op._schema.name.replace('::', '_')}_autograd",
-        (torch.autograd.function._SingleLevelFunction,),
-        {
-            "forward": staticmethod(forward),
-            "setup_context": staticmethod(setup_context),
-            "backward": staticmethod(backward),
-            "jvp": staticmethod(jvp),
-        },
-    )
+    methods = {
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+    }
+    if jvp is not None:
+        methods["jvp"] = staticmethod(jvp)
+    return type(f"{op._schema.name.replace('::', '_')}_autograd", (torch.autograd.function._SingleLevelFunction,), methods)
 
 
 _libraries = []  # torch.library.Library objects must outlive their registrations

@@ -245,11 +245,6 @@ def _forward_backward(ctx, g, g_mean, g_invstd, g_var):
     return d_x if nx else None, d_w, d_b, d_r, None, None, None
 
 
-def _no_jvp(ctx, *tangents):
-    # Never reached: under forward AD the op's Autograd kernel runs the composite (register()).
-    raise NotImplementedError("bnext fused ops run their composite under forward-mode AD")
-
-
 # ----------------------------------------------------------------------------------------------
 # Registration
 
@@ -273,9 +268,9 @@ def register(namespace: str) -> None:
     _libraries.append(lib)
     for name, fake in _FAKES.items():
         torch.library.register_fake(f"{namespace}::{name}", fake)
-    fn = _make_function(
-        getattr(torch.ops, namespace).batch_norm_act_forward.default, _forward_setup, _forward_backward, _no_jvp
-    )
+    # No jvp: under forward AD (and every torch.func transform) the kernel below runs the
+    # composite, whose ops carry their own forward formulas, and never reaches this Function.
+    fn = _make_function(getattr(torch.ops, namespace).batch_norm_act_forward.default, _forward_setup, _forward_backward)
     for name, composite in _COMPOSITES.items():
         op = getattr(getattr(torch.ops, namespace), name).default
         fused_backward = name == "batch_norm_act_forward"
