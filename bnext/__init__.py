@@ -5,10 +5,14 @@
     y = bnext.batch_norm(x, running_mean, running_var, weight, bias, training=True)
 
 Where things live (each module imports only the ones below it):
+    masked.py         MaskedBatchNorm1d, SyncMaskedBatchNorm: batch norm of padded sequences (mask (N, L))
+    frozen.py         FrozenBatchNorm2d, freeze_batchnorm: fixed statistics and affine parameters
     convert.py        convert_model / revert_model and the torch <-> bnext class tables
     fuse.py           fuse_model: BN -> (add ->) activation chains into fused layers
     sync.py           SyncBatchNorm, SyncBatchNormAct: statistics over a process group
     act.py            BatchNormAct1d/2d/3d: BN, residual add and activation in one layer
+    renorm.py         BatchRenorm1d/2d/3d: batch renormalization (Ioffe 2017)
+    ghost.py          GhostBatchNorm1d/2d: ghost batch norm (Hoffer 2017), statistics per virtual batch
     modules.py        BatchNorm1d/2d/3d, LazyBatchNorm1d/2d/3d: running-statistic bookkeeping
     _quantization.py  bnext layers in torch.ao.quantization (eager fusion table, FX warning)
     functional.py     batch_norm: how a call is routed (eager C++ call, composed ops, torch's op)
@@ -27,6 +31,10 @@ from ._ops.decompositions import decompositions
 from .convert import convert_model, revert_model
 from .fuse import fuse_model
 from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from .frozen import FrozenBatchNorm2d, freeze_batchnorm
+from .ghost import GhostBatchNorm1d, GhostBatchNorm2d
+from .masked import MaskedBatchNorm1d, SyncMaskedBatchNorm
+from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .functional import batch_norm, batch_norm_act
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .sync import SyncBatchNorm, SyncBatchNormAct
@@ -49,16 +57,25 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "FrozenBatchNorm2d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
+    "MaskedBatchNorm1d",
     "SyncBatchNorm",
     "SyncBatchNormAct",
+    "SyncMaskedBatchNorm",
     "batch_norm",
     "batch_norm_act",
     "build_info",
     "convert_model",
     "decompositions",
+    "freeze_batchnorm",
     "fuse_model",
     "revert_model",
 ]

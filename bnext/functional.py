@@ -42,7 +42,7 @@ def check_device(input: Tensor, name: str = "input", op: str = _NAME) -> None:
         )
 
 
-def _transformed() -> bool:
+def transformed() -> bool:
     """Forward-mode AD or a torch.func transform is active: tensors may be dual or wrapped, which
     only the Python autograd formulas of the functional ops handle."""
     return forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
@@ -50,7 +50,7 @@ def _transformed() -> bool:
 
 def _eager_route() -> bool:
     """The one-call C++ ops (outside torch.compile): calls of the real kernels with plain autograd."""
-    return namespace() == "bnext" and not _transformed()
+    return namespace() == "bnext" and not transformed()
 
 
 def saved_program() -> bool:
@@ -63,7 +63,7 @@ def _requires_grad(input, weight, bias) -> bool:
     return input.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
 
 
-def _recomputing() -> bool:
+def recomputing() -> bool:
     """The forward runs inside a backward pass: torch.utils.checkpoint recomputing it (either
     flavour). The batch was already counted when the forward first ran."""
     return torch._C._current_graph_task_id() != -1
@@ -101,7 +101,7 @@ def batch_norm_impl(
             input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
         )
     if not torch.compiler.is_compiling():
-        if training and _recomputing():
+        if training and recomputing():
             # Checkpoint recomputation: the statistics were taken into the running ones when the
             # forward first ran; taking them again would count the batch twice.
             running_mean = running_var = num_batches_tracked = None
@@ -130,6 +130,12 @@ def batch_norm_impl(
     return out
 
 
+# The masked route of batch_norm (mask=...): bnext/masked.py's masked_batch_norm_impl. masked.py
+# builds on this module, so this one cannot import it; it puts the function here when it is
+# imported (bnext/__init__.py imports it), as __init__ gives modules.py convert_model.
+masked_batch_norm_impl = None
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -139,6 +145,8 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    mask: Optional[Tensor] = None,
 ) -> Tensor:
     """Drop-in for torch.nn.functional.batch_norm (same signature, semantics and exception types).
 
@@ -146,6 +154,10 @@ def batch_norm(
     given, updates them in place: running = (1 - momentum) * running + momentum * batch (unbiased
     variance). In eval, normalizes with running_mean/running_var. Arguments are checked before
     anything is computed, so a call that raises leaves the running statistics unchanged.
+
+    mask (keyword only): a bool (N, L) tensor for (N, C, L) input, True at the real positions of
+    padded sequences; the statistics (batch and running) come from the real positions only and the
+    output is zero at the others (bnext.MaskedBatchNorm1d). None: batch norm of every position.
     """
     # The Python-level argument types torch checks, with its exceptions and words (in training
     # torch's first step is input.size(), hence the AttributeError).
@@ -158,6 +170,8 @@ def batch_norm(
         raise TypeError(f"batch_norm(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
     if momentum is None:
         raise TypeError("batch_norm(): argument 'momentum' must be float, not NoneType")
+    if mask is not None:
+        return masked_batch_norm_impl(input, mask, running_mean, running_var, weight, bias, training, momentum, eps)
     return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
@@ -265,10 +279,10 @@ def batch_norm_act_impl(
     weight, bias, code = flat(weight), flat(bias), ACTIVATIONS[activation]
     if not training:
         return ops().batch_norm_act_eval(input, weight, bias, flat(running_mean), flat(running_var), residual, eps, code, param)
-    if not compiling and _recomputing():
+    if not compiling and recomputing():
         running_mean = running_var = num_batches_tracked = None  # see batch_norm_impl
     grads = _requires_grad(input, weight, bias) or (residual is not None and residual.requires_grad)
-    if memory_saving and grads and torch.is_grad_enabled() and not _transformed():
+    if memory_saving and grads and torch.is_grad_enabled() and not transformed():
         out, mean, _invstd, var = _MemorySavingBatchNormAct.apply(input, weight, bias, residual, eps, code, param)
     else:
         out, mean, _invstd, var = ops().batch_norm_act_forward(input, weight, bias, residual, eps, code, param)

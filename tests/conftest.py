@@ -55,6 +55,23 @@ def _seed():
     torch.manual_seed(0)
 
 
+def saved_for_backward(fn, *args):
+    """(the tensors autograd saves for backward while fn(*args) runs, fn's output)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return saved, out
+
+
+def tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def assert_close(actual, expected, dtype=None, msg=""):
     dtype = dtype or expected.dtype
     tol = TOL.get(dtype, TOL[torch.float32])

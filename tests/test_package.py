@@ -162,7 +162,9 @@ def test_public_api():
     assert sorted(bnext.__all__) == sorted(
         ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
          "SyncBatchNorm", "batch_norm", "build_info", "convert_model", "decompositions", "revert_model",
-         "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "SyncBatchNormAct", "batch_norm_act", "fuse_model"]
+         "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "SyncBatchNormAct", "batch_norm_act", "fuse_model",
+         "FrozenBatchNorm2d", "freeze_batchnorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
+         "GhostBatchNorm1d", "GhostBatchNorm2d", "MaskedBatchNorm1d", "SyncMaskedBatchNorm"]
     )
     for name in bnext.__all__:
         assert getattr(bnext, name) is not None

@@ -1,0 +1,559 @@
+"""bnext.MaskedBatchNorm1d and bnext.batch_norm(..., mask=...) against the definition: torch's
+nn.BatchNorm1d (a float64 copy) on the real positions gathered into (K, C), its output and input
+gradient scattered back with zeros at the padding.
+
+Outputs, grad_input, weight/bias gradients and running statistics over several training steps,
+then eval; mask=None is bnext.BatchNorm1d exactly; dtypes, strides, gradcheck/gradgradcheck,
+torch.compile (one model), torch.func, forward AD, checkpoint, bad arguments.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp
+from torch.utils.checkpoint import checkpoint
+
+import bnext
+from bnext import masked
+from bnext.masked import MaskedBatchNorm1d
+
+F64 = dict(rtol=1e-9, atol=1e-9)
+TOL = {
+    torch.float64: F64,
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.float16: dict(rtol=1e-2, atol=2e-2),
+    torch.bfloat16: dict(rtol=5e-2, atol=1e-1),
+}
+
+
+@pytest.fixture(params=["compact", "torch_ops"])
+def route(request, monkeypatch):
+    """Each eager training route: bnext.masked._compact_route picks one from the mask's runs."""
+    monkeypatch.setattr(masked, "_compact_route", lambda runs, input: request.param == "compact")
+    return request.param
+
+
+def lengths_mask(lengths, L):
+    """(N, L) bool mask: the first lengths[n] positions of row n are real."""
+    return torch.arange(L)[None, :] < torch.as_tensor(lengths)[:, None]
+
+
+def random_mask(N, L, generator=None):
+    """Variable-length rows (at least one real position each), then a few holes inside them."""
+    lengths = torch.randint(1, L + 1, (N,), generator=generator)
+    mask = lengths_mask(lengths, L)
+    holes = torch.rand(N, L, generator=generator) < 0.1
+    mask = mask & ~holes
+    mask[:, 0] = True
+    return mask
+
+
+def make_layer(C, **kwargs):
+    layer = MaskedBatchNorm1d(C, **kwargs)
+    with torch.no_grad():
+        if layer.affine:
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+        if layer.track_running_stats:
+            layer.running_mean.uniform_(-0.5, 0.5)
+            layer.running_var.uniform_(0.5, 2)
+    return layer
+
+
+def reference_of(layer):
+    """nn.BatchNorm1d in float64 with `layer`'s parameters, buffers and flags."""
+    ref = nn.BatchNorm1d(layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats)
+    ref.load_state_dict(layer.state_dict())
+    ref.train(layer.training)
+    return ref.double()
+
+
+def reference_step(ref, x, mask, g):
+    """The definition: ref on x's real positions (K, C), scattered back. Returns (out, grad_input)
+    in float64, zero at the padding; ref's parameters get their gradients."""
+    x = x.detach().double().requires_grad_(True)
+    gathered = x.permute(0, 2, 1)[mask]  # (K, C)
+    y = ref(gathered)
+    out = torch.zeros(x.shape[0], x.shape[2], x.shape[1], dtype=torch.float64)
+    out[mask] = y
+    out = out.permute(0, 2, 1)
+    out.backward(g.double())
+    return out.detach(), x.grad
+
+
+def close(actual, expected, dtype=torch.float64):
+    torch.testing.assert_close(actual.double(), expected.double(), **TOL[dtype])
+
+
+def run_and_compare(layer, batches, dtype=torch.float32, check_grads=True):
+    """Train `layer` (and its float64 reference) on `batches` [(x, mask, g)], comparing everything
+    after each step; then eval on the last batch."""
+    ref = reference_of(layer)
+    for x, mask, g in batches:
+        x = x.to(dtype).requires_grad_(True)
+        layer.zero_grad()
+        ref.zero_grad()
+        out = layer(x, mask)
+        out.backward(g.to(dtype))
+        ref_out, ref_dx = reference_step(ref, x, mask, g.to(dtype))
+        assert out.dtype == dtype and out.shape == x.shape
+        assert torch.all(out.detach()[~mask.unsqueeze(1).expand_as(out)] == 0)
+        assert torch.all(x.grad[~mask.unsqueeze(1).expand_as(x)] == 0)
+        close(out, ref_out, dtype)
+        if check_grads:
+            close(x.grad, ref_dx, dtype)
+            if layer.affine:
+                close(layer.weight.grad, ref.weight.grad, dtype)
+                close(layer.bias.grad, ref.bias.grad, dtype)
+        if layer.track_running_stats:
+            stats = torch.float64 if dtype == torch.float64 else torch.float32  # accumulated in float32
+            close(layer.running_mean, ref.running_mean, stats)
+            close(layer.running_var, ref.running_var, stats)
+            assert int(layer.num_batches_tracked) == int(ref.num_batches_tracked)
+    layer.eval()
+    ref.eval()
+    x, mask, g = batches[-1]
+    with torch.no_grad():
+        out = layer(x.to(dtype), mask)
+        ref_out = torch.zeros(x.shape[0], x.shape[2], x.shape[1], dtype=torch.float64)
+        ref_out[mask] = ref(x.double().permute(0, 2, 1)[mask])
+    close(out, ref_out.permute(0, 2, 1), dtype)
+    assert torch.all(out[~mask.unsqueeze(1).expand_as(out)] == 0)
+
+
+def batches(N=4, C=5, L=7, steps=3, offset=3.0):
+    out = []
+    for _ in range(steps):
+        x = torch.randn(N, C, L) * 2 + offset
+        out.append((x, random_mask(N, L), torch.randn(N, C, L)))  # dy nonzero at the padding too
+    return out
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_batchnorm_on_the_real_positions(momentum, affine, dtype, route):
+    layer = make_layer(5, momentum=momentum, affine=affine).to(dtype)
+    run_and_compare(layer, batches(), dtype)
+
+
+def test_without_running_stats_uses_batch_statistics_in_eval_too(route):
+    layer = make_layer(5, track_running_stats=False)
+    x, mask, g = batches(steps=1)[0]
+    ref = reference_of(layer)
+    out = layer(x.requires_grad_(True), mask)
+    out.backward(g)
+    ref_out, ref_dx = reference_step(ref, x, mask, g)
+    close(out, ref_out, torch.float32)
+    close(x.grad, ref_dx, torch.float32)
+    layer.eval()
+    close(layer(x, mask), ref_out, torch.float32)  # no running statistics: batch statistics in eval
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_accumulate_in_float32(dtype, route):
+    # float32 parameters and buffers with half input, as with nn.BatchNorm1d under autocast.
+    run_and_compare(make_layer(6), batches(N=3, C=6, L=16, steps=2, offset=1.0), dtype)
+
+
+def test_half_module(route):
+    layer = make_layer(6).to(torch.bfloat16)
+    x, mask, g = batches(N=3, C=6, L=16, steps=1, offset=1.0)[0]
+    ref = reference_of(layer)
+    x = x.to(torch.bfloat16).requires_grad_(True)
+    out = layer(x, mask)
+    out.backward(g.to(torch.bfloat16))
+    assert out.dtype == layer.weight.grad.dtype == layer.bias.grad.dtype == torch.bfloat16
+    assert layer.running_mean.dtype == torch.bfloat16
+    ref_out, _ = reference_step(ref, x, mask, g.to(torch.bfloat16))
+    close(out, ref_out, torch.bfloat16)
+
+
+def test_mask_none_is_bnext_batchnorm1d_exactly():
+    for shape in [(4, 5, 7), (6, 5)]:
+        ours, plain = make_layer(5), bnext.BatchNorm1d(5)
+        plain.load_state_dict(ours.state_dict())
+        torch_bn = nn.BatchNorm1d(5)
+        torch_bn.load_state_dict(ours.state_dict())
+        for _ in range(2):
+            x = torch.randn(shape)
+            xs = [x.clone().requires_grad_(True) for _ in range(3)]
+            outs = [m(xi) for m, xi in zip((ours, plain, torch_bn), xs)]
+            for o in outs:
+                o.backward(torch.ones_like(o) + x)
+            assert torch.equal(outs[0], outs[1]) and torch.equal(xs[0].grad, xs[1].grad)
+            torch.testing.assert_close(outs[0], outs[2], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(xs[0].grad, xs[2].grad, rtol=1e-4, atol=1e-4)
+        for (k, a), b in zip(ours.state_dict().items(), plain.state_dict().values()):
+            assert torch.equal(a, b), k
+        torch.testing.assert_close(ours.running_var, torch_bn.running_var)
+
+
+def test_all_true_mask_is_batchnorm(route):
+    ours = make_layer(5)
+    theirs = nn.BatchNorm1d(5)
+    theirs.load_state_dict(ours.state_dict())
+    for _ in range(2):
+        x = torch.randn(4, 5, 7) + 2
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        g = torch.randn_like(x)
+        ours(x1, torch.ones(4, 7, dtype=torch.bool)).backward(g)
+        theirs(x2).backward(g)
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, rtol=1e-4, atol=1e-4)
+    for k, v in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], v, msg=k)
+
+
+def test_strided_input_and_mask_and_nonfinite_padding(route):
+    layer = make_layer(5).double()
+    wide = torch.randn(4, 5, 14, dtype=torch.float64)
+    x = wide[..., ::2]  # contiguous in no format
+    mask = random_mask(4, 14)[:, ::2]
+    mask[:, 0] = True
+    x = x.detach().clone()
+    x[~mask.unsqueeze(1).expand_as(x)] = float("nan")  # padding holding garbage
+    x[0, 0, ~mask[0]] = float("inf")
+    strided = torch.empty(4, 5, 14, dtype=torch.float64)[..., ::2].copy_(x)
+    assert not strided.is_contiguous()
+    ref = reference_of(layer)
+    g = torch.randn(4, 5, 7, dtype=torch.float64)
+    xr = strided.requires_grad_(True)
+    out = layer(xr, mask)
+    out.backward(g)
+    ref_out, ref_dx = reference_step(ref, x, mask, g)
+    assert torch.isfinite(out).all() and torch.isfinite(xr.grad).all()
+    close(out, ref_out)
+    close(xr.grad, ref_dx)
+    close(layer.running_var, ref.running_var)
+
+
+def test_constant_grad_output_cancels(route):
+    layer = make_layer(3).double()
+    x = (torch.randn(4, 3, 9, dtype=torch.float64) * 1e-3 + 100).requires_grad_(True)
+    mask = random_mask(4, 9)
+    layer(x, mask).backward(torch.full_like(x, 0.7))
+    assert x.grad.abs().max() < 1e-8  # where the gradient scale weight / sigma is about 1e3
+
+
+def test_gradcheck_and_gradgradcheck(route):
+    C = 3
+    x = torch.randn(3, C, 5, dtype=torch.float64, requires_grad=True)
+    mask = lengths_mask([5, 2, 3], 5)
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_(True)
+    b = torch.randn(C, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, b):
+        return bnext.batch_norm(x, None, None, w, b, training=True, mask=mask)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+    # No affine parameters.
+    assert torch.autograd.gradgradcheck(lambda x: bnext.batch_norm(x, None, None, training=True, mask=mask), (x,))
+
+
+def test_functional_matches_module_and_checks_momentum(route):
+    layer = make_layer(5)
+    x, mask, _ = batches(steps=1)[0]
+    rm, rv = layer.running_mean.clone(), layer.running_var.clone()
+    out = bnext.batch_norm(x, rm, rv, layer.weight, layer.bias, True, 0.1, 1e-5, mask=mask)
+    torch.testing.assert_close(out, layer(x, mask), rtol=0, atol=0)
+    torch.testing.assert_close(rm, layer.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(rv, layer.running_var, rtol=0, atol=0)
+    layer.eval()
+    out = bnext.batch_norm(x, rm, rv, layer.weight, layer.bias, False, mask=mask)
+    torch.testing.assert_close(out, layer(x, mask), rtol=0, atol=0)
+    # mask=None: the unmasked call.
+    assert torch.equal(bnext.batch_norm(x, rm, rv, training=False, mask=None), bnext.batch_norm(x, rm, rv))
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")  # torch's jvp decompositions
+def test_torch_func_grad_and_forward_ad():
+    layer = make_layer(5)
+    x, mask, g = batches(steps=1)[0]
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    buffers = {k: v.clone() for k, v in layer.named_buffers()}
+
+    def loss(p, x):
+        return (functional_call(layer, (p, buffers), (x, mask)) * g).sum()
+
+    grads, dx = grad(loss, argnums=(0, 1))(params, x)
+    ref = reference_of(layer)
+    _, ref_dx = reference_step(ref, x, mask, g)
+    close(dx, ref_dx, torch.float32)
+    close(grads["weight"], ref.weight.grad, torch.float32)
+    close(grads["bias"], ref.bias.grad, torch.float32)
+    # The transform updated the running statistics it was given, once.
+    close(buffers["running_var"], ref.running_var, torch.float32)
+    assert int(buffers["num_batches_tracked"]) == 1
+
+    # Forward AD: the tangent against the reference's, and against the double-backward trick.
+    layer.track_running_stats = False
+    t = torch.randn_like(x)
+    _, tangent = jvp(lambda x: layer(x, mask), (x,), (t,))
+
+    w, b = layer.weight.detach().double(), layer.bias.detach().double()
+
+    def reference(x):
+        out = torch.zeros(x.shape[0], x.shape[2], x.shape[1], dtype=x.dtype)
+        out = out.index_put((mask,), nn.functional.batch_norm(x.permute(0, 2, 1)[mask], None, None, w, b, True))
+        return out.permute(0, 2, 1)
+
+    _, ref_tangent = jvp(reference, (x.double(),), (t.double(),))
+    close(tangent, ref_tangent, torch.float32)
+
+
+def test_checkpoint_counts_the_batch_once(route):
+    layer, plain = make_layer(5), None
+    plain = copy.deepcopy(layer)
+    x, mask, g = batches(steps=1)[0]
+    for use_reentrant in (False, True):
+        a, b = copy.deepcopy(layer), copy.deepcopy(plain)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        checkpoint(a, xa, mask, use_reentrant=use_reentrant).backward(g)
+        b(xb, mask).backward(g)
+        assert torch.equal(xa.grad, xb.grad)
+        assert torch.equal(a.weight.grad, b.weight.grad)
+        for k, v in b.state_dict().items():
+            assert torch.equal(a.state_dict()[k], v), (use_reentrant, k)
+
+
+class _Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 3, padding=1)
+        self.bn = MaskedBatchNorm1d(8)
+        self.head = nn.Conv1d(8, 2, 1)
+
+    def forward(self, x, mask):
+        return self.head(torch.relu(self.bn(self.conv(x), mask)))
+
+
+def test_compiled_model_matches_eager_and_bad_count_leaves_buffers():
+    torch.manual_seed(0)
+    eager = _Model()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    for step in range(2):
+        x = torch.randn(4, 3, 10)
+        mask = random_mask(4, 10)
+        g = torch.randn(4, 2, 10)
+        outs = []
+        for model, fn in ((eager, eager), (compiled_model, compiled)):
+            model.zero_grad()
+            out = fn(x, mask)
+            out.backward(g)
+            outs.append(out)
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+        for (k, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=k)
+        for (k, b), c in zip(eager.named_buffers(), compiled_model.buffers()):
+            torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=k)
+    # One real position: the graph's assertion raises (same shapes: no recompile), buffers untouched.
+    before = {k: v.clone() for k, v in compiled_model.named_buffers()}
+    one = torch.zeros(4, 10, dtype=torch.bool)
+    one[2, 3] = True
+    with pytest.raises(RuntimeError, match="Expected more than 1 value per channel when training"):
+        compiled(torch.randn(4, 3, 10), one)
+    for k, v in compiled_model.named_buffers():
+        assert torch.equal(v, before[k]), k
+
+
+def test_bad_arguments_raise_and_leave_buffers_unchanged(route):
+    layer = make_layer(5)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(4, 5, 7)
+    ok = torch.ones(4, 7, dtype=torch.bool)
+    cases = [
+        (x, ok.float(), TypeError, "mask must be a torch.bool tensor.*got torch.float32"),
+        (x, [[True] * 7] * 4, TypeError, "mask must be a Tensor or None, got list"),
+        (x, ok[:, :6], RuntimeError, r"mask must have shape \(N, L\) = \[4, 7\].*got \[4, 6\]"),
+        (x, ok.t(), RuntimeError, r"mask must have shape \(N, L\)"),
+        (x[..., 0], ok, ValueError, "a mask needs \\(N, C, L\\) input, got 2D"),
+        (torch.randn(4, 5, 7, 2), ok, ValueError, "expected 2D or 3D input"),
+        (torch.randn(4, 6, 7), ok, RuntimeError, "weight must have 6 elements"),
+        (x, torch.zeros(4, 7, dtype=torch.bool), ValueError, "Expected more than 1 value per channel.*0 real"),
+        (x, lengths_mask([1, 0, 0, 0], 7), ValueError, "Expected more than 1 value per channel.*1 real"),
+        (torch.randn(0, 5, 7), torch.ones(0, 7, dtype=torch.bool), ValueError, "Expected more than 1 value"),
+    ]
+    for inp, mask, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            layer(inp, mask)
+        for k, v in layer.state_dict().items():
+            assert torch.equal(v, before[k]), (match, k)
+    # One real position is fine in eval (running statistics), and so is a row without any.
+    layer.eval()
+    out = layer(x, lengths_mask([1, 0, 0, 0], 7))
+    assert out[1:].abs().max() == 0 and out[0, :, 0].abs().max() > 0
+    with pytest.raises(TypeError, match="mask must be a torch.bool tensor"):
+        bnext.batch_norm(x, None, None, training=True, mask=ok.int())
+
+
+def test_state_dict_both_ways_and_repr():
+    ours = make_layer(5)
+    theirs = nn.BatchNorm1d(5)
+    theirs.load_state_dict(ours.state_dict())
+    ours2 = MaskedBatchNorm1d(5)
+    ours2.load_state_dict(theirs.state_dict())
+    for k, v in ours.state_dict().items():
+        assert torch.equal(ours2.state_dict()[k], v)
+    assert isinstance(ours, bnext.BatchNorm1d) and isinstance(ours, nn.BatchNorm1d)
+    assert repr(ours).startswith("MaskedBatchNorm1d(5")
+    assert torch.fx.symbolic_trace(nn.Sequential(ours)).graph.find_nodes(op="call_module")
+
+
+def test_route_predicate():
+    x = torch.empty(64, 8, 512)
+    padded = lengths_mask(torch.randint(1, 513, (64,)), 512)
+    assert masked._compact_route(masked._Runs(padded), x)  # one run per row: always compact
+    holes = torch.rand(64, 512) < 0.5  # about 128 runs per row, 32 elements each
+    assert not masked._compact_route(masked._Runs(holes), x)
+    runs = masked._Runs(lengths_mask([3, 0, 2], 4) | torch.tensor([[0, 0, 0, 1], [0, 1, 0, 1], [0, 0, 0, 0]]).bool())
+    assert (runs.rows, runs.starts, runs.stops, runs.count) == ([0, 1, 1, 2], [0, 1, 3, 0], [4, 2, 4, 2], 8)
+
+
+# ------------------------------------------------------------------------------------------------
+# bnext.masked.SyncMaskedBatchNorm: 2 gloo processes (spawned once), unequal real counts per rank,
+# against the definition on the concatenated batch in one process.
+
+SYNC_SIZES = [3, 4]  # rows per rank
+SYNC_C, SYNC_L = 4, 6
+JOIN_TIMEOUT_S = 120
+
+
+def _sync_worker(rank, world_size, init_file, result_dir, data):
+    import datetime
+    import os
+    import pickle
+    import traceback
+
+    import torch.distributed as dist
+
+    from bnext.masked import SyncMaskedBatchNorm
+
+    torch.set_num_threads(1)
+    res = {}
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=60),
+        )
+        start = sum(SYNC_SIZES[:rank])
+        rows = slice(start, start + SYNC_SIZES[rank])
+        bn = SyncMaskedBatchNorm(SYNC_C, momentum=None).double()  # the reference's momentum
+        bn.load_state_dict(data["state"])
+        steps = []
+        for x, mask, g in data["steps"]:
+            xr = x[rows].clone().requires_grad_(True)
+            bn.zero_grad()
+            out = bn(xr, mask[rows])
+            out.backward(g[rows])
+            steps.append(dict(
+                out=out.detach(), dx=xr.grad, dw=bn.weight.grad.clone(), db=bn.bias.grad.clone(),
+                buffers={k: v.clone() for k, v in bn.named_buffers()},
+            ))
+        res["steps"] = steps
+        before = {k: v.clone() for k, v in bn.named_buffers()}
+        x, mask, _ = data["steps"][0]
+        one = torch.zeros_like(mask[rows])
+        one[0, 0] = rank == 0  # one real position over both ranks
+        errors = {}
+        for name, m in [("bad_mask", mask[rows].double() if rank == 1 else mask[rows]), ("one_value", one)]:
+            try:
+                bn(x[rows], m)
+                errors[name] = None
+            except Exception as e:  # noqa: BLE001  (the parent checks type and message)
+                errors[name] = (type(e).__name__, str(e))
+        res["errors"] = errors
+        res["unchanged"] = all(torch.equal(before[k], v) for k, v in bn.named_buffers())
+        bn.eval()
+        res["eval"] = bn(x[rows], mask[rows])
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001
+        res["__error__"] = traceback.format_exc()
+    with open(os.path.join(result_dir, f"{rank}.tmp"), "wb") as f:
+        pickle.dump(res, f)
+    os.replace(os.path.join(result_dir, f"{rank}.tmp"), os.path.join(result_dir, f"{rank}.pkl"))
+
+
+def _spawn_sync(data):
+    import os
+    import pickle
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        init = os.path.join(tmp, "rendezvous")
+        procs = [ctx.Process(target=_sync_worker, args=(r, 2, init, tmp, data), daemon=True) for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(JOIN_TIMEOUT_S)
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for r in hung:
+            procs[r].kill()
+        assert not hung, f"ranks {hung} did not finish within {JOIN_TIMEOUT_S} s"
+        results = []
+        for r in range(2):
+            with open(os.path.join(tmp, f"{r}.pkl"), "rb") as f:
+                results.append(pickle.load(f))
+    for r, res in enumerate(results):
+        assert "__error__" not in res, f"rank {r} failed:\n{res['__error__']}"
+    return results
+
+
+def test_sync_masked_two_ranks_match_one_process():
+    N = sum(SYNC_SIZES)
+    layer = make_layer(SYNC_C, momentum=None).double()
+    masks = [random_mask(N, SYNC_L) for _ in range(3)]
+    masks[1][SYNC_SIZES[0]:] = False  # rank 1 has no real position
+    masks[2][: SYNC_SIZES[0]] = False
+    masks[2][0, 2] = True  # rank 0 has one
+    shape = (N, SYNC_C, SYNC_L)
+    steps = [(torch.randn(shape, dtype=torch.float64) + 1, m, torch.randn(shape, dtype=torch.float64)) for m in masks]
+    results = _spawn_sync(dict(state=layer.state_dict(), steps=steps))
+    ref = reference_of(layer)
+    for i, (x, mask, g) in enumerate(steps):
+        ref.zero_grad()
+        ref_out, ref_dx = reference_step(ref, x, mask, g)
+        close(torch.cat([r["steps"][i]["out"] for r in results]), ref_out)
+        close(torch.cat([r["steps"][i]["dx"] for r in results]), ref_dx)
+        close(sum(r["steps"][i]["dw"] for r in results), ref.weight.grad)  # DDP sums the local grads
+        close(sum(r["steps"][i]["db"] for r in results), ref.bias.grad)
+        for r in results:
+            for k, v in ref.named_buffers():
+                close(r["steps"][i]["buffers"][k], v)
+    assert all(r["unchanged"] for r in results)
+    assert results[1]["errors"]["bad_mask"][0] == "TypeError"
+    kind, words = results[0]["errors"]["bad_mask"]  # the rank with a good mask stops too
+    assert kind == "RuntimeError" and "rank(s) [1]" in words
+    for r in results:
+        assert r["errors"]["one_value"][0] == "ValueError"
+        assert "Expected more than 1 value per channel when training" in r["errors"]["one_value"][1]
+    # Eval: the running statistics, no collective; the single-process layer's result.
+    ref.eval()
+    x, mask, _ = steps[0]
+    with torch.no_grad():
+        expected = torch.zeros(N, SYNC_L, SYNC_C, dtype=torch.float64)
+        expected[mask] = ref(x.permute(0, 2, 1)[mask])
+    close(torch.cat([r["eval"] for r in results]), expected.permute(0, 2, 1))
+
+
+def test_sync_masked_without_process_group_is_masked_batchnorm():
+    """No process group (or eval, or a group of one): MaskedBatchNorm1d; mask=None: SyncBatchNorm."""
+    state = make_layer(5).state_dict()
+    x, mask, _ = batches(steps=1)[0]
+    for other, args in ((MaskedBatchNorm1d(5), (x, mask)), (bnext.SyncBatchNorm(5), (x,))):
+        ours = masked.SyncMaskedBatchNorm(5)
+        ours.load_state_dict(state)
+        other.load_state_dict(state)
+        assert torch.equal(ours(*args), other(*args))
+        for (k, a), b in zip(ours.state_dict().items(), other.state_dict().values()):
+            assert torch.equal(a, b), k
+    with pytest.raises(TypeError, match="bnext.SyncMaskedBatchNorm: mask must be a torch.bool tensor"):
+        ours(x, mask.float())
