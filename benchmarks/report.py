@@ -562,6 +562,13 @@ def write_markdown(path, info, s, rows, chart_rel, json_rel, args, elapsed, matr
 
         with open(fused) as f:
             lines += fused_markdown(json.load(f))
+    small = os.path.join(HERE, "results", "small_batch.json")
+    if os.path.exists(small):
+        # The small- and irregular-batch layers' section (benchmarks/bench_small_batch.py).
+        from bench_small_batch import small_batch_markdown
+
+        with open(small) as f:
+            lines += small_batch_markdown(json.load(f))
     with open(path, "w") as f:
         f.write("\n".join(lines))
 

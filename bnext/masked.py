@@ -242,6 +242,14 @@ def _update(running_mean, running_var, num_batches_tracked, mean, var, count, mo
         )
 
 
+def _vmapped() -> bool:
+    """Inside torch.func.vmap (at any level of the transform stack)."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    from torch._C._functorch import TransformType
+
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
 def masked_batch_norm_impl(
     input: Tensor,
     mask: Tensor,
@@ -281,7 +289,11 @@ def masked_batch_norm_impl(
     if torch.compiler.is_compiling() or transformed():
         count = mask.sum().to(acc)
         # No host read inside a graph or a transform: an assertion the graph runs (RuntimeError).
-        torch._assert_async(count > 1, f"{_WORDS} {list(input.shape)} with at most 1 real position in mask")
+        # Under vmap the count may differ per member and an assertion has no batching rule: a member
+        # with fewer than 2 real positions gets what the formulas give instead (its one position
+        # normalized to 0; an infinite unbiased variance), as no vmapped op can raise per member.
+        if torch.compiler.is_compiling() or not _vmapped():
+            torch._assert_async(count > 1, f"{_WORDS} {list(input.shape)} with at most 1 real position in mask")
         if transformed():
             # torch.func and forward AD: the same formulas as a composite autograd differentiates.
             out, mean, var = _forward(input, m, weight, bias, count, eps)

@@ -4,7 +4,8 @@ gradient scattered back with zeros at the padding.
 
 Outputs, grad_input, weight/bias gradients and running statistics over several training steps,
 then eval; mask=None is bnext.BatchNorm1d exactly; dtypes, strides, gradcheck/gradgradcheck,
-torch.compile (one model), torch.func, forward AD, checkpoint, bad arguments.
+torch.compile (one model), torch.func (vmap over inputs and masks too), forward AD, checkpoint,
+export, the emulated CUDA kernels, bad arguments.
 """
 import copy
 
@@ -305,6 +306,67 @@ def test_torch_func_grad_and_forward_ad():
     close(tangent, ref_tangent, torch.float32)
 
 
+def test_vmap_over_inputs_and_masks():
+    """vmap over a stack of (input, mask) pairs, masks differing per member: each member is the
+    definition on its own real positions, in training (batch statistics, no running statistics)
+    and in eval (the shared running statistics); per-member weight gradients (vmap of grad) match a
+    loop. A member with fewer than 2 real positions cannot raise under vmap: it gets what the
+    formulas give (its one real position normalized to 0, so the output is the bias there)."""
+    from torch.func import vmap
+
+    torch.manual_seed(12)
+    B, N, C, L = 3, 2, 5, 8
+    x = torch.randn(B, N, C, L, dtype=torch.float64)
+    masks = torch.stack([random_mask(N, L) for _ in range(B)])
+    weight, bias = torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(C, dtype=torch.float64)
+    mean, var = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+
+    def train(x, m, w):
+        return bnext.batch_norm(x, None, None, w, bias, training=True, mask=m)
+
+    def evaluate(x, m):
+        return bnext.batch_norm(x, mean, var, weight, bias, training=False, mask=m)
+
+    for fn, args in ((train, (x, masks, weight.expand(B, C))), (evaluate, (x, masks))):
+        expected = torch.stack([fn(*(a[i] for a in args)) for i in range(B)])
+        close(vmap(fn)(*args), expected)
+    g = torch.randn_like(x)
+    per_member = vmap(grad(lambda x, m, w, g: (train(x, m, w) * g).sum(), argnums=2))(x, masks, weight.expand(B, C), g)
+    for i in range(B):
+        w = weight.clone().requires_grad_()
+        (train(x[i], masks[i], w) * g[i]).sum().backward()
+        close(per_member[i], w.grad)
+    masks[1] = False
+    masks[1, 0, 0] = True
+    out = vmap(train)(x, masks, weight.expand(B, C))
+    close(out[1][0, :, 0], bias)
+    assert torch.all(out[1][1] == 0) and torch.all(out[1][0, :, 1:] == 0)
+    close(out[0], train(x[0], masks[0], weight))
+
+
+def test_export_eval_and_training():
+    """torch.export of a model with a masked layer, in eval and in training (the exported program
+    updates the running statistics): the eager model's outputs and buffers."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv1d(3, 5, 1), make_layer(5)
+
+        def forward(self, x, mask):
+            return self.bn(self.conv(x), mask)
+
+    torch.manual_seed(13)
+    x, mask = torch.randn(3, 3, 9), random_mask(3, 9)
+    for training in (False, True):
+        eager = Model().train(training)
+        exported = torch.export.export(copy.deepcopy(eager), (x, mask)).module()
+        for step in range(2):
+            close(exported(x + step, mask), eager(x + step, mask), torch.float32)
+        for (name, a), b in zip(eager.state_dict().items(), exported.state_dict().values()):
+            close(b, a, torch.float32) if a.is_floating_point() else torch.equal(a, b)
+
+
 def test_checkpoint_counts_the_batch_once(route):
     layer, plain = make_layer(5), None
     plain = copy.deepcopy(layer)
@@ -557,3 +619,16 @@ def test_sync_masked_without_process_group_is_masked_batchnorm():
             assert torch.equal(a, b), k
     with pytest.raises(TypeError, match="bnext.SyncMaskedBatchNorm: mask must be a torch.bool tensor"):
         ours(x, mask.float())
+
+
+def test_emulated_cuda_kernels(route):
+    """On the CUDA kernels' code (bnext.testing.emulate_cuda: the compact route's batch norm, the
+    running-statistic update of both routes, eval): the definition's results over several steps."""
+    from bnext.testing import emulate_cuda, simt_module
+
+    torch.manual_seed(11)
+    simt = simt_module()
+    simt.reset_launches()
+    with emulate_cuda():
+        run_and_compare(make_layer(5, momentum=0.3), batches(N=4, C=5, L=9, steps=3))
+    assert simt.launches(), "no emulated CUDA kernel ran"
