@@ -18,8 +18,9 @@ CASES = [
     ((4, 64, 40, 40), "contiguous"),  # many channels, long runs: fused per-channel backward
     ((8, 3, 70, 70), "contiguous"),  # C < threads: (block, channel) tasks; runs > one block
     # Short runs grouped into blocks; the NCHW reductions take channel groups whose size follows
-    # the thread count (bfloat16: 16, 8, 8, 4 channels; float32: 11, 11, 5, 5, the last group
-    # partial), which must not change a bit.
+    # the thread count (16, 8, 8, 4 channels for 1-4 threads), which must not change a bit. Where
+    # the CPU has AVX-512, 7x7 planes take the lane reductions: a group of 16 channels spans whole
+    # vectors, one of 8 or 4 ends in a masked vector, which must round as a whole one does.
     ((16, 96, 7, 7), "contiguous"),
     ((4, 64, 40, 40), "channels_last"),  # 25 row chunks
     ((8, 3, 50, 50), "channels_last"),  # C = 3: super-rows

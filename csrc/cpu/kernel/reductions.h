@@ -184,10 +184,11 @@ inline void spread_lanes(int64_t HxW, int64_t G, const Get& get, acc_t* out) {
 // values), add the block's samples into them in sample order, whole vectors at a time (one masked
 // vector at the span's end), then fold each channel's HxW positions in a fixed order. A channel's
 // terms are added in an order set by HxW alone, whatever G (which follows the thread count) is:
-// the same bits for any G. Walking run by run instead cost each 7x7 run three vectors, a masked
-// fourth for one value and the run's setup. Planes of whole vectors (8x8, 16x16, 14x14's 12 of
-// 12.25) were slower this way: their run-by-run sums stay in registers, these go through L1 (see
-// docs/performance.md#lane-reductions).
+// the same bits for any G, provided a product is rounded alike in a whole vector and in the masked
+// one (rounded(): no FMA contraction in one copy of the loop body and not the other). Walking run
+// by run instead cost each 7x7 run three vectors, a masked fourth for one value and the run's
+// setup. Planes of whole vectors (8x8, 16x16, 14x14's 12 of 12.25) were slower this way: their
+// run-by-run sums stay in registers, these go through L1 (see docs/performance.md#lane-reductions).
 constexpr int64_t kLanePlane = 64;
 // Positions of one span at most: 8 KiB of float each.
 constexpr int64_t kLaneSpan = 2048;
@@ -273,7 +274,7 @@ inline void lane_block_stats(
       span_vectors<acc_t>(ls.span, [&](int64_t i, int64_t n) {
         const vec d = span_load<scalar_t, acc_t>(p + i, n) - vload_acc(pv + i);
         lane_add(s1 + i, d);
-        lane_add(s2 + i, d * d);
+        lane_add(s2 + i, rounded(d * d));
       });
     });
     for (int64_t g = 0; g < G; ++g) {
@@ -286,7 +287,7 @@ inline void lane_block_stats(
     const scalar_t* p = x + off;
     ahead(p, s, l.N);
     span_vectors<acc_t>(ls.span, [&](int64_t i, int64_t n) {
-      lane_add(s1 + i, (span_load<scalar_t, acc_t>(p + i, n) - vload_acc(pv + i)) * iv);
+      lane_add(s1 + i, rounded((span_load<scalar_t, acc_t>(p + i, n) - vload_acc(pv + i)) * iv));
     });
   });
   acc_t mean[kMaxGroup], center[kMaxGroup];
@@ -308,7 +309,7 @@ inline void lane_block_stats(
         d[k] = span_load<scalar_t, acc_t>(x + ((s + k) * l.C + c0) * l.HxW + i, n) - c;
       }
       lane_add(s1 + i, (d[0] + d[1]) + (d[2] + d[3]));
-      lane_add(s2 + i, (d[0] * d[0] + d[1] * d[1]) + (d[2] * d[2] + d[3] * d[3]));
+      lane_add(s2 + i, (rounded(d[0] * d[0]) + rounded(d[1] * d[1])) + (rounded(d[2] * d[2]) + rounded(d[3] * d[3])));
     });
   }
   span_samples(l, s, n1, c0, [&](int64_t off, int64_t) {
@@ -316,7 +317,7 @@ inline void lane_block_stats(
     span_vectors<acc_t>(ls.span, [&](int64_t i, int64_t n) {
       const vec d = span_load<scalar_t, acc_t>(p + i, n) - vload_acc(cv + i);
       lane_add(s1 + i, d);
-      lane_add(s2 + i, d * d);
+      lane_add(s2 + i, rounded(d * d));
     });
   });
   for (int64_t g = 0; g < G; ++g) {
@@ -355,7 +356,7 @@ inline void lane_block_reduce(
       vec g[4], t[4];
       for (int k = 0; k < 4; ++k) {
         g[k] = span_load<scalar_t, acc_t>(pd[k] + i, n);
-        t[k] = g[k] * (span_load<scalar_t, acc_t>(px[k] + i, n) - m);
+        t[k] = rounded(g[k] * (span_load<scalar_t, acc_t>(px[k] + i, n) - m));
       }
       wide_lane_add<acc_t>(a + i, (g[0] + g[1]) + (g[2] + g[3]));
       lane_add(b + i, (t[0] + t[1]) + (t[2] + t[3]));
@@ -368,7 +369,7 @@ inline void lane_block_reduce(
     span_vectors<acc_t>(ls.span, [&](int64_t i, int64_t n) {
       const vec g = span_load<scalar_t, acc_t>(pd + i, n);
       wide_lane_add<acc_t>(a + i, g);
-      lane_add(b + i, g * (span_load<scalar_t, acc_t>(px + i, n) - vload_acc(mv + i)));
+      lane_add(b + i, rounded(g * (span_load<scalar_t, acc_t>(px + i, n) - vload_acc(mv + i))));
     });
   });
   for (int64_t g = 0; g < G; ++g) {

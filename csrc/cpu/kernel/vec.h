@@ -344,6 +344,22 @@ inline void lane_add(acc_t* s, typename Vec<acc_t>::type v) {
   vstore_acc(s, vload_acc(s) + v);
 }
 
+// v as computed, rounded to its type: the compiler cannot see through the empty asm, so it never
+// fuses the multiply that produced v into the add that consumes it (an FMA). Where one value may
+// be computed by different inlined copies of a loop body (a whole vector or a masked tail, see
+// lane_block_reduce), GCC's contraction (-ffp-contract=fast, its default) fused in some copies and
+// not in others: the bits of a value then depended on which copy computed it. A vector wider than
+// the ISA's registers (never run through these paths: they need masked tails) goes through memory.
+template <typename V>
+__attribute__((always_inline)) inline V rounded(V v) {
+  if constexpr (sizeof(V) <= kNativeBytes) {
+    asm("" : "+v"(v));
+  } else {
+    asm("" : "+m"(v));
+  }
+  return v;
+}
+
 // The backward reductions sum dy in merge_t (dy * (x - mean) in acc_t, as the statistics): where
 // dy is constant over a channel (a loss through global pooling) sum_dy is then exactly M * dy and
 // mean_dy = sum_dy / M is dy itself, as backward_elemt() needs to cancel dy - mean_dy. Summed in
