@@ -815,3 +815,27 @@ def test_emulated_cuda_kernels():
         assert_close(xe.grad, xc.grad)
         for (name, a), b in zip(layer.named_buffers(), emulated.buffers()):
             assert_close(b, a, msg=name)
+
+
+def test_conversions_leave_the_small_batch_layers_as_they_are():
+    """convert_model (plain and sync), revert_model and fuse_model convert exact types only: the
+    small-batch layers (subclasses of bnext's BN layers with their own semantics) stay the same
+    objects, followed activations unfused; the frozen layer is not a batch norm layer to them."""
+    def layers():
+        return [bnext.BatchRenorm2d(4), bnext.GhostBatchNorm2d(4, virtual_batch_size=2), bnext.FrozenBatchNorm2d(4)]
+
+    for convert in (bnext.convert_model, lambda m: bnext.convert_model(m, sync=True), bnext.revert_model):
+        originals = layers() + [bnext.MaskedBatchNorm1d(4)]
+        model = nn.Sequential(*originals)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the note naming the layers it left
+            out = convert(model)
+        assert [m for m in out.children()] == originals
+    originals = layers()
+    model = nn.Sequential(*(m for layer in originals for m in (nn.Conv2d(4, 4, 1), layer, nn.ReLU())))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        fused = bnext.fuse_model(model)
+    kept = [m for m in fused.modules() if isinstance(m, tuple(type(o) for o in originals))]
+    assert [type(m) for m in kept] == [type(o) for o in originals]
+    assert sum(isinstance(m, nn.ReLU) for m in fused.modules()) == 3
