@@ -34,12 +34,12 @@ puts its table into benchmarks/RESULTS.md.
 import argparse
 import json
 import os
-import platform
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)  # bench.py's helpers
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -48,36 +48,12 @@ from torch.utils import benchmark  # noqa: E402
 import bnext  # noqa: E402
 from bnext import masked as _masked  # noqa: E402
 from bnext.ghost import GhostBatchNorm1d, GhostBatchNorm2d  # noqa: E402
+from bench import machine_info, tune_malloc  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "small_batch.json")
 
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def tune_malloc():
-    """glibc keeps freed blocks in the process (no page faults for the timers' outputs): the reason
-    is in benchmarks/bench.py's tune_malloc, repeated here so this script stands alone."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 32 * 1024 * 1024) and libc.mallopt(-1, 1 << 30) and libc.mallopt(-4, 0))
-    except OSError:
-        return False
-
-
-def cpu_model():
-    """The CPU's model name (/proc/cpuinfo), else what platform says."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def train_step(layer, x, g):
@@ -267,7 +243,7 @@ def small_batch_markdown(result):
         info = run["info"]
         lines += ["", f"## {kind}: baseline {BASELINES.get(kind, 'baseline')}", "",
                   f"`{' '.join(['python benchmarks/bench_small_batch.py'] + run['argv'])}` on {info['date_utc']}: "
-                  f"{info['cpu']}, {info['threads']} thread(s), kernel variant {info['cpu_isa']}, shape "
+                  f"{info['cpu_model']}, {info['threads']} thread(s), kernel variant {info['cpu_isa']}, shape "
                   f"{tuple(info['shape'])} {info['dtype']}{', ' + run['rows'][0]['note'] if run['rows'][0]['note'] else ''}.",
                   "", "| layout | phase | layer | ms | x baseline | clones | saved |", "|---|---|---|---|---|---|---|"]
         for r in run["rows"]:
@@ -306,16 +282,7 @@ def main():
     for kind in args.layers.split(","):
         torch.manual_seed(0)
         shape = tuple(int(s) for s in (args.shape or DEFAULT_SHAPES[kind]).split(","))
-        info = {
-            "cpu": cpu_model(),
-            "threads": args.threads,
-            "torch": torch.__version__,
-            "cpu_isa": bnext.build_info()["cpu_isa"],
-            "malloc_tuned": malloc_tuned,
-            "shape": shape,
-            "dtype": args.dtype,
-            "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        }
+        info = dict(machine_info(), malloc_tuned=malloc_tuned, shape=shape, dtype=args.dtype)
         print(json.dumps(info))
         saved[kind] = {"info": info, "argv": sys.argv[1:], "rows": run_kind(args, kind, shape, dtype)}
     if args.json:

@@ -260,13 +260,7 @@ class _GhostBatchNormMixin:
         num_batches_tracked = self.num_batches_tracked if track else None
         if not use_batch_stats or N <= v:
             # Batch norm (torch's _BatchNorm.forward).
-            factor = 0.0
-            if self.momentum is not None:
-                factor = self.momentum
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-                if self.momentum is None:
-                    factor = 1.0 / float(num_batches_tracked)
+            factor = self._torch_count_batch()
             return F.batch_norm(
                 input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps
             )

@@ -38,8 +38,11 @@ class _BatchNormMixin:
         self._check_input_dim(input)
         return self._batch_norm(input, *self._layer_args())
 
-    def _torch_forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
+    def _torch_count_batch(self) -> float:
+        """torch's _BatchNorm.forward bookkeeping, for the TorchScript paths (_torch_forward of this
+        layer and its subclasses): counts the batch in num_batches_tracked when training with
+        running statistics, and returns the momentum factor of torch's batch_norm op (momentum
+        None: the cumulative average, 1 / num_batches_tracked)."""
         factor = 0.0
         if self.momentum is not None:
             factor = self.momentum
@@ -48,6 +51,11 @@ class _BatchNormMixin:
                 self.num_batches_tracked.add_(1)
                 if self.momentum is None:
                     factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
+    def _torch_forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = self._torch_count_batch()
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         keep = not self.training or self.track_running_stats
         return F.batch_norm(

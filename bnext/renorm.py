@@ -170,13 +170,7 @@ class _BatchRenormMixin:
         running_mean, running_var = self.running_mean, self.running_var
         if not self.training or running_mean is None or running_var is None:
             return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, False, 0.0, self.eps)
-        factor = 0.0
-        if self.momentum is not None:
-            factor = self.momentum
-        if self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+        factor = self._torch_count_batch()  # training, and batch renorm always tracks
         dims = [0] + list(range(2, input.dim()))
         stats_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
         var, mean = torch.var_mean(input.detach().to(stats_dtype), dims, correction=0)

@@ -68,6 +68,16 @@ def saved_for_backward(fn, *args):
     return saved, out
 
 
+def through_torch_save(state_dict):
+    """state_dict after torch.save and torch.load (a checkpoint file's round trip)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf)
+
+
 def tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 

@@ -8,7 +8,6 @@ number of virtual batches; torch.compile (one compiled model); torch.func; check
 FX and export; state_dict; bad arguments.
 """
 import copy
-import io
 import warnings
 
 import pytest
@@ -21,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 import bnext  # noqa: F401  (registers the ops)
 from bnext.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from bnext.testing import emulate_cuda
-from conftest import TOL, saved_for_backward, tensor_bytes
+from conftest import TOL, saved_for_backward, tensor_bytes, through_torch_save
 
 GHOST = {1: GhostBatchNorm1d, 2: GhostBatchNorm2d}
 TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
@@ -277,10 +276,7 @@ def test_state_dict_both_ways():
     bn = nn.BatchNorm2d(5)
     bn(torch.randn(4, 5, 3, 3))
     ghost = GhostBatchNorm2d(5, 2)
-    buf = io.BytesIO()
-    torch.save(bn.state_dict(), buf)
-    buf.seek(0)
-    ghost.load_state_dict(torch.load(buf))
+    ghost.load_state_dict(through_torch_save(bn.state_dict()))
     assert list(ghost.state_dict()) == list(bn.state_dict())
     ghost(torch.randn(6, 5, 3, 3))
     assert int(ghost.num_batches_tracked) == 4

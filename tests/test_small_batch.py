@@ -7,7 +7,6 @@ saves for backward, gradcheck/gradgradcheck, torch.compile (one compiled model p
 TorchScript, torch.func, checkpoint, FX, state_dict both ways, bad arguments.
 """
 import copy
-import io
 import pickle
 import warnings
 
@@ -21,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 import bnext
 from bnext.testing import emulate_cuda
-from conftest import assert_close, make_input, randomize_batch_norm, saved_for_backward, tensor_bytes
+from conftest import assert_close, make_input, randomize_batch_norm, saved_for_backward, tensor_bytes, through_torch_save
 
 TorchvisionFrozen = torchvision.ops.misc.FrozenBatchNorm2d
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -225,11 +224,8 @@ def test_frozen_state_dict_both_ways():
     for k, v in theirs.state_dict().items():
         assert torch.equal(back.state_dict()[k], v)
     bn = randomize_batch_norm(nn.BatchNorm2d(5)).eval()
-    buf = io.BytesIO()
-    torch.save(bn.state_dict(), buf)
-    buf.seek(0)
     from_bn = bnext.FrozenBatchNorm2d(5)
-    from_bn.load_state_dict(torch.load(buf))
+    from_bn.load_state_dict(through_torch_save(bn.state_dict()))
     x = torch.randn(2, 5, 3, 3)
     assert_close(from_bn(x), bn(x))
     assert "FrozenBatchNorm2d(5, eps=1e-05)" == repr(from_bn) == repr(TorchvisionFrozen(5))
@@ -664,10 +660,7 @@ def test_batch_renorm_state_dict_both_ways():
     bn = randomize_batch_norm(nn.BatchNorm2d(5))
     bn(torch.randn(4, 5, 3, 3))
     renorm = bnext.BatchRenorm2d(5, r_max=2.5, d_max=0.5)
-    buf = io.BytesIO()
-    torch.save(bn.state_dict(), buf)
-    buf.seek(0)
-    renorm.load_state_dict(torch.load(buf))
+    renorm.load_state_dict(through_torch_save(bn.state_dict()))
     assert list(renorm.state_dict()) == list(bn.state_dict())
     renorm(torch.randn(4, 5, 3, 3))
     back = nn.BatchNorm2d(5)
