@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time one bnext CPU op on one input: the command behind docs/performance.md.
 
-    python scripts/time_kernel.py OP SHAPE [--layout nchw|channels_last] [--dtype float32|bfloat16]
+    python scripts/time_kernel.py OP SHAPE [--layout nchw|channels_last] [--dtype float32|bfloat16] [--control OP]
                                   [--threads N] [--env VAR=a,b ...] [--rounds R] [--min-run-time S]
 
 OP is one of the ops below; `sum` times x.sum() (one read pass, the memory floor's unit). SHAPE is
@@ -29,7 +29,14 @@ from torch.utils import benchmark  # noqa: E402
 
 import bnext  # noqa: E402,F401  (registers torch.ops.bnext)
 
-OPS = ("stats", "normalize", "eval", "forward", "backward_reduce", "backward_elemt", "backward", "fwdbwd", "sum")
+OPS = ("stats", "normalize", "eval", "forward", "backward_reduce", "backward_elemt", "backward", "fwdbwd",
+       "act_backward", "act_backward_residual", "sum")
+
+
+def _format_of(x):
+    if x.dim() in (4, 5) and not x.is_contiguous():
+        return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def make_call(op, x, dy):
@@ -43,6 +50,7 @@ def make_call(op, x, dy):
     invstd = (var + 1e-5).rsqrt()
     sum_dy, sum_dy_xmu = bn.batch_norm_backward_reduce(dy, x, mean, invstd)
     count = x.numel() // C
+    r = torch.randn(x.shape, dtype=x.dtype).contiguous(memory_format=_format_of(x))
     calls = {
         "stats": lambda: bn.batch_norm_stats(x),
         "normalize": lambda: bn.batch_norm_elemt(x, w, b, mean, invstd),
@@ -52,6 +60,9 @@ def make_call(op, x, dy):
         "backward_elemt": lambda: bn.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy / count, sum_dy_xmu / count),
         "backward": lambda: bn.batch_norm_backward(dy, x, w, mean, invstd),
         "fwdbwd": lambda: (bn.batch_norm_forward(x, w, b, 1e-5), bn.batch_norm_backward(dy, x, w, mean, invstd)),
+        # The fused BN + ReLU backward from the input (1: relu), without and with a residual.
+        "act_backward": lambda: bn.batch_norm_act_backward(dy, x, None, w, b, mean, invstd, 1, 0.0, False),
+        "act_backward_residual": lambda: bn.batch_norm_act_backward(dy, x, r, w, b, mean, invstd, 1, 0.0, False),
         "sum": lambda: x.sum(),
     }
     return calls[op]
@@ -67,6 +78,9 @@ def main():
     p.add_argument("--env", action="append", default=[], help="VAR=a,b,...: settings to alternate (A/B)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--min-run-time", type=float, default=0.2)
+    p.add_argument("--control", choices=OPS, default=None,
+                   help="also time this op in the same rounds and print OP's median time over it: an op a code "
+                        "change leaves alone cancels the drift between the runs of two builds")
     args = p.parse_args()
 
     if args.threads:
@@ -83,26 +97,30 @@ def main():
     for spec in args.env:
         var, _, values = spec.partition("=")
         settings = [dict(s, **{var: v}) for s in settings for v in values.split(",")]
-    call = make_call(args.op, x, dy)
-    timer = benchmark.Timer("call()", globals={"call": call}, num_threads=torch.get_num_threads())
+    timers = [benchmark.Timer("call()", globals={"call": make_call(op, x, dy)}, num_threads=torch.get_num_threads())
+              for op in [args.op] + ([args.control] if args.control else [])]
     saved = {k: os.environ.get(k) for s in settings for k in s}
     measured = [[] for _ in settings]
+    control = [[] for _ in settings]
     for r in range(args.rounds + 1):  # round 0 warms up and is discarded
         for i in [(r + k) % len(settings) for k in range(len(settings))]:
             os.environ.update(settings[i])
-            m = timer.blocked_autorange(min_run_time=args.min_run_time)
+            ms = [t.blocked_autorange(min_run_time=args.min_run_time) for t in timers]
             if r > 0:
-                measured[i].append(m)
+                measured[i].append(ms[0])
+                if args.control:
+                    control[i].append(ms[0].median / ms[1].median)
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
     print(f"{args.op} {shape} {args.layout} {args.dtype}, {torch.get_num_threads()} threads, ISA {bnext.build_info()['cpu_isa']}")
-    for s, ms in zip(settings, measured):
+    for i, (s, ms) in enumerate(zip(settings, measured)):
         m = benchmark.Measurement.merge(ms)[0]
         label = " ".join(f"{k}={v}" for k, v in s.items()) or "default"
-        print(f"  {label:48s} median {m.median * 1e6:10.1f} us   IQR {m.iqr * 1e6:8.1f} us")
+        extra = f"   / {args.control} {sorted(control[i])[len(control[i]) // 2]:.3f}" if args.control else ""
+        print(f"  {label:48s} median {m.median * 1e6:10.1f} us   IQR {m.iqr * 1e6:8.1f} us{extra}")
 
 
 if __name__ == "__main__":

@@ -265,6 +265,36 @@ def test_streaming_stores_change_no_bit(isa, monkeypatch, shape, fmt, dtype):
         assert torch.equal(a, b_)
 
 
+@pytest.mark.parametrize("shape,fmt", [
+    ((4, 256, 16, 16), "channels_last"),  # rows four at a time (at most 4 MiB), wide rows
+    ((3, 130, 7, 9), "channels_last"),  # four at a time with lanes past the last vector, 189 rows
+    ((3, 17, 6, 5), "channels_last"),  # super-rows of k rows and a tail row
+    ((8, 64, 48, 48), "channels_last"),  # 4.5 MiB: a row at a time
+    ((8, 16, 40, 40), "contiguous"),
+], ids=str)
+def test_sum_dz_exact_for_constant_dy(isa, shape, fmt):
+    """dy constant per channel through ReLU: dz is dy or 0, and sum(dz) must be exactly k * dy
+    (k: the channel's positive z), as the plain backward's sum(dy) is exact. The kernels add dz
+    in pairs in float (0, dy or 2 dy: exact) before the double sums; a sum of three dy in float is
+    not exact for most dy."""
+    gen = torch.Generator().manual_seed(7)
+    C = shape[1]
+    # x = +-1 (mean strictly inside (-1, 1)), weight 1, bias 0: z > 0 exactly where x > 0.
+    x = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+    dy_c = 0.1 + torch.rand(C, generator=gen)  # full float mantissas: 3 * dy rounds in float
+    dy = dy_c.view(1, C, *([1] * (len(shape) - 2))).expand(shape).contiguous()
+    if fmt == "channels_last":
+        x, dy = x.contiguous(memory_format=fmt_of(x)), dy.contiguous(memory_format=fmt_of(x))
+    w, b = torch.ones(C), torch.zeros(C)
+    bn = torch.ops.bnext
+    _, mean, invstd, _ = bn.batch_norm_act_forward(x, w, b, None, EPS, RELU, 0.0)
+    assert mean.abs().max() < 1
+    _, _, sum_dz, _ = bn.batch_norm_act_backward(dy, x, None, w, b, mean, invstd, RELU, 0.0, False)
+    positives = (x > 0).transpose(0, 1).reshape(C, -1).sum(1).double()
+    expected = (positives * dy_c.double()).float()  # k * dy in double, rounded once
+    assert torch.equal(sum_dz, expected), (sum_dz - expected).abs().max()
+
+
 @pytest.fixture
 def restore_threads():
     n = torch.get_num_threads()

@@ -344,6 +344,69 @@ inline void run_act_reduce_lanes(
       });
 }
 
+// Inputs up to this size take act_rows_reduce four rows at a time (see there).
+constexpr int64_t kActReduceBy4Bytes = int64_t(4) << 20;
+
+// The sums of nrows channels-last (super-)rows of `width` lanes from s (their dy and r at the same
+// offsets). With by4 (inputs of at most kActReduceBy4Bytes), four rows at a time: a vector of the
+// lane sums (three vectors of a and b) is loaded and stored once per four rows, not once per row;
+// those loads and stores, not the data, bounded the row-at-a-time loop on inputs that stay in
+// cache. Larger inputs go a row at a time, three sequential streams (dy, s, r): walking four rows
+// together was slower there, with or without rows_wide_by4's software prefetch (see
+// docs/performance.md#fused-channels-last-sums). dz goes into a as two pair sums taken in acc_t,
+// (d0 + d1) and (d2 + d3), each exact for a constant dy as in GradAcc, never a sum of three or four
+// values in acc_t. Which rows go by four depends on the shape alone: the same bits for any thread
+// count.
+template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut>
+inline void act_rows_reduce(
+    const scalar_t* dy, const scalar_t* s, const scalar_t* r, int64_t nrows, int64_t width, bool by4,
+    const LaneCoeffs<acc_t, kGradCoeffs>& lanes, acc_t p, merge_t* a, acc_t* b) {
+  using vec = typename Vec<acc_t>::type;
+  const LaneCoeffs<acc_t, kGradCoeffs> co = lanes;  // by value into the lambdas (see rows_wide_by4)
+  auto terms = [=](int64_t o, int64_t j, vec& d, vec& m) {
+    grad_terms_vec<A, Res, FromOut, acc_t>(
+        vload<scalar_t, acc_t>(dy + o + j), vload<scalar_t, acc_t>(s + o + j),
+        Res ? vload<scalar_t, acc_t>(r + o + j) : vec{}, co.at(kMean, j), co.at(kGScale, j), co.at(kGShift, j),
+        co.at(kInvScale, j), p, d, m);
+  };
+  auto one_terms = [=](int64_t o, int64_t j, acc_t& d, acc_t& m) {
+    grad_terms_one<A, Res, FromOut, acc_t>(
+        load<scalar_t, acc_t>(dy, o + j), load<scalar_t, acc_t>(s, o + j), Res ? load<scalar_t, acc_t>(r, o + j) : acc_t(0),
+        co.one(kMean, j), co.one(kGScale, j), co.one(kGShift, j), co.one(kInvScale, j), p, d, m);
+  };
+  constexpr int64_t W = Vec<acc_t>::W;
+  int64_t row = 0;
+  for (const int64_t rows4 = by4 ? nrows / 4 * 4 : 0; row < rows4; row += 4) {
+    const int64_t o = row * width;
+    int64_t j = 0;
+    for (; j + W <= width; j += W) {
+      vec d0, d1, d2, d3, m0, m1, m2, m3;
+      terms(o, j, d0, m0);
+      terms(o + width, j, d1, m1);
+      terms(o + 2 * width, j, d2, m2);
+      terms(o + 3 * width, j, d3, m3);
+      WideVec lo, hi;
+      wide_load<acc_t>(a + j, lo, hi);
+      wide_add<acc_t>(lo, hi, d0 + d1);
+      wide_add<acc_t>(lo, hi, d2 + d3);
+      wide_store<acc_t>(a + j, lo, hi);
+      lane_add(b + j, (d0 * m0 + d1 * m1) + (d2 * m2 + d3 * m3));
+    }
+    for (; j < width; ++j) {
+      for (int64_t k = 0; k < 4; ++k) {
+        acc_t d, m;
+        one_terms(o + k * width, j, d, m);
+        a[j] += d;
+        b[j] += d * m;
+      }
+    }
+  }
+  for (; row < nrows; ++row) {
+    const int64_t o = row * width;
+    run_act_reduce_lanes(GradRun<scalar_t, acc_t, A, Res, FromOut, LaneCoeffs<acc_t, kGradCoeffs>>{dy + o, s + o, opt_at(r, o), co, p}, width, a, b);
+  }
+}
+
 // dx (and dr = dz) of one run.
 template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut, bool NT, typename Co>
 inline void run_act_backward(const GradRun<scalar_t, acc_t, A, Res, FromOut, Co>& g, scalar_t* dx, scalar_t* dr, int64_t len) {
@@ -419,7 +482,7 @@ void act_reduce_sums(
   if (l.channels_last) {
     const RowPlan plan(l, sizeof(scalar_t));
     const LaneBuffers<acc_t, kGradCoeffs> co(arrays, C, plan.k);
-    using Run = GradRun<scalar_t, acc_t, A, Res, FromOut, LaneCoeffs<acc_t, kGradCoeffs>>;
+    const bool by4 = l.rows() * C * static_cast<int64_t>(sizeof(scalar_t)) <= kActReduceBy4Bytes;
     Buffer<merge_t> pa(plan.nchunks * C), pb(plan.nchunks * C);
     at::parallel_for(0, plan.nchunks, plan.chunk_grain(), [&](int64_t begin, int64_t end) {
       Buffer<merge_t> a(plan.P);
@@ -429,10 +492,8 @@ void act_reduce_sums(
         std::fill(a.p, a.p + plan.P, merge_t(0));
         std::fill(b.p, b.p + plan.P, acc_t(0));
         for_super_rows(plan, r0, r1, [&](int64_t off, int64_t nrows, int64_t width) {
-          for (int64_t row = 0; row < nrows; ++row) {
-            const int64_t o = off + row * width;
-            run_act_reduce_lanes(Run{dy + o, s + o, opt_at(r, o), co.lanes, p}, width, a.p, b.p);
-          }
+          act_rows_reduce<scalar_t, acc_t, A, Res, FromOut>(
+              dy + off, s + off, opt_at(r, off), nrows, width, by4, co.lanes, p, a.p, b.p);
         });
         fold(a.p, C, plan.k, pa.p + q * C);
         fold(b.p, C, plan.k, tb.p);
