@@ -48,7 +48,7 @@ def transformed() -> bool:
     return forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def _eager_route() -> bool:
+def eager_route() -> bool:
     """The one-call C++ ops (outside torch.compile): calls of the real kernels with plain autograd."""
     return namespace() == "bnext" and not transformed()
 
@@ -105,7 +105,7 @@ def batch_norm_impl(
             # Checkpoint recomputation: the statistics were taken into the running ones when the
             # forward first ran; taking them again would count the batch twice.
             running_mean = running_var = num_batches_tracked = None
-        if input.numel() > 0 and _eager_route():
+        if input.numel() > 0 and eager_route():
             if training:
                 return _train_op(input, weight, bias, running_mean, running_var, momentum, eps, num_batches_tracked)
             if not (torch.is_grad_enabled() and _requires_grad(input, weight, bias)):

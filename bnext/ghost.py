@@ -11,15 +11,25 @@ momentum=None the cumulative average over them). Eval is batch norm's, with the 
 (without running statistics, eval normalizes with batch statistics as batch norm does: per virtual
 batch, as the chunks through nn.BatchNorm would).
 
-How, in one pass of batch norm's kernels whatever the number of chunks G (no loop over chunks): the
-G full chunks of v rows, (G * v, C, *S), are one batch norm of (v, G * C, *S), the chunk index
-folded into the channels (a copy in the input's memory format, as bnext's vmap rules fold a vmapped
-dimension), with the affine parameters repeated G times (autograd sums their gradients over the
-chunks). That batch norm (bnext's routing: eager C++ call, torch.compile, torch.func, forward AD,
-saved programs) gets temporary running statistics of G * C elements, updated with momentum 1, which
-thus receive each chunk's mean and unbiased variance; a smaller last chunk is a second call. The G
-(+ 1) chunk statistics then go into the layer's running statistics in closed form, with tensor ops
-(no host read, one graph under torch.compile):
+How, with no Python loop over the G chunks, two routes:
+
+* eager calls on CPU tensors (the chunk route): one call of bnext::_batch_norm_forward_chunks, and
+  of bnext::_batch_norm_backward_chunks in backward, which run batch norm's kernels on each chunk in
+  place (N is the outermost dimension of both memory formats, so a chunk is one contiguous block of
+  every tensor): no copy, the memory traffic of one batch norm call. _GhostChunks is their autograd
+  Function; its double backward differentiates the fold route below at the saved input.
+* everything else (CUDA, the emulated kernels, torch.compile, torch.func, forward AD, saved
+  programs: the fold route): the G full chunks of v rows, (G * v, C, *S), are one batch norm of
+  (v, G * C, *S), the chunk index folded into the channels (a copy in the input's memory format, as
+  bnext's vmap rules fold a vmapped dimension), with the affine parameters repeated G times
+  (autograd sums their gradients over the chunks). That batch norm (bnext's routing) gets temporary
+  running statistics of G * C elements, updated with momentum 1, which thus receive each chunk's
+  mean and unbiased variance; a smaller last chunk is a second call.
+
+The chunk route takes the chunks' statistics into the layer's running statistics with batch norm's
+update once per chunk, in order (bnext::_update_running_stats_chunks, one call). The fold route
+takes its G (+ 1) chunk statistics in closed form, with tensor ops (no host read, one graph under
+torch.compile):
 
     momentum m:       running <- (1 - m)^G * running + sum_k m (1 - m)^(G - 1 - k) * stat_k
     momentum None:    running <- (n * running + sum_k stat_k) / (n + G),  n = num_batches_tracked
@@ -29,8 +39,8 @@ every chunk was normalized, so a call that raises leaves them as they were, and 
 torch.utils.checkpoint recomputes does not count its chunks again (batch_norm_impl's rule).
 
 The fold costs two copies of the input's size in forward (in, and the output back) and two in
-backward (grad_output in, grad_input back) beyond batch norm's own passes: benchmarks/
-bench_small_batch.py measures the layer against one batch norm call on the same input.
+backward (grad_output in, grad_input back) beyond batch norm's own passes; the chunk route none:
+benchmarks/bench_small_batch.py measures the layer against one batch norm call on the same input.
 """
 import operator
 from typing import Optional
@@ -39,8 +49,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import batch_norm_impl, recomputing, saved_program
+from ._shared import flat
+from .functional import batch_norm_impl, eager_route, recomputing, saved_program
 from .modules import PLAIN_LAYERS, BatchNorm1d, BatchNorm2d
+
+_forward_chunks = torch.ops.bnext._batch_norm_forward_chunks.default
+_backward_chunks = torch.ops.bnext._batch_norm_backward_chunks.default
+_update_chunks = torch.ops.bnext._update_running_stats_chunks.default
 
 
 def _check_virtual_batch_size(owner: str, value) -> int:
@@ -169,6 +184,77 @@ def _repeat(param: Optional[Tensor], chunks: int) -> Optional[Tensor]:
     return (param if param.dim() == 1 else param.reshape(-1)).expand(chunks, -1).reshape(-1)
 
 
+def _fold_route(input: Tensor, weight, bias, eps: float, v: int, stats: Optional[Tensor], running_mean, running_var):
+    """The training output of the fold route (module docstring); the chunks' means and unbiased
+    variances go into `stats` (chunk_stats_buffer) where it is given."""
+    G, rest = divmod(input.shape[0], v)
+    C = input.shape[1]
+    cl = _channels_last(input)
+    out = batch_norm_impl(
+        fold_chunks(input[: G * v] if rest else input, G, cl),
+        _rows(stats, 0, running_mean, 0, G * C),
+        _rows(stats, 1, running_var, 0, G * C),
+        _repeat(weight, G),
+        _repeat(bias, G),
+        True,
+        1.0,
+        eps,
+        None,
+    )
+    out = unfold_chunks(out, G, cl)
+    if rest:
+        last_mean = _rows(stats, 0, running_mean, G * C, (G + 1) * C)
+        last_var = _rows(stats, 1, running_var, G * C, (G + 1) * C)
+        last = batch_norm_impl(input[G * v :], last_mean, last_var, weight, bias, True, 1.0, eps, None)
+        out = torch.cat([out, last])
+    return out
+
+
+def _chunk_route(input: Tensor) -> bool:
+    """The chunk route's kernels: eager calls (outside torch.compile, functional.eager_route) on
+    plain CPU tensors."""
+    return not torch.compiler.is_compiling() and input.device.type == "cpu" and eager_route() and type(input) is Tensor
+
+
+class _GhostChunks(torch.autograd.Function):
+    """The chunk route: output, per-chunk means and biased variances (G, C) of input's chunks of v
+    rows; weight and bias (C,) or None."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, eps, v):
+        out, mean, invstd, var = _forward_chunks(input, weight, bias, eps, v)
+        ctx.eps, ctx.v = eps, v
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        input, weight, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            # Double backward (create_graph=True): the input and weight gradients as differentiable
+            # functions of input, weight and grad_out, from the fold route's ops at the saved input
+            # (the bias only shifts the output, so it is left out there: its gradient is grad_out
+            # summed over every dimension but the channels).
+            d_b = grad_out.sum([d for d in range(grad_out.dim()) if d != 1]) if need_b else None
+            wrt = [t for t, need in ((input, need_x), (weight, need_w)) if need]
+            grads = iter(())
+            if wrt:
+                out = _fold_route(input, weight, None, ctx.eps, ctx.v, None, None, None)
+                grads = iter(torch.autograd.grad(out, wrt, grad_out, create_graph=True))
+            d_x = next(grads) if need_x else None
+            d_w = next(grads) if need_w else None
+            return d_x, d_w, None if d_b is None else d_b.to(ctx.bias_dtype), None, None
+        grad_out = grad_out if grad_out.dtype == input.dtype else grad_out.to(input.dtype)
+        dx, sum_dy, sum_dy_xmu = _backward_chunks(grad_out, input, weight, mean, invstd, ctx.v)
+        # Each chunk's parameter gradients, summed over the chunks (batch norm's per chunk).
+        d_w = (sum_dy_xmu * invstd).sum(0).to(weight.dtype) if need_w else None
+        d_b = sum_dy.sum(0).to(ctx.bias_dtype) if need_b else None
+        return dx if need_x else None, d_w, d_b, None, None
+
+
 class _GhostBatchNormMixin:
     """Ghost batch norm on top of bnext's batch norm layers: the constructor, virtual_batch_size and
     the batch-statistics path (_batch_norm); everything else (checks, eval, state_dict) is the batch
@@ -220,27 +306,18 @@ class _GhostBatchNormMixin:
             # torch.utils.checkpoint recomputing the forward: the chunks were counted when it first ran
             # (batch_norm_impl's rule, which the temporary statistics would not see).
             running_mean = running_var = num_batches_tracked = None
-        C = input.shape[1]
         chunks = G + 1 if rest else G
-        stats = chunk_stats_buffer(running_mean, running_var, chunks, C)
-        cl = _channels_last(input)
-        out = batch_norm_impl(
-            fold_chunks(input[: G * v] if rest else input, G, cl),
-            _rows(stats, 0, running_mean, 0, G * C),
-            _rows(stats, 1, running_var, 0, G * C),
-            _repeat(weight, G),
-            _repeat(bias, G),
-            True,
-            1.0,
-            eps,
-            None,
-        )
-        out = unfold_chunks(out, G, cl)
-        if rest:
-            last_mean = _rows(stats, 0, running_mean, G * C, chunks * C)
-            last_var = _rows(stats, 1, running_var, G * C, chunks * C)
-            last = batch_norm_impl(input[G * v :], last_mean, last_var, weight, bias, True, 1.0, eps, None)
-            out = torch.cat([out, last])
+        if _chunk_route(input):
+            out, mean, var = _GhostChunks.apply(input, flat(weight), flat(bias), eps, v)
+            # Batch norm's update once per chunk, in order (bits of the loop over chunks).
+            per_row = input.numel() // (N * input.shape[1])
+            _update_chunks(
+                running_mean, running_var, num_batches_tracked, mean, var, v * per_row, (N - (chunks - 1) * v) * per_row,
+                momentum,
+            )
+            return out
+        stats = chunk_stats_buffer(running_mean, running_var, chunks, input.shape[1])
+        out = _fold_route(input, weight, bias, eps, v, stats, running_mean, running_var)
         with torch.no_grad():
             take_chunk_stats(running_mean, running_var, num_batches_tracked, stats, momentum, chunks)
         return out

@@ -307,6 +307,31 @@ void update_running_stats(
   }
 }
 
+// Ghost batch norm's chunks (bnext/ghost.py) taken into the running statistics: update_running_stats
+// once per chunk, in order, with that chunk's mean and biased variance (rows of the (G, C) mean and
+// var) and count of values per channel (`count` for each but the last chunk, `last_count` for it),
+// as the chunks going through batch norm one after another update them.
+void update_running_stats_chunks(
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& num_batches_tracked,
+    const Tensor& mean,
+    const Tensor& var,
+    int64_t count,
+    int64_t last_count,
+    std::optional<double> momentum) {
+  const char* op = "bnext._update_running_stats_chunks";
+  TORCH_CHECK(
+      mean.dim() == 2 && var.sizes() == mean.sizes(), op, ": mean and var must be (chunks, C) tensors of one shape, got ",
+      mean.sizes(), " and ", var.sizes());
+  const int64_t G = mean.size(0);
+  for (int64_t g = 0; g < G; ++g) {
+    update_running_stats(
+        running_mean, running_var, num_batches_tracked, mean.select(0, g), var.select(0, g),
+        g + 1 < G ? count : last_count, momentum);
+  }
+}
+
 void check_batch_norm_args_op(
     const Tensor& input,
     const OptTensor& weight,
@@ -374,6 +399,7 @@ TORCH_LIBRARY_IMPL(bnext, CompositeExplicitAutograd, m) {
 // A device-generic update; the meta/fake one (nothing to compute) is registered from Python.
 TORCH_LIBRARY_IMPL(bnext, CPU, m) {
   m.impl("update_running_stats", &update_running_stats);
+  m.impl("_update_running_stats_chunks", &update_running_stats_chunks);
 }
 
 #ifdef BNEXT_WITH_CUDA
@@ -393,6 +419,7 @@ TORCH_LIBRARY_IMPL(bnext, CUDA, m) {
 // torch) and the checks return nothing. Autograd (and torch.func's grad and jvp) pass them through.
 TORCH_LIBRARY_IMPL(bnext, Autograd, m) {
   m.impl("update_running_stats", torch::CppFunction::makeFallthrough());
+  m.impl("_update_running_stats_chunks", torch::CppFunction::makeFallthrough());
   m.impl("_check_batch_norm_args", torch::CppFunction::makeFallthrough());
 }
 

@@ -21,6 +21,20 @@ TORCH_LIBRARY(bnext, m) {
   m.def(
       "_batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
       " Tensor(b!)? running_var, float? momentum, float eps, Tensor(c!)? num_batches_tracked=None) -> Tensor");
+  // Ghost batch norm's eager CPU path (bnext/ghost.py): batch_norm_forward / batch_norm_backward of
+  // each run of chunk_rows consecutive samples with its own statistics, (G, C) per-run tensors;
+  // CPU kernels only (other devices and the traced paths fold the runs into the channels), and
+  // the runs' statistics taken into the running ones.
+  m.def(
+      "_batch_norm_forward_chunks(Tensor input, Tensor? weight, Tensor? bias, float eps, int chunk_rows)"
+      " -> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor save_var)");
+  m.def(
+      "_batch_norm_backward_chunks(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean,"
+      " Tensor save_invstd, int chunk_rows) -> (Tensor grad_input, Tensor sum_dy, Tensor sum_dy_xmu)");
+  // Its chunks taken into the running statistics: update_running_stats per chunk, in order.
+  m.def(
+      "_update_running_stats_chunks(Tensor(a!)? running_mean, Tensor(b!)? running_var,"
+      " Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, int count, int last_count, float? momentum) -> ()");
   // The eager inference call: batch_norm_eval below autograd, for calls with nothing to record.
   m.def(
       "_batch_norm_infer(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean,"

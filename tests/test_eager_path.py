@@ -15,7 +15,7 @@ import bnext.functional as F_bnext
 def python_path(monkeypatch):
     """Runs the block on the composed path."""
     def use():
-        monkeypatch.setattr(F_bnext, "_eager_route", lambda: False)
+        monkeypatch.setattr(F_bnext, "eager_route", lambda: False)
     return use
 
 

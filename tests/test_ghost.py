@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import bnext  # noqa: F401  (registers the ops)
+from bnext import ghost as ghost_module
 from bnext.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from bnext.testing import emulate_cuda
 from conftest import TOL, saved_for_backward, tensor_bytes, through_torch_save
@@ -174,21 +175,64 @@ class _OpCalls(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("N,expected", [(32, 1), (35, 2)])
-def test_one_kernel_call_whatever_the_number_of_virtual_batches(N, expected):
-    """16 virtual batches of 2 rows: one batch norm forward and one backward (a second of each for
-    a smaller last virtual batch), and the fold's four input-sized copies (input and output in
-    forward, their gradients in backward)."""
+def _kernel_calls(N):
     ghost = GhostBatchNorm2d(4, 2)
     x = torch.randn(N, 4, 3, 3, requires_grad=True)
     g = torch.randn(N, 4, 3, 3)
     with _OpCalls((N // 2) * 2 * 4 * 9) as mode:  # the rows of the full virtual batches
         ghost(x).backward(g)
+    assert int(ghost.num_batches_tracked) == N // 2 + (N % 2 > 0)
+    return mode
+
+
+@pytest.mark.parametrize("N", [32, 35])
+def test_chunk_route_one_call_and_no_copy(N):
+    """Eager CPU calls: 16 virtual batches of 2 rows (and a last one of 1) are one call of the chunk
+    forward and one of the chunk backward, with no input-sized copy and no other batch norm op."""
+    mode = _kernel_calls(N)
+    bnext_ops = [op for op in mode.ops if op.startswith("bnext.") and "check" not in op]
+    assert bnext_ops == [
+        "bnext._batch_norm_forward_chunks.default",
+        "bnext._update_running_stats_chunks.default",
+        "bnext._batch_norm_backward_chunks.default",
+    ], mode.ops
+    assert mode.copies == [], mode.copies
+
+
+@pytest.mark.parametrize("N,expected", [(32, 1), (35, 2)])
+def test_fold_route_one_kernel_call_whatever_the_number_of_virtual_batches(N, expected, monkeypatch):
+    """The fold route (CUDA, compile, torch.func): one batch norm forward and one backward (a second
+    of each for a smaller last virtual batch), and the fold's four input-sized copies (input and
+    output in forward, their gradients in backward)."""
+    monkeypatch.setattr(ghost_module, "_chunk_route", lambda input: False)
+    mode = _kernel_calls(N)
     forward = [op for op in mode.ops if op.startswith("bnext.batch_norm_forward")]
     backward = [op for op in mode.ops if op.startswith("bnext.batch_norm_backward")]
     assert len(forward) == expected and len(backward) == expected, mode.ops
     assert len(mode.copies) == 4, mode.copies
-    assert int(ghost.num_batches_tracked) == N // 2 + (N % 2 > 0)
+
+
+@pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_chunk_route_matches_fold_route(fmt, dtype, monkeypatch):
+    """The two routes on the same input: outputs, gradients and running statistics, 11 rows in
+    virtual batches of 3 (a last one of 2)."""
+    torch.manual_seed(6)
+    layer, _ = ghost_and_reference(2, 5, 3, dtype=dtype)
+    twin = copy.deepcopy(layer)
+    x = batch((11, 5, 3, 4), fmt, dtype)
+    g = batch((11, 5, 3, 4), fmt, dtype)
+    results = []
+    for route, module in ((True, layer), (False, twin)):
+        monkeypatch.setattr(ghost_module, "_chunk_route", lambda input, r=route: r)
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        y.backward(g)
+        assert y.is_contiguous(memory_format=fmt) and xi.grad.is_contiguous(memory_format=fmt)
+        results.append([y, xi.grad, module.weight.grad, module.bias.grad, module.running_mean, module.running_var])
+    tol = TOL[dtype]
+    for name, a, b in zip(["output", "grad input", "grad weight", "grad bias", "running_mean", "running_var"], *results):
+        assert_close(a, b, tol, name)
 
 
 def saved_bytes(layer, x):
@@ -198,12 +242,14 @@ def saved_bytes(layer, x):
 
 @pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "channels_last"])
 def test_saves_one_input_sized_tensor(fmt):
-    """Backward keeps the folded input and batch norm's per-channel vectors for every chunk (16 here):
-    batch norm's memory but for those small vectors."""
+    """Backward keeps the input (the folded input on the fold route) and batch norm's per-channel
+    mean and invstd for every chunk (16 here): batch norm's memory but for those small vectors."""
     x = torch.randn(32, 8, 5, 5).contiguous(memory_format=fmt).requires_grad_()
     ghost, bn = GhostBatchNorm2d(8, 2), bnext.BatchNorm2d(8)
     ours, theirs = saved_bytes(ghost, x), saved_bytes(bn, x)
-    assert ours == x.numel() * 4 + 16 * (theirs - x.numel() * 4), (ours, theirs)
+    # bnext.BatchNorm2d: input, weight, mean, invstd; the chunk route: 16 means and invstds.
+    assert theirs == x.numel() * 4 + 3 * 8 * 4, theirs
+    assert ours == x.numel() * 4 + 8 * 4 + 2 * 16 * 8 * 4, (ours, theirs)
 
 
 def functional(layer):
@@ -256,7 +302,9 @@ def test_torch_func():
     twin(x).square().sum().backward()
     for k in params:
         torch.testing.assert_close(grads[k], getattr(twin, k).grad)
-    assert torch.equal(layer.running_var, twin.running_var) and int(layer.num_batches_tracked) == 3
+    # The fold route (torch.func) takes the chunks in closed form, the chunk route (eager) one by one.
+    torch.testing.assert_close(layer.running_var, twin.running_var, rtol=1e-12, atol=1e-12)
+    assert int(layer.num_batches_tracked) == 3
     gx = grad(lambda x: layer(x).square().sum())(x)
     xr = x.clone().requires_grad_()
     loop_reference(ref, xr, 3).square().sum().backward()

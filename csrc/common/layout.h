@@ -13,8 +13,17 @@ struct Layout {
   // True when the C values of one (n, spatial) position are adjacent: channels_last(_3d), and any
   // input with HxW == 1 such as (N, C). Kernels then reduce over R = N * HxW rows of C values.
   bool channels_last;
+  // Set where the CPU kernels walk a tensor in blocks of N samples, one call per block (ghost batch
+  // norm's chunks, csrc/cpu/batch_norm_cpu.cpp): the samples of the whole tensor. The choices that
+  // depend on whether the data comes from memory or stays in cache (streaming stores, wide rows)
+  // are then the whole tensor's, as its blocks come from memory one after another. 0: N.
+  int64_t whole_N = 0;
   int64_t rows() const {
     return N * HxW;
+  }
+  // Values of the tensor whose size decides those choices.
+  int64_t traffic_numel() const {
+    return (whole_N > 0 ? whole_N : N) * C * HxW;
   }
 };
 

@@ -3,7 +3,9 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../common/checks.h"
@@ -291,6 +293,116 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   return {dx, sum_dy, sum_dy_xmu};
 }
 
+// Ghost batch norm's CPU path (bnext/ghost.py): batch norm of each run of `chunk_rows` consecutive
+// samples (the last run holds the rest) with that run's own statistics, G = ceil(N / chunk_rows)
+// runs, per-run statistics as (G, C) tensors. N is the outermost dimension of both memory formats,
+// so a run is one contiguous block of the input, the output and the gradients: the kernels of
+// batch_norm_forward / batch_norm_backward run on each block in place, one after another, with no
+// fold of the runs into the channels and no copy, and choose streaming stores by the whole tensor
+// (Layout::whole_N). Each run gets the bits those ops give on it alone.
+void check_chunk_rows(int64_t chunk_rows, const char* op) {
+  TORCH_CHECK_VALUE(chunk_rows >= 1, op, ": chunk_rows must be >= 1 (samples per run), got ", chunk_rows);
+}
+
+int64_t chunk_count(int64_t N, int64_t chunk_rows) {
+  return (N + chunk_rows - 1) / chunk_rows;
+}
+
+// f(g, element offset of run g, layout of run g) for every run in order.
+template <class F>
+void for_each_chunk(const Layout& layout, int64_t chunk_rows, F&& f) {
+  const int64_t G = chunk_count(layout.N, chunk_rows);
+  for (int64_t g = 0; g < G; ++g) {
+    Layout run = layout;
+    run.N = std::min(chunk_rows, layout.N - g * chunk_rows);
+    run.whole_N = layout.N;
+    f(g, g * chunk_rows * layout.C * layout.HxW, run);
+  }
+}
+
+// A (G, C) per-run tensor of the accumulation type, contiguous (checked by the caller).
+void check_chunk_stats(const Tensor& t, const char* name, int64_t G, const Tensor& input, const char* op) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a defined tensor");
+  const int64_t C = input.size(1);
+  TORCH_CHECK(
+      t.dim() == 2 && t.size(0) == G && t.size(1) == C, op, ": ", name, " must have shape (", G, ", ", C,
+      ") (one row per run of chunk_rows samples), got shape ", t.sizes());
+  TORCH_CHECK(
+      t.scalar_type() == acc_dtype(input.scalar_type()) && t.device() == input.device(), op, ": ", name,
+      " must be a ", acc_dtype(input.scalar_type()), " tensor on ", input.device(), ", got ", t.scalar_type(), " on ",
+      t.device());
+}
+
+template <typename T>
+T* at_offset(T* base, int64_t elements, size_t itemsize) {
+  using byte_t = std::conditional_t<std::is_const_v<T>, const char, char>;
+  return reinterpret_cast<byte_t*>(base) + elements * static_cast<int64_t>(itemsize);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward_chunks_cpu(
+    const Tensor& input,
+    const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias,
+    double eps,
+    int64_t chunk_rows) {
+  const char* op = "bnext._batch_norm_forward_chunks";
+  check_forward_args(input, weight, bias, eps, op);
+  check_chunk_rows(chunk_rows, op);
+  const auto p = prepare(input);
+  const int64_t C = p.layout.C, G = chunk_count(p.layout.N, chunk_rows);
+  const auto opts = input.options().dtype(acc_dtype(input.scalar_type()));
+  Tensor out = at::empty_like(p.x, p.fmt);
+  Tensor mean = at::empty({G, C}, opts), invstd = at::empty({G, C}, opts), var = at::empty({G, C}, opts);
+  const size_t item = p.x.element_size(), acc_item = mean.element_size();
+  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_forward_chunks_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const AccChannels<acc_t> w(weight, C, 1), b(bias, C, 0);
+    for_each_chunk(p.layout, chunk_rows, [&](int64_t g, int64_t offset, const Layout& run) {
+      cpu::kernels().forward(
+          input.scalar_type(), at_offset(p.x.const_data_ptr(), offset, item), at_offset(out.data_ptr(), offset, item),
+          run, w.get(), b.get(), eps, at_offset(mean.data_ptr(), g * C, acc_item),
+          at_offset(invstd.data_ptr(), g * C, acc_item), at_offset(var.data_ptr(), g * C, acc_item));
+    });
+  });
+  return {out, mean, invstd, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_chunks_cpu(
+    const Tensor& grad_out,
+    const Tensor& input,
+    const c10::optional<Tensor>& weight,
+    const Tensor& save_mean,
+    const Tensor& save_invstd,
+    int64_t chunk_rows) {
+  const char* op = "bnext._batch_norm_backward_chunks";
+  check_input(input, op);
+  check_like_input(grad_out, "grad_out", input, op);
+  check_optional_channel_vector(weight, "weight", input, op);
+  check_chunk_rows(chunk_rows, op);
+  const int64_t G = chunk_count(input.size(0), chunk_rows), C = input.size(1);
+  check_chunk_stats(save_mean, "save_mean", G, input, op);
+  check_chunk_stats(save_invstd, "save_invstd", G, input, op);
+  const auto p = prepare(input);
+  const Tensor dy = grad_out.contiguous(p.fmt);
+  const Tensor m = save_mean.contiguous(), s = save_invstd.contiguous();
+  const auto opts = input.options().dtype(acc_dtype(input.scalar_type()));
+  Tensor dx = at::empty_like(p.x, p.fmt);
+  Tensor sum_dy = at::empty({G, C}, opts), sum_dy_xmu = at::empty({G, C}, opts);
+  const size_t item = p.x.element_size(), acc_item = sum_dy.element_size();
+  BNEXT_DISPATCH(input.scalar_type(), "batch_norm_backward_chunks_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const AccChannels<acc_t> w(weight, C, 1);
+    for_each_chunk(p.layout, chunk_rows, [&](int64_t g, int64_t offset, const Layout& run) {
+      cpu::kernels().backward(
+          input.scalar_type(), at_offset(dy.const_data_ptr(), offset, item), at_offset(p.x.const_data_ptr(), offset, item),
+          at_offset(dx.data_ptr(), offset, item), run, w.get(), at_offset(m.const_data_ptr(), g * C, acc_item),
+          at_offset(s.const_data_ptr(), g * C, acc_item), at_offset(sum_dy.data_ptr(), g * C, acc_item),
+          at_offset(sum_dy_xmu.data_ptr(), g * C, acc_item));
+    });
+  });
+  return {dx, sum_dy, sum_dy_xmu};
+}
+
 // Fused BN + activation (+ residual), common/act.h: output = act(BN(input) + residual).
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_forward_cpu(
     const Tensor& input,
@@ -397,6 +509,8 @@ TORCH_LIBRARY_IMPL(bnext, CPU, m) {
   m.impl("batch_norm_act_forward", &batch_norm_act_forward_cpu);
   m.impl("batch_norm_act_eval", &batch_norm_act_eval_cpu);
   m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
+  m.impl("_batch_norm_forward_chunks", &batch_norm_forward_chunks_cpu);
+  m.impl("_batch_norm_backward_chunks", &batch_norm_backward_chunks_cpu);
 }
 
 }  // namespace bnext

@@ -71,7 +71,7 @@ struct RowPlan {
     rows_per_chunk = k * std::max<int64_t>(kMinChunkRows, kChunkValues / P);
     nchunks = (R + rows_per_chunk - 1) / rows_per_chunk;
     wide = P >= kWideRow ||
-        (kNativeBytes < 64 && P > 4 * Vec<float>::W && R * C * value_bytes >= kWideBytes);
+        (kNativeBytes < 64 && P > 4 * Vec<float>::W && l.traffic_numel() * value_bytes >= kWideBytes);
   }
   // Chunks per task: about kGrainElems values (see BlockPlan::task_grain).
   int64_t chunk_grain() const {
@@ -247,7 +247,7 @@ inline bool fused_channel_forward(const Layout& l) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t run_bytes = l.HxW * static_cast<int64_t>(sizeof(scalar_t));
   if (kNativeBytes < 64) {
-    const int64_t bytes = l.N * l.C * run_bytes;
+    const int64_t bytes = l.traffic_numel() * static_cast<int64_t>(sizeof(scalar_t));
     if (bytes > kFusedMinBytes && !stream_outputs(bytes)) {
       return false;
     }

@@ -92,7 +92,7 @@ inline int64_t aligned_head(const scalar_t* y, int64_t len) {
 // the bytes it moves, `passes` tensor passes (2: read x, write y; 3: read dy and x, write dx).
 template <typename scalar_t>
 inline bool stream_pass(const Layout& l, int64_t passes) {
-  return stream_outputs(passes * l.N * l.C * l.HxW * static_cast<int64_t>(sizeof(scalar_t)));
+  return stream_outputs(passes * l.traffic_numel() * static_cast<int64_t>(sizeof(scalar_t)));
 }
 
 // NCHW passes stream plane by plane only when every HxW plane starts on a line: planes that
