@@ -23,7 +23,8 @@ zeroes the padding. mask=None is bnext.BatchNorm1d / bnext.batch_norm, the same 
 Two ways to compute it, no kernel of its own (masked_batch_norm_impl routes by plain predicates):
 
 * the compact route (eager calls, masks made of few runs of real positions, as padded sequences
-  are): the real positions are copied run by run into one (1, C, K) tensor, bnext's fused batch
+  are): the real positions are copied run by run (in C++ for CPU tensors, csrc/cpu/
+  masked_runs.cpp) into one (1, C, K) tensor, bnext's fused batch
   norm runs on that (its kernels, checks, and running-statistic update with count K: batch norm's
   bookkeeping, not a copy of it), and the result is copied back around zeros. That is the
   definition itself, and the fast route: the copies move the real positions only, and the fused
@@ -153,6 +154,8 @@ class _Runs:
         self.stops = stops[:, 1].tolist()
         self.lengths = (stops[:, 1] - starts[:, 1]).tolist()
         self.count = sum(self.lengths)
+        # (R, 3) int64 (row, start, stop): the runs as the CPU copy ops take them.
+        self.table = torch.stack([starts[:, 0], starts[:, 1], stops[:, 1]], 1).contiguous()
         # The padding's runs, which _Expand zeroes (each output element is written once).
         self.gaps = _Runs(~mask.detach().cpu(), gaps=False) if gaps else None
 
@@ -163,12 +166,20 @@ class _Runs:
         return [t[n, :, a:b] for n, a, b in zip(self.rows, self.starts, self.stops)]
 
 
+def _copy_ops(t: Tensor) -> bool:
+    """The CPU copy ops of csrc/cpu/masked_runs.cpp (one memcpy per run and channel, in C++) for
+    plain CPU tensors outside torch.compile; torch's slice copies elsewhere."""
+    return not torch.compiler.is_compiling() and t.device.type == "cpu" and type(t) is Tensor
+
+
 class _Compact(torch.autograd.Function):
     """(N, C, L) -> (1, C, K): the real positions, run after run (its adjoint is _Expand)."""
 
     @staticmethod
     def forward(ctx, input, runs):
         ctx.runs, ctx.shape = runs, input.shape
+        if _copy_ops(input):
+            return torch.ops.bnext._masked_compact(input, runs.table)
         if not len(runs):  # a rank without real positions (SyncMaskedBatchNorm)
             return input.new_zeros((1, input.shape[1], 0))
         return torch.cat(runs.slices(input), dim=1).unsqueeze(0)
@@ -184,6 +195,8 @@ class _Expand(torch.autograd.Function):
     @staticmethod
     def forward(ctx, compact, runs, shape):
         ctx.runs = runs
+        if _copy_ops(compact):
+            return torch.ops.bnext._masked_expand(compact, runs.table, shape[0], shape[2])
         out = compact.new_empty(shape)
         for dst, src in zip(runs.slices(out), compact[0].split(runs.lengths, dim=1)):
             dst.copy_(src)

@@ -35,6 +35,11 @@ TORCH_LIBRARY(bnext, m) {
   m.def(
       "_update_running_stats_chunks(Tensor(a!)? running_mean, Tensor(b!)? running_var,"
       " Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, int count, int last_count, float? momentum) -> ()");
+  // Masked batch norm's compact route (bnext/masked.py) on CPU tensors: the real positions of
+  // (N, C, L), runs (R, 3) of (row, start, stop), gathered into (1, C, K) and scattered back around
+  // zeros (csrc/cpu/masked_runs.cpp).
+  m.def("_masked_compact(Tensor input, Tensor runs) -> Tensor");
+  m.def("_masked_expand(Tensor compact, Tensor runs, int N, int L) -> Tensor");
   // The eager inference call: batch_norm_eval below autograd, for calls with nothing to record.
   m.def(
       "_batch_norm_infer(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean,"

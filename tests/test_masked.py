@@ -632,3 +632,47 @@ def test_emulated_cuda_kernels(route):
     with emulate_cuda():
         run_and_compare(make_layer(5, momentum=0.3), batches(N=4, C=5, L=9, steps=3))
     assert simt.launches(), "no emulated CUDA kernel ran"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_copy_ops_match_the_slices(dtype):
+    """csrc/cpu/masked_runs.cpp against the slice copies of the other devices: masks with holes,
+    rows without real positions, no real position at all, every position real; a strided input."""
+    torch.manual_seed(11)
+    N, C, L = 6, 37, 29
+    holes = random_mask(N, L)
+    holes[2] = False
+    holes[5] = False
+    masks = [random_mask(N, L), holes, torch.zeros(N, L, dtype=torch.bool), torch.ones(N, L, dtype=torch.bool)]
+    x = torch.randn(N, L, C).to(dtype).transpose(1, 2)  # (N, C, L), not contiguous
+    for mask in masks:
+        runs = masked._Runs(mask)
+        expected = torch.cat(runs.slices(x), dim=1).unsqueeze(0) if len(runs) else x.new_zeros((1, C, 0))
+        compact = torch.ops.bnext._masked_compact(x, runs.table)
+        assert compact.is_contiguous() and torch.equal(compact, expected)
+        back = torch.ops.bnext._masked_expand(compact, runs.table, N, L)
+        assert torch.equal(back, torch.where(mask.unsqueeze(1), x, 0)), mask
+
+
+def test_cpu_copy_ops_refuse_bad_runs():
+    x = torch.randn(2, 3, 5)
+    good = masked._Runs(lengths_mask([3, 5], 5)).table
+    compact = torch.ops.bnext._masked_compact(x, good)
+    bad_tables = {
+        "shape": good[:, :2],
+        "dtype": good.int(),
+        "row out of range": torch.tensor([[2, 0, 1]]),
+        "rows out of order": torch.tensor([[1, 0, 1], [0, 0, 1]]),
+        "overlapping runs": torch.tensor([[0, 0, 3], [0, 2, 4]]),
+        "past the end": torch.tensor([[0, 0, 6]]),
+        "empty run": torch.tensor([[0, 2, 2]]),
+    }
+    for name, table in bad_tables.items():
+        with pytest.raises(RuntimeError, match="run"):
+            torch.ops.bnext._masked_compact(x, table)
+        with pytest.raises(RuntimeError, match="run"):
+            torch.ops.bnext._masked_expand(compact, table, 2, 5)
+    with pytest.raises(RuntimeError, match="compact must be"):
+        torch.ops.bnext._masked_expand(compact[:, :, 1:], good, 2, 5)
+    with pytest.raises(RuntimeError, match="non-negative"):
+        torch.ops.bnext._masked_expand(compact, good, -1, 5)
