@@ -2,9 +2,9 @@
 // positions of a padded (N, C, L) batch, given as runs (row n, start, stop) in (n, l) order,
 // gathered into one (1, C, K) tensor, and scattered back into (N, C, L) with zeros at the padding.
 // A run of one channel is len contiguous values in both tensors, so each is one memcpy, and every
-// value is read and written once (torch.cat of the runs' strided slices, and a copy_ plus a zero_
-// per run, made a Python call per run; a training step on 64x256x512 float32 with 47% real positions
-// went from 1.70x to 1.54-1.60x an unmasked call: benchmarks/bench_small_batch.py --layers masked).
+// value is read and written once, in one C++ call (torch.cat of the runs' strided slices and a
+// copy_ plus a zero_ per run made a Python call per run). Figures: docs/performance.md, small and
+// irregular batches.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -47,24 +47,22 @@ std::vector<int64_t> checked_offsets(const Tensor& runs, int64_t N, int64_t L, c
   return offsets;
 }
 
-// f(c0, c1) over blocks of kBlockChannels channels, in parallel (tasks of at least about 32K values,
-// so that small batches stay on one thread). Within a block the copies walk the rows n in order,
-// and for each row the block's channels: the (N, C, L) side then moves one stretch of
-// kBlockChannels rows of L, the (1, C, K) side advances kBlockChannels sequential streams. The
-// copies are short (a run of one channel: about a KiB for padded sequences of a few hundred
-// positions) and run below a clone's rate per byte whatever the order: on 64x256x512 float32 with
-// 47% real positions, one thread, the gather took about 3x a clone of the same bytes and the
-// scatter about 1.1-1.2x a clone of the whole input, with blocks of 4, 16, 64 or 256 channels alike
-// within this VM's noise (docs/performance.md, small and irregular batches).
-constexpr int64_t kBlockChannels = 16;
+// f(c0, c1) over blocks of `block` channels, in parallel (tasks of at least about 32K values, so
+// that small batches stay on one thread). The copies are short (a run of one channel: about a KiB
+// for padded sequences of a few hundred positions) and read or write rows in part, which runs below
+// a clone's rate per byte; of the loop orders measured standalone (scripts/partial_rows.cpp), the
+// gather was fastest channel by channel, its output then one sequential stream. The scatter goes by
+// blocks of kScatterBlock channels, row after row: its output then moves one stretch of
+// kScatterBlock rows of L at a time, and its input kScatterBlock sequential streams.
+constexpr int64_t kScatterBlock = 16;
 
 template <class F>
-void for_channel_blocks(int64_t C, int64_t values_per_channel, const F& f) {
-  const int64_t blocks = (C + kBlockChannels - 1) / kBlockChannels;
-  const int64_t per_block = std::max<int64_t>(1, values_per_channel * kBlockChannels);
+void for_channel_blocks(int64_t C, int64_t values_per_channel, int64_t block, const F& f) {
+  const int64_t blocks = (C + block - 1) / block;
+  const int64_t per_block = std::max<int64_t>(1, values_per_channel * block);
   at::parallel_for(0, blocks, std::max<int64_t>(1, 32768 / per_block), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      f(b * kBlockChannels, std::min(C, (b + 1) * kBlockChannels));
+      f(b * block, std::min(C, (b + 1) * block));
     }
   });
 }
@@ -85,10 +83,10 @@ Tensor masked_compact_cpu(const Tensor& input, const Tensor& runs) {
   const char* src = static_cast<const char*>(x.const_data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
   const int64_t* p = table.const_data_ptr<int64_t>();
-  for_channel_blocks(C, K, [&](int64_t c0, int64_t c1) {
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t n = p[3 * r], a = p[3 * r + 1], len = p[3 * r + 2] - a;
-      for (int64_t c = c0; c < c1; ++c) {
+  for_channel_blocks(C, K, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t n = p[3 * r], a = p[3 * r + 1], len = p[3 * r + 2] - a;
         std::memcpy(dst + (c * K + offsets[r]) * item, src + ((n * C + c) * L + a) * item, len * item);
       }
     }
@@ -123,7 +121,7 @@ Tensor masked_expand_cpu(const Tensor& compact, const Tensor& runs, int64_t N, i
   const int64_t item = x.element_size();
   const char* src = static_cast<const char*>(x.const_data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
-  for_channel_blocks(C, N * L, [&](int64_t c0, int64_t c1) {
+  for_channel_blocks(C, N * L, kScatterBlock, [&](int64_t c0, int64_t c1) {
     for (int64_t n = 0; n < N; ++n) {
       for (int64_t c = c0; c < c1; ++c) {
         char* row = dst + (n * C + c) * L * item;
