@@ -82,3 +82,31 @@ def test_bitwise_identical_across_thread_counts(shape, fmt, dtype, isa, restore_
             assert torch.equal(a.view(-1).view(torch.uint8) if a.is_contiguous() else a.contiguous().view(torch.uint8),
                                r.view(-1).view(torch.uint8) if r.is_contiguous() else r.contiguous().view(torch.uint8)), (
                 f"output {i} differs with {n} threads from {THREADS[0]} thread")
+
+
+def _small_batch_step(layer, x, mask=None):
+    """Output, every gradient and the running statistics of one training step."""
+    xg = x.detach().requires_grad_(True)
+    y = layer(xg) if mask is None else layer(xg, mask)
+    y.backward(y.detach() * 0.5 + 0.25)
+    return [y.detach(), xg.grad, layer.weight.grad, layer.bias.grad, layer.running_mean, layer.running_var]
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_small_batch_layers_across_thread_counts(fmt, restore_threads):
+    """The small-batch layers' CPU routes (ghost batch norm's per-chunk kernels, masked batch norm's
+    copies around the fused kernels) give the same bits for 1-4 threads."""
+    from bnext.ghost import GhostBatchNorm2d
+
+    gen = torch.Generator().manual_seed(3)
+    x = make((17, 96, 7, 7), fmt, torch.float32, gen)  # 4 virtual batches of 4 samples and one of 1
+    seq = torch.randn(12, 40, 90, generator=gen)
+    mask = torch.arange(90)[None] < torch.randint(10, 91, (12, 1), generator=gen)
+    results = {}
+    for n in THREADS:
+        torch.set_num_threads(n)
+        ghost, masked = GhostBatchNorm2d(96, 4), bnext.MaskedBatchNorm1d(40)
+        results[n] = _small_batch_step(ghost, x) + _small_batch_step(masked, seq, mask)
+    for n in THREADS[1:]:
+        for i, (a, r) in enumerate(zip(results[n], results[THREADS[0]])):
+            assert torch.equal(a, r), f"tensor {i} differs with {n} threads from {THREADS[0]} thread"
