@@ -43,6 +43,7 @@ and the torch.func transforms (RuntimeError with the same words: a graph cannot 
 on a value it computes). There the unbiased correction is computed with tensor ops for the same
 reason (the count handed to the update is then 1: no second correction).
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -145,7 +146,8 @@ class _Runs:
     """The mask's real positions as runs (row n, start, stop) on the host, in (n, l) order: where
     they are few, the real positions are copied into one (1, C, K) tensor with a slice per run."""
 
-    def __init__(self, mask: Tensor, gaps: bool = True) -> None:
+    def __init__(self, mask: Tensor) -> None:
+        self._mask = mask
         m = mask.detach().to(device="cpu", dtype=torch.int8)
         edges = torch.nn.functional.pad(m, (1, 1)).diff(dim=1)  # +1 where a run starts, -1 past its end
         starts, stops = (edges == 1).nonzero(), (edges == -1).nonzero()
@@ -156,8 +158,12 @@ class _Runs:
         self.count = sum(self.lengths)
         # (R, 3) int64 (row, start, stop): the runs as the CPU copy ops take them.
         self.table = torch.stack([starts[:, 0], starts[:, 1], stops[:, 1]], 1).contiguous()
-        # The padding's runs, which _Expand zeroes (each output element is written once).
-        self.gaps = _Runs(~mask.detach().cpu(), gaps=False) if gaps else None
+
+    @functools.cached_property
+    def gaps(self) -> "_Runs":
+        """The padding's runs, which _Expand's slice copies zero (each output element is written
+        once); taken only where those copies run (the CPU copy op zeroes the gaps itself)."""
+        return _Runs(~self._mask.detach().cpu())
 
     def __len__(self) -> int:
         return len(self.rows)

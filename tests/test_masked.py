@@ -635,9 +635,10 @@ def test_emulated_cuda_kernels(route):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_cpu_copy_ops_match_the_slices(dtype):
-    """csrc/cpu/masked_runs.cpp against the slice copies of the other devices: masks with holes,
-    rows without real positions, no real position at all, every position real; a strided input."""
+def test_cpu_copy_ops_match_the_slices(dtype, monkeypatch):
+    """csrc/cpu/masked_runs.cpp against the slice copies of the other devices (_Compact and _Expand
+    with the copy ops switched off): masks with holes, rows without real positions, no real
+    position at all, every position real; a strided input."""
     torch.manual_seed(11)
     N, C, L = 6, 37, 29
     holes = random_mask(N, L)
@@ -652,6 +653,10 @@ def test_cpu_copy_ops_match_the_slices(dtype):
         assert compact.is_contiguous() and torch.equal(compact, expected)
         back = torch.ops.bnext._masked_expand(compact, runs.table, N, L)
         assert torch.equal(back, torch.where(mask.unsqueeze(1), x, 0)), mask
+        with monkeypatch.context() as m:
+            m.setattr(masked, "_copy_ops", lambda t: False)
+            assert torch.equal(masked._Compact.apply(x, runs), compact)
+            assert torch.equal(masked._Expand.apply(compact, runs, x.shape), back)
 
 
 def test_cpu_copy_ops_refuse_bad_runs():
