@@ -29,8 +29,11 @@ from torch.utils import benchmark  # noqa: E402
 
 import bnext  # noqa: E402,F401  (registers torch.ops.bnext)
 
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from bench import tune_malloc  # noqa: E402
+
 OPS = ("stats", "normalize", "eval", "forward", "backward_reduce", "backward_elemt", "backward", "fwdbwd",
-       "act_backward", "act_backward_residual", "sum")
+       "act_forward", "act_forward_residual", "act_backward", "act_backward_residual", "sum")
 
 
 def _format_of(x):
@@ -60,7 +63,10 @@ def make_call(op, x, dy):
         "backward_elemt": lambda: bn.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy / count, sum_dy_xmu / count),
         "backward": lambda: bn.batch_norm_backward(dy, x, w, mean, invstd),
         "fwdbwd": lambda: (bn.batch_norm_forward(x, w, b, 1e-5), bn.batch_norm_backward(dy, x, w, mean, invstd)),
-        # The fused BN + ReLU backward from the input (1: relu), without and with a residual.
+        # The fused BN + ReLU (1: relu) training forward, and backward from the input, without and with
+        # a residual.
+        "act_forward": lambda: bn.batch_norm_act_forward(x, w, b, None, 1e-5, 1, 0.0),
+        "act_forward_residual": lambda: bn.batch_norm_act_forward(x, w, b, r, 1e-5, 1, 0.0),
         "act_backward": lambda: bn.batch_norm_act_backward(dy, x, None, w, b, mean, invstd, 1, 0.0, False),
         "act_backward_residual": lambda: bn.batch_norm_act_backward(dy, x, r, w, b, mean, invstd, 1, 0.0, False),
         "sum": lambda: x.sum(),
@@ -83,6 +89,7 @@ def main():
                         "change leaves alone cancels the drift between the runs of two builds")
     args = p.parse_args()
 
+    tune_malloc()  # no page faults for the outputs a call frees (see benchmarks/bench.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = tuple(int(s) for s in args.shape.split(","))

@@ -5,7 +5,8 @@
 //   act_backward  the sums of dz = dy * act'(z) and dz * (x - mean) (fixed blocks / chunks, fixed
 //                 merge order), then dx = a * ((dz - mean_dz) - (x - mean) * k) and dr = dz in one
 //                 pass; dz is recomputed in both passes, never stored (but as dr where a residual
-//                 is given)
+//                 is given; channels-last float/double inputs with a residual beyond the cache
+//                 store dr in the first pass and take dx from (dr, x), see act_backward_impl)
 // The passes walk runs of one channel (NCHW planes) or channels-last super-rows (RowPlan), with
 // the coefficients of a run as splats (SplatCoeffs) or per-lane arrays (LaneCoeffs), the same
 // element functions either way. Every value of a run is computed by the same code whatever the
@@ -23,6 +24,7 @@ namespace BNEXT_CPU_ISA_NS {
 template <typename acc_t, int K>
 struct SplatCoeffs {
   using vec = typename Vec<acc_t>::type;
+  static constexpr bool kSplat = true;  // at(k, j) for any j: runs may end in a masked vector
   vec v[K];
   acc_t s[K];
   // Channel c of K per-channel arrays.
@@ -52,6 +54,7 @@ struct SplatCoeffs {
 template <typename acc_t, int K>
 struct LaneCoeffs {
   using vec = typename Vec<acc_t>::type;
+  static constexpr bool kSplat = false;  // at(k, j) reads lanes [j, j + W): only whole vectors
   const acc_t* p[K];
   vec at(int k, int64_t j) const {
     return vload_acc(p[k] + j);
@@ -80,10 +83,16 @@ inline T* opt_at(T* p, int64_t o) {
   return p != nullptr ? p + o : nullptr;
 }
 
-// f2(i) for the pairs of vectors of a run of len values, f1(i) for a last single vector, fs(i)
-// for the values left.
-template <typename acc_t, typename F2, typename F1, typename FS>
-inline void run_map(int64_t len, const F2& f2, const F1& f1, const FS& fs) {
+// The fewest values left at the end of a run that go as one masked vector (run_map): 14x14 runs end
+// in 4 values, which measured faster masked; 7x7 runs end in 1, which measured slower masked than
+// alone (see docs/performance.md#fused-masked-tails).
+constexpr int64_t kMinMaskedTail = 4;
+
+// f2(i) for the pairs of vectors of a run of len values, f1(i) for a last single vector, then the
+// values left: with Masked and at least kMinMaskedTail of them, fm(i, n) as one masked vector of
+// n < W values (see kMaskedTails), else fs(i) one by one.
+template <typename acc_t, bool Masked = false, typename F2, typename F1, typename FS, typename FM = std::nullptr_t>
+inline void run_map(int64_t len, const F2& f2, const F1& f1, const FS& fs, const FM& fm = nullptr) {
   constexpr int64_t W = Vec<acc_t>::W;
   int64_t i = 0;
   for (; i + 2 * W <= len; i += 2 * W) {
@@ -92,10 +101,23 @@ inline void run_map(int64_t len, const F2& f2, const F1& f1, const FS& fs) {
   for (; i + W <= len; i += W) {
     f1(i);
   }
+  if constexpr (Masked) {
+    if (i + kMinMaskedTail <= len) {
+      fm(i, len - i);
+      return;
+    }
+  }
   for (; i < len; ++i) {
     fs(i);
   }
 }
+
+// Whether the runs of a pass with coefficients Co end in one masked vector (run_map's Masked).
+// The run functions with such tails (run_act_affine, run_act_reduce, run_act_backward) are always
+// inlined: they run once per NCHW plane, and with the masked tail GCC stopped inlining
+// run_act_backward, a call per 7x7 plane that made the bfloat16 backward about 20% slower.
+template <typename scalar_t, typename acc_t, typename Co>
+constexpr bool kMaskedRuns = kMaskedTails<scalar_t, acc_t> && Co::kSplat;
 
 // ---------------------------------------------------------------------------------------------
 // Forward: coefficients pivot, scale, shift (normalize() of math.h).
@@ -103,30 +125,39 @@ inline void run_map(int64_t len, const F2& f2, const F1& f1, const FS& fs) {
 enum : int { kPivot = 0, kScale = 1, kShift = 2, kFwdCoeffs = 3 };
 
 template <typename scalar_t, typename acc_t, Act A, bool Res, bool NT, typename Co>
-inline void run_act_affine(const scalar_t* x, const scalar_t* r, scalar_t* y, int64_t len, const Co& co, acc_t p) {
+__attribute__((always_inline)) inline void run_act_affine(
+    const scalar_t* x, const scalar_t* r, scalar_t* y, int64_t len, const Co& co, acc_t p) {
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::W;
-  auto f = [&](int64_t i, vec v) {
+  auto f = [&](int64_t i, vec v, vec rv) {
     vec z = vnormalize<true>(v, co.at(kPivot, i), co.at(kScale, i), co.at(kShift, i));
     if constexpr (Res) {
-      z = z + vload<scalar_t, acc_t>(r + i);
+      z = z + rv;
     }
     return vact_forward<A, acc_t>(z, p);
   };
-  run_map<acc_t>(
+  auto rvec = [&](int64_t i) { return Res ? vload<scalar_t, acc_t>(r + i) : vec{}; };
+  run_map<acc_t, kMaskedRuns<scalar_t, acc_t, Co>>(
       len,
       [&](int64_t i) {
         vec a, b;
         vload2<scalar_t, acc_t>(x + i, a, b);
-        vstore2<scalar_t, acc_t, NT>(y + i, f(i, a), f(i + W, b));
+        vstore2<scalar_t, acc_t, NT>(y + i, f(i, a, rvec(i)), f(i + W, b, rvec(i + W)));
       },
-      [&](int64_t i) { vstore<scalar_t, acc_t, NT && kVecIsLine<scalar_t, acc_t>>(y + i, f(i, vload<scalar_t, acc_t>(x + i))); },
+      [&](int64_t i) {
+        vstore<scalar_t, acc_t, NT && kVecIsLine<scalar_t, acc_t>>(y + i, f(i, vload<scalar_t, acc_t>(x + i), rvec(i)));
+      },
       [&](int64_t i) {
         acc_t z = normalize(load<scalar_t, acc_t>(x, i), co.one(kPivot, i), co.one(kScale, i), co.one(kShift, i));
         if constexpr (Res) {
           z = z + load<scalar_t, acc_t>(r, i);
         }
         store<scalar_t, acc_t>(y, i, act_forward(A, z, p));
+      },
+      [&](int64_t i, auto n) {  // (generic: instantiated only where run_map masks)
+        // (Never streamed: a streamed NCHW pass has runs of whole lines, see stream_planes.)
+        const vec rv = Res ? vload_part<scalar_t, acc_t>(r + i, n) : vec{};
+        vstore_part<scalar_t, acc_t>(y + i, f(i, vload_part<scalar_t, acc_t>(x + i, n), rv), n);
       });
 }
 
@@ -268,6 +299,15 @@ struct GradRun {
         load<scalar_t, acc_t>(dy, i), load<scalar_t, acc_t>(s, i), Res ? load<scalar_t, acc_t>(r, i) : acc_t(0),
         co.one(kMean, i), co.one(kGScale, i), co.one(kGShift, i), co.one(kInvScale, i), p, dz, xmu);
   }
+  // The terms of the n < W values at i as one vector (run_map's masked tail): lanes past n load
+  // as zero and their dz is zeroed, so they add nothing to the sums.
+  void part_terms(int64_t i, int64_t n, vec& dz, vec& xmu) const {
+    grad_terms_vec<A, Res, FromOut, acc_t>(
+        vload_part<scalar_t, acc_t>(dy + i, n), vload_part<scalar_t, acc_t>(s + i, n),
+        Res ? vload_part<scalar_t, acc_t>(r + i, n) : vec{}, co.at(kMean, i), co.at(kGScale, i), co.at(kGShift, i),
+        co.at(kInvScale, i), p, dz, xmu);
+    dz = first_lanes<acc_t>(dz, n);
+  }
 };
 
 // A block's sums: dz in merge_t (wide_add, a pair's dz added in acc_t first: exact for a constant
@@ -287,12 +327,40 @@ struct GradAcc {
   }
 };
 
+// Where a reduction also stores dz (the channels-last residual path of act_backward_impl keeps it
+// as grad_residual and reads it back for dx): nowhere (Store false), or at p, streamed where NT
+// (a pair of vectors, or one vector that fills a line).
+template <typename scalar_t, typename acc_t, bool Store, bool NT>
+struct DzOut {
+  using vec = typename Vec<acc_t>::type;
+  scalar_t* p;
+  DzOut at(int64_t o) const {
+    return {Store ? p + o : nullptr};
+  }
+  void two(int64_t i, vec a, vec b) const {
+    if constexpr (Store) {
+      vstore2<scalar_t, acc_t, NT>(p + i, a, b);
+    }
+  }
+  void one_vec(int64_t i, vec a) const {
+    if constexpr (Store) {
+      vstore<scalar_t, acc_t, NT && kVecIsLine<scalar_t, acc_t>>(p + i, a);
+    }
+  }
+  void one(int64_t i, acc_t v) const {
+    if constexpr (Store) {
+      store<scalar_t, acc_t>(p, i, v);
+    }
+  }
+};
+
 template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut, typename Co>
-inline void run_act_reduce(const GradRun<scalar_t, acc_t, A, Res, FromOut, Co>& g, int64_t len, GradAcc<acc_t>& sums) {
+__attribute__((always_inline)) inline void run_act_reduce(
+    const GradRun<scalar_t, acc_t, A, Res, FromOut, Co>& g, int64_t len, GradAcc<acc_t>& sums) {
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::W;
   GradAcc<acc_t> s = sums;  // a local copy (see seg_moments)
-  run_map<acc_t>(
+  run_map<acc_t, kMaskedRuns<scalar_t, acc_t, Co>>(
       len,
       [&](int64_t i) {
         vec d0, d1, m0, m1;
@@ -313,34 +381,49 @@ inline void run_act_reduce(const GradRun<scalar_t, acc_t, A, Res, FromOut, Co>& 
         g.one_terms(i, d, m);
         s.ta += d;
         s.tb += d * m;
+      },
+      [&](int64_t i, auto n) {  // (generic: instantiated only where run_map masks)
+        vec d, m;
+        g.part_terms(i, n, d, m);
+        wide_add<acc_t>(s.lo, s.hi, d);
+        s.b0 += d * m;
       });
   sums = s;
 }
 
-// The same over channels-last rows, per lane: a (merge_t lanes, see wide_lane_add), b.
-template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut, typename Co>
+// The same over channels-last rows, per lane: a (merge_t lanes, see wide_lane_add), b; dz also
+// stored where `dz` says so.
+template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut, typename Co, typename Dz>
 inline void run_act_reduce_lanes(
-    const GradRun<scalar_t, acc_t, A, Res, FromOut, Co>& g, int64_t len, merge_t* a, acc_t* b) {
+    const GradRun<scalar_t, acc_t, A, Res, FromOut, Co>& g, int64_t len, merge_t* a, acc_t* b, const Dz& dz) {
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::W;
-  auto one_vec = [&](int64_t i) {
-    vec d, m;
-    g.vec_terms(i, d, m);
+  auto add = [&](int64_t i, vec d, vec m) {
     wide_lane_add<acc_t>(a + i, d);
     lane_add(b + i, d * m);
   };
   run_map<acc_t>(
       len,
       [&](int64_t i) {
-        one_vec(i);
-        one_vec(i + W);
+        vec d0, m0, d1, m1;
+        g.vec_terms(i, d0, m0);
+        add(i, d0, m0);
+        g.vec_terms(i + W, d1, m1);
+        add(i + W, d1, m1);
+        dz.two(i, d0, d1);
       },
-      one_vec,
+      [&](int64_t i) {
+        vec d, m;
+        g.vec_terms(i, d, m);
+        add(i, d, m);
+        dz.one_vec(i, d);
+      },
       [&](int64_t i) {
         acc_t d, m;
         g.one_terms(i, d, m);
         a[i] += d;
         b[i] += d * m;
+        dz.one(i, d);
       });
 }
 
@@ -357,10 +440,10 @@ constexpr int64_t kActReduceBy4Bytes = int64_t(4) << 20;
 // (d0 + d1) and (d2 + d3), each exact for a constant dy as in GradAcc, never a sum of three or four
 // values in acc_t. Which rows go by four depends on the shape alone: the same bits for any thread
 // count.
-template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut>
+template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut, typename Dz>
 inline void act_rows_reduce(
     const scalar_t* dy, const scalar_t* s, const scalar_t* r, int64_t nrows, int64_t width, bool by4,
-    const LaneCoeffs<acc_t, kGradCoeffs>& lanes, acc_t p, merge_t* a, acc_t* b) {
+    const LaneCoeffs<acc_t, kGradCoeffs>& lanes, acc_t p, merge_t* a, acc_t* b, const Dz& dz) {
   using vec = typename Vec<acc_t>::type;
   const LaneCoeffs<acc_t, kGradCoeffs> co = lanes;  // by value into the lambdas (see rows_wide_by4)
   auto terms = [=](int64_t o, int64_t j, vec& d, vec& m) {
@@ -391,6 +474,10 @@ inline void act_rows_reduce(
       wide_add<acc_t>(lo, hi, d2 + d3);
       wide_store<acc_t>(a + j, lo, hi);
       lane_add(b + j, (d0 * m0 + d1 * m1) + (d2 * m2 + d3 * m3));
+      dz.one_vec(o + j, d0);
+      dz.one_vec(o + width + j, d1);
+      dz.one_vec(o + 2 * width + j, d2);
+      dz.one_vec(o + 3 * width + j, d3);
     }
     for (; j < width; ++j) {
       for (int64_t k = 0; k < 4; ++k) {
@@ -398,27 +485,34 @@ inline void act_rows_reduce(
         one_terms(o + k * width, j, d, m);
         a[j] += d;
         b[j] += d * m;
+        dz.one(o + k * width + j, d);
       }
     }
   }
   for (; row < nrows; ++row) {
     const int64_t o = row * width;
-    run_act_reduce_lanes(GradRun<scalar_t, acc_t, A, Res, FromOut, LaneCoeffs<acc_t, kGradCoeffs>>{dy + o, s + o, opt_at(r, o), co, p}, width, a, b);
+    run_act_reduce_lanes(
+        GradRun<scalar_t, acc_t, A, Res, FromOut, LaneCoeffs<acc_t, kGradCoeffs>>{dy + o, s + o, opt_at(r, o), co, p},
+        width, a, b, dz.at(o));
   }
 }
 
 // dx (and dr = dz) of one run.
 template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut, bool NT, typename Co>
-inline void run_act_backward(const GradRun<scalar_t, acc_t, A, Res, FromOut, Co>& g, scalar_t* dx, scalar_t* dr, int64_t len) {
+__attribute__((always_inline)) inline void run_act_backward(
+    const GradRun<scalar_t, acc_t, A, Res, FromOut, Co>& g, scalar_t* dx, scalar_t* dr, int64_t len) {
   using vec = typename Vec<acc_t>::type;
   constexpr int64_t W = Vec<acc_t>::W;
   const Co& co = g.co;
+  auto elemt = [&](int64_t i, vec d, vec m) {
+    return backward_elemt(d, m, vec{}, co.at(kMeanDz, i), co.at(kK, i), co.at(kA, i));
+  };
   auto f = [&](int64_t i, vec& d) {
     vec m;
     g.vec_terms(i, d, m);
-    return backward_elemt(d, m, vec{}, co.at(kMeanDz, i), co.at(kK, i), co.at(kA, i));
+    return elemt(i, d, m);
   };
-  run_map<acc_t>(
+  run_map<acc_t, kMaskedRuns<scalar_t, acc_t, Co>>(
       len,
       [&](int64_t i) {
         vec d0, d1;
@@ -442,6 +536,15 @@ inline void run_act_backward(const GradRun<scalar_t, acc_t, A, Res, FromOut, Co>
             dx, i, backward_elemt(d, m, acc_t(0), co.one(kMeanDz, i), co.one(kK, i), co.one(kA, i)));
         if constexpr (Res) {
           store<scalar_t, acc_t>(dr, i, d);
+        }
+      },
+      [&](int64_t i, auto n) {  // (generic: instantiated only where run_map masks)
+        // (Never streamed: a streamed NCHW pass has runs of whole lines, see stream_planes.)
+        vec d, m;
+        g.part_terms(i, n, d, m);
+        vstore_part<scalar_t, acc_t>(dx + i, elemt(i, d, m), n);
+        if constexpr (Res) {
+          vstore_part<scalar_t, acc_t>(dr + i, d, n);
         }
       });
 }
@@ -474,33 +577,47 @@ inline GradSums merge_blocks(const GradSums* part, int64_t nblocks) {
 
 // The sums of every channel: NCHW by (block, channel) tasks over BlockPlan's blocks, merged in
 // block order; channels-last by RowPlan's chunks, merged in chunk order (as backward_reduce_sums).
-template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut>
+// With StoreDz (channels-last only) dz is also stored to dzo (streamed in whole super-rows; the tail
+// row stores normally): the same sums either way.
+template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut, bool StoreDz = false>
 void act_reduce_sums(
     const scalar_t* dy, const scalar_t* s, const scalar_t* r, const Layout& l, const acc_t* const* arrays, acc_t p,
-    GradSums* sums) {
+    GradSums* sums, scalar_t* dzo = nullptr) {
   const int64_t C = l.C;
   if (l.channels_last) {
     const RowPlan plan(l, sizeof(scalar_t));
     const LaneBuffers<acc_t, kGradCoeffs> co(arrays, C, plan.k);
     const bool by4 = l.rows() * C * static_cast<int64_t>(sizeof(scalar_t)) <= kActReduceBy4Bytes;
     Buffer<merge_t> pa(plan.nchunks * C), pb(plan.nchunks * C);
-    at::parallel_for(0, plan.nchunks, plan.chunk_grain(), [&](int64_t begin, int64_t end) {
-      Buffer<merge_t> a(plan.P);
-      Buffer<acc_t> b(plan.P), tb(C);
-      for (int64_t q = begin; q < end; ++q) {
-        const int64_t r0 = q * plan.rows_per_chunk, r1 = r0 + plan.chunk_rows(q);
-        std::fill(a.p, a.p + plan.P, merge_t(0));
-        std::fill(b.p, b.p + plan.P, acc_t(0));
-        for_super_rows(plan, r0, r1, [&](int64_t off, int64_t nrows, int64_t width) {
-          act_rows_reduce<scalar_t, acc_t, A, Res, FromOut>(
-              dy + off, s + off, opt_at(r, off), nrows, width, by4, co.lanes, p, a.p, b.p);
-        });
-        fold(a.p, C, plan.k, pa.p + q * C);
-        fold(b.p, C, plan.k, tb.p);
-        for (int64_t c = 0; c < C; ++c) {
-          pb.p[q * C + c] = tb.p[c];
+    // dz streams where it and x, which the elementwise pass reads back, exceed the cache share.
+    const bool stream = StoreDz && stream_rows<scalar_t, acc_t>(dzo, l, plan, 2);
+    with_constant(stream, [&](auto nt) {
+      at::parallel_for(0, plan.nchunks, plan.chunk_grain(), [&](int64_t begin, int64_t end) {
+        Buffer<merge_t> a(plan.P);
+        Buffer<acc_t> b(plan.P), tb(C);
+        for (int64_t q = begin; q < end; ++q) {
+          const int64_t r0 = q * plan.rows_per_chunk, r1 = r0 + plan.chunk_rows(q);
+          std::fill(a.p, a.p + plan.P, merge_t(0));
+          std::fill(b.p, b.p + plan.P, acc_t(0));
+          for_super_rows(plan, r0, r1, [&](int64_t off, int64_t nrows, int64_t width) {
+            auto reduce = [&](const auto& dz) {
+              act_rows_reduce<scalar_t, acc_t, A, Res, FromOut>(
+                  dy + off, s + off, opt_at(r, off), nrows, width, by4, co.lanes, p, a.p, b.p, dz);
+            };
+            if (width == plan.P) {
+              reduce(DzOut<scalar_t, acc_t, StoreDz, nt.value>{opt_at(dzo, off)});
+            } else {
+              reduce(DzOut<scalar_t, acc_t, StoreDz, false>{opt_at(dzo, off)});
+            }
+          });
+          fold(a.p, C, plan.k, pa.p + q * C);
+          fold(b.p, C, plan.k, tb.p);
+          for (int64_t c = 0; c < C; ++c) {
+            pb.p[q * C + c] = tb.p[c];
+          }
         }
-      }
+        end_streaming<nt.value>();
+      });
     });
     for (int64_t c = 0; c < C; ++c) {
       merge_t sa = 0, sb = 0;
@@ -650,6 +767,25 @@ void act_backward_impl(
     return;
   }
   Buffer<GradSums> sums(C);
+  if constexpr (Res && !FromOut && std::is_same_v<scalar_t, acc_t>) {
+    if (l.channels_last && stream_rows<scalar_t, acc_t>(dr, l, RowPlan(l, sizeof(scalar_t)), 2)) {
+      // Channels-last with a residual (float, double) where dz and x exceed the cache share: the
+      // reduction streams dz out as grad_residual, and dx is batch norm's elementwise pass over
+      // (dz, x): four tensor passes and three (dz, x -> dx) instead of three and five (dy, x, r ->
+      // dx, dr), one pass fewer. Smaller inputs keep the five-pass route, whose inputs come from
+      // the cache (measured faster there, see docs/performance.md#fused-residual-backward). Only
+      // where scalar_t is acc_t: dz is stored exactly, so dx is the same formula on the same values
+      // (the same bits on either route, tested through the streaming threshold); a 16-bit dz
+      // would be rounded before dx.
+      act_reduce_sums<scalar_t, acc_t, A, Res, FromOut, true>(dy, s, r, l, arrays, p, sums.p, dr);
+      Buffer<BackwardCoeffs<acc_t>> bc(C);
+      for (int64_t c = 0; c < C; ++c) {
+        bc.p[c] = fused_backward_coeffs(l, c, weight, mean, invstd, sums.p[c], sum_dz, sum_dz_xmu);
+      }
+      backward_elemt_kernel<scalar_t, acc_t>(dr, s, dx, l, bc.p);
+      return;
+    }
+  }
   act_reduce_sums<scalar_t, acc_t, A, Res, FromOut>(dy, s, r, l, arrays, p, sums.p);
   for (int64_t c = 0; c < C; ++c) {
     coeffs(c, sums.p[c]);
