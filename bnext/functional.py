@@ -5,8 +5,9 @@ another way):
 
 * traces that become saved programs (torch.jit.trace, torch.export, torch.onnx.export): torch's
   own batch_norm op is recorded, so the saved program runs where bnext is not installed;
-* eager calls: one C++ call (bnext::_batch_norm_train with a C++ autograd node, or
-  bnext::_batch_norm_infer, batch_norm_eval below autograd): the least per-call cost;
+* eager calls: one C++ call (bnext::_batch_norm_train or, for the fused layers,
+  bnext::_batch_norm_act_train, with a C++ autograd node; or bnext::_batch_norm_infer,
+  batch_norm_eval below autograd): the least per-call cost;
 * under torch.compile, torch.func transforms and forward-mode AD: the differentiable functional
   ops (bnext/_ops/: backward, jvp and vmap formulas each), composed here.
 
@@ -31,6 +32,7 @@ _HAS_CUDA = bool(_C.build_info()["cuda"])
 _bnext = torch.ops.bnext
 _train_op = torch.ops.bnext._batch_norm_train.default
 _infer_op = torch.ops.bnext._batch_norm_infer.default
+_act_train_op = torch.ops.bnext._batch_norm_act_train.default
 
 
 def check_device(input: Tensor, name: str = "input", op: str = _NAME) -> None:
@@ -275,14 +277,23 @@ def batch_norm_act_impl(
         # residual torch's add would broadcast or promote: batch norm, add and activation apart.
         out = batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked)
         return _act_torch(out if residual is None else out + residual, activation, param)
+    code = ACTIVATIONS[activation]
+    grads = _requires_grad(input, weight, bias) or (residual is not None and residual.requires_grad)
+    saving = memory_saving and grads and torch.is_grad_enabled()
+    if training and not compiling and eager_route() and not saving:
+        # One C++ call with a C++ autograd node (csrc/module_ops.cpp), as batch_norm_impl's.
+        if recomputing():
+            running_mean = running_var = num_batches_tracked = None  # see batch_norm_impl
+        return _act_train_op(
+            input, weight, bias, running_mean, running_var, momentum, eps, num_batches_tracked, residual, code, param
+        )
     _bnext._check_batch_norm_args(input, weight, bias, running_mean, running_var, training, eps)
-    weight, bias, code = flat(weight), flat(bias), ACTIVATIONS[activation]
+    weight, bias = flat(weight), flat(bias)
     if not training:
         return ops().batch_norm_act_eval(input, weight, bias, flat(running_mean), flat(running_var), residual, eps, code, param)
     if not compiling and recomputing():
         running_mean = running_var = num_batches_tracked = None  # see batch_norm_impl
-    grads = _requires_grad(input, weight, bias) or (residual is not None and residual.requires_grad)
-    if memory_saving and grads and torch.is_grad_enabled() and not transformed():
+    if saving and not transformed():
         out, mean, _invstd, var = _MemorySavingBatchNormAct.apply(input, weight, bias, residual, eps, code, param)
     else:
         out, mean, _invstd, var = ops().batch_norm_act_forward(input, weight, bias, residual, eps, code, param)

@@ -7,6 +7,7 @@
 //                           unbiased variance, num_batches_tracked), computed here and nowhere else;
 //   _batch_norm_train       the eager training call: checks, the fused forward under a C++ autograd
 //                           node, the update, in one call from Python;
+//   _batch_norm_act_train   the same for the fused BN + activation (+ residual) layers;
 //   _batch_norm_infer       the eager inference call: batch_norm_eval below autograd (the Python
 //                           layer calls it only where nothing requires grad or grad mode is off);
 //   batch_norm_eval         for CUDA tensors (common/eval.h; the CPU entry is in cpu/).
@@ -29,6 +30,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "common/checks.h"
 #include "common/eval.h"
@@ -82,6 +84,10 @@ OptTensor opt(const Tensor& t) {
   return t.defined() ? OptTensor(t) : std::nullopt;
 }
 
+bool given(const OptTensor& t) {
+  return t.has_value() && t->defined();
+}
+
 // a * b per channel (a alone when b is null) in a's type, rounded to `dtype`: what a * b and
 // .to(dtype) give, on the host, for the CPU tensors of a first-order backward (each ATen op is a
 // dispatcher call, and bfloat16 parameters need up to three of them per call; see
@@ -104,6 +110,52 @@ Tensor channel_values(const Tensor& a, const Tensor* b, at::ScalarType dtype) {
     });
   });
   return out;
+}
+
+// What both training nodes' backward do first: grad_out in the input's dtype; and in a double
+// backward (grad mode on: create_graph), the statistics recomputed with the differentiable ops, so
+// second derivatives flow through mean and invstd. Returns whether it is a double backward.
+bool prepare_backward(AutogradContext* ctx, const Tensor& input, Tensor& grad_out, Tensor& mean, Tensor& invstd) {
+  if (grad_out.scalar_type() != input.scalar_type()) {
+    grad_out = grad_out.to(input.scalar_type());
+  }
+  const bool create_graph = at::GradMode::is_enabled();
+  if (create_graph) {
+    Tensor var;
+    std::tie(mean, var) = stats_op().call(input);
+    invstd = at::rsqrt(var + ctx->saved_data["eps"].toDouble());
+  }
+  return create_graph;
+}
+
+// The parameters' gradients from the backward's per-channel sums: grad_weight = sum_dy_xmu * invstd
+// and grad_bias = sum_dy, each in its parameter's dtype; undefined where its dtype is not given (no
+// gradient asked for).
+std::pair<Tensor, Tensor> param_grads(
+    const Tensor& sum_dy, const Tensor& sum_dy_xmu, const Tensor& invstd, std::optional<at::ScalarType> weight_dtype,
+    std::optional<at::ScalarType> bias_dtype, bool create_graph) {
+  // The host loop reads raw memory: plain CPU tensors of a first-order backward only (grads batched
+  // by vmap, as in autograd.grad(is_grads_batched=True), and tensor subclasses take the ATen ops).
+  const bool host = !create_graph && sum_dy.device().is_cpu() && !at::areAnyTensorSubclassLike({sum_dy, sum_dy_xmu, invstd});
+  Tensor grad_weight, grad_bias;
+  if (weight_dtype) {
+    if (host) {
+      grad_weight = channel_values(sum_dy_xmu, &invstd, *weight_dtype);
+    } else {
+      grad_weight = sum_dy_xmu * invstd;
+      if (grad_weight.scalar_type() != *weight_dtype) {
+        grad_weight = grad_weight.to(*weight_dtype);
+      }
+    }
+  }
+  if (bias_dtype) {
+    if (sum_dy.scalar_type() == *bias_dtype) {
+      grad_bias = sum_dy;
+    } else {
+      grad_bias = host ? channel_values(sum_dy, nullptr, *bias_dtype) : sum_dy.to(*bias_dtype);
+    }
+  }
+  return {grad_weight, grad_bias};
 }
 
 // The autograd formula of batch_norm_forward (bnext/_ops/autograd.py), for the output alone, in C++.
@@ -137,20 +189,11 @@ struct TrainFunction : public torch::autograd::Function<TrainFunction> {
     const Tensor& input = saved[0];
     const OptTensor weight = opt(saved[1]);
     Tensor mean = saved[2], invstd = saved[3];
-    if (grad_out.scalar_type() != input.scalar_type()) {
-      grad_out = grad_out.to(input.scalar_type());
-    }
-    const bool create_graph = at::GradMode::is_enabled();
+    const bool create_graph = prepare_backward(ctx, input, grad_out, mean, invstd);
     // First order: the ops below their (Python) autograd kernels, which would only re-dispatch.
     std::optional<at::AutoDispatchBelowADInplaceOrView> below;
     if (!create_graph) {
       below.emplace();
-    } else {
-      // Double backward: statistics recomputed with the differentiable ops, so second derivatives
-      // flow through mean and invstd.
-      Tensor var;
-      std::tie(mean, var) = stats_op().call(input);
-      invstd = at::rsqrt(var + ctx->saved_data["eps"].toDouble());
     }
     Tensor grad_input, sum_dy, sum_dy_xmu;
     if (need_x) {
@@ -158,29 +201,92 @@ struct TrainFunction : public torch::autograd::Function<TrainFunction> {
     } else {
       std::tie(sum_dy, sum_dy_xmu) = backward_reduce_op().call(grad_out, input, mean, invstd);
     }
-    Tensor grad_weight, grad_bias;
-    // The host loop reads raw memory: plain CPU tensors only (grads batched by vmap, as in
-    // autograd.grad(is_grads_batched=True), and tensor subclasses take the ATen ops).
-    const bool host = !create_graph && input.device().is_cpu() && !at::areAnyTensorSubclassLike({sum_dy, sum_dy_xmu, invstd});
-    if (need_w) {
-      if (host) {
-        grad_weight = channel_values(sum_dy_xmu, &invstd, weight->scalar_type());
-      } else {
-        grad_weight = sum_dy_xmu * invstd;
-        if (grad_weight.scalar_type() != weight->scalar_type()) {
-          grad_weight = grad_weight.to(weight->scalar_type());
-        }
-      }
-    }
-    if (need_b) {
-      const auto bias_dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
-      if (sum_dy.scalar_type() == bias_dtype) {
-        grad_bias = sum_dy;
-      } else {
-        grad_bias = host ? channel_values(sum_dy, nullptr, bias_dtype) : sum_dy.to(bias_dtype);
-      }
-    }
+    const auto [grad_weight, grad_bias] = param_grads(
+        sum_dy, sum_dy_xmu, invstd, need_w ? std::optional(weight->scalar_type()) : std::nullopt,
+        need_b ? std::optional(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt())) : std::nullopt,
+        create_graph);
     return {grad_input, grad_weight, grad_bias, Tensor()};
+  }
+};
+
+using ActForwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, int64_t, double);
+using ActBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
+    int64_t, double, bool);
+
+const c10::TypedOperatorHandle<ActForwardSig>& act_forward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("bnext::batch_norm_act_forward", "").typed<ActForwardSig>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<ActBackwardSig>& act_backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("bnext::batch_norm_act_backward", "").typed<ActBackwardSig>();
+  return op;
+}
+
+// The autograd formula of batch_norm_act_forward (bnext/_ops/fused.py: _forward_setup,
+// _forward_backward), for the output alone, in C++: the eager training call of BatchNormAct and
+// fuse_model's layers, where the Python autograd kernel and Function cost more per call than a small
+// layer's kernels (see docs/performance.md#per-call-cost). Same kernels, same bits.
+struct ActTrainFunction : public torch::autograd::Function<ActTrainFunction> {
+  static variable_list forward(
+      AutogradContext* ctx, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+      const OptTensor& residual, double eps, int64_t activation, double param) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [output, save_mean, save_invstd, save_var] =
+        act_forward_op().call(input, weight, bias, residual, eps, activation, param);
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["param"] = param;
+    ctx->saved_data["weight_dtype"] = given(weight) ? c10::IValue(static_cast<int64_t>(weight->scalar_type())) : c10::IValue();
+    ctx->saved_data["bias_dtype"] = given(bias) ? c10::IValue(static_cast<int64_t>(bias->scalar_type())) : c10::IValue();
+    ctx->saved_data["has_residual"] = given(residual);
+    ctx->save_for_backward(
+        {input, weight.value_or(Tensor()), bias.value_or(Tensor()), residual.value_or(Tensor()), save_mean, save_invstd});
+    ctx->mark_non_differentiable({save_mean, save_var});
+    return {output, save_mean, save_var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // needs_input_grad counts the tensor arguments that were given (None ones are not).
+    const bool has_weight = !ctx->saved_data["weight_dtype"].isNone();
+    const bool has_bias = !ctx->saved_data["bias_dtype"].isNone();
+    const bool has_residual = ctx->saved_data["has_residual"].toBool();
+    const size_t i_bias = has_weight ? 2 : 1, i_residual = i_bias + (has_bias ? 1 : 0);
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_w = has_weight && ctx->needs_input_grad(1);
+    const bool need_b = has_bias && ctx->needs_input_grad(i_bias);
+    const bool need_r = has_residual && ctx->needs_input_grad(i_residual);
+    variable_list none(7);
+    Tensor grad_out = grads[0];
+    if (!grad_out.defined() || !(need_x || need_w || need_b || need_r)) {
+      return none;
+    }
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& input = saved[0];
+    const OptTensor weight = opt(saved[1]), bias = opt(saved[2]), residual = opt(saved[3]);
+    Tensor mean = saved[4], invstd = saved[5];
+    const bool create_graph = prepare_backward(ctx, input, grad_out, mean, invstd);
+    // First order: the backward kernel below its (Python) autograd kernel. Double backward: the
+    // backward op through its autograd kernel (its composite, differentiable).
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+    if (!create_graph) {
+      below.emplace();
+    }
+    auto [grad_input, grad_residual, sum_dz, sum_dz_xmu] = act_backward_op().call(
+        grad_out, input, residual, weight, bias, mean, invstd, ctx->saved_data["activation"].toInt(),
+        ctx->saved_data["param"].toDouble(), false);
+    const auto dtype = [&](const char* key) {
+      return std::optional(static_cast<at::ScalarType>(ctx->saved_data[key].toInt()));
+    };
+    const auto [grad_weight, grad_bias] = param_grads(
+        sum_dz, sum_dz_xmu, invstd, need_w ? dtype("weight_dtype") : std::nullopt,
+        need_b ? dtype("bias_dtype") : std::nullopt, create_graph);
+    return {need_x ? grad_input : Tensor(), grad_weight, grad_bias, need_r ? grad_residual : Tensor(), Tensor(),
+            Tensor(), Tensor()};
   }
 };
 
@@ -264,10 +370,6 @@ void count_batch(Tensor& n) {
   }
 }
 
-bool given(const OptTensor& t) {
-  return t.has_value() && t->defined();
-}
-
 // torch's rule: num_batches_tracked += 1 (when given), then
 //   running = (1 - factor) * running + factor * batch   (unbiased variance)
 // with factor = momentum, or 1 / num_batches_tracked when momentum is None (the cumulative average;
@@ -344,17 +446,10 @@ void check_batch_norm_args_op(
   check_batch_norm_args("bnext.batch_norm", input, weight, bias, running_mean, running_var, training, eps, check_count);
 }
 
-Tensor batch_norm_train(
-    const Tensor& input,
-    const OptTensor& weight,
-    const OptTensor& bias,
-    const OptTensor& running_mean,
-    const OptTensor& running_var,
-    std::optional<double> momentum,
-    double eps,
-    const OptTensor& num_batches_tracked) {
-  check_batch_norm_args("bnext.batch_norm", input, weight, bias, running_mean, running_var, true, eps);
-  auto outs = TrainFunction::apply(input, flat_channels(weight), flat_channels(bias), eps);
+// The running statistics after a training forward: outs = (output, batch mean, biased batch var).
+void update_after_train(
+    const Tensor& input, const variable_list& outs, const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& num_batches_tracked, std::optional<double> momentum) {
   const int64_t count = input.numel() / input.size(1);
   if (at::areAnyTensorSubclassLike({input, outs[1], outs[2]})) {
     // A tensor subclass sees the update as the one op it is (as torch's native batch norm's is one
@@ -368,6 +463,41 @@ Tensor batch_norm_train(
   } else {
     update_running_stats(running_mean, running_var, num_batches_tracked, outs[1], outs[2], count, momentum);
   }
+}
+
+Tensor batch_norm_train(
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    std::optional<double> momentum,
+    double eps,
+    const OptTensor& num_batches_tracked) {
+  check_batch_norm_args("bnext.batch_norm", input, weight, bias, running_mean, running_var, true, eps);
+  auto outs = TrainFunction::apply(input, flat_channels(weight), flat_channels(bias), eps);
+  update_after_train(input, outs, running_mean, running_var, num_batches_tracked, momentum);
+  return outs[0];
+}
+
+// The eager training call of the fused BN + activation (+ residual) layers (bnext/functional.py
+// batch_norm_act_impl): batch_norm_train's checks and update around ActTrainFunction.
+Tensor batch_norm_act_train(
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    std::optional<double> momentum,
+    double eps,
+    const OptTensor& num_batches_tracked,
+    const OptTensor& residual,
+    int64_t activation,
+    double activation_param) {
+  check_batch_norm_args("bnext.batch_norm", input, weight, bias, running_mean, running_var, true, eps);
+  auto outs = ActTrainFunction::apply(
+      input, flat_channels(weight), flat_channels(bias), residual, eps, activation, activation_param);
+  update_after_train(input, outs, running_mean, running_var, num_batches_tracked, momentum);
   return outs[0];
 }
 
@@ -389,6 +519,7 @@ Tensor batch_norm_infer(
 
 TORCH_LIBRARY_IMPL(bnext, CompositeImplicitAutograd, m) {
   m.impl("_batch_norm_train", &batch_norm_train);
+  m.impl("_batch_norm_act_train", &batch_norm_act_train);
   m.impl("_batch_norm_infer", &batch_norm_infer);
 }
 

@@ -21,6 +21,10 @@ TORCH_LIBRARY(bnext, m) {
   m.def(
       "_batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
       " Tensor(b!)? running_var, float? momentum, float eps, Tensor(c!)? num_batches_tracked=None) -> Tensor");
+  m.def(
+      "_batch_norm_act_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
+      " Tensor(b!)? running_var, float? momentum, float eps, Tensor(c!)? num_batches_tracked, Tensor? residual,"
+      " int activation, float activation_param) -> Tensor");
   // Ghost batch norm's eager CPU path (bnext/ghost.py): batch_norm_forward / batch_norm_backward of
   // each run of chunk_rows consecutive samples with its own statistics, (G, C) per-run tensors;
   // CPU kernels only (other devices and the traced paths fold the runs into the channels), and

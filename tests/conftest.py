@@ -8,7 +8,8 @@ def kernel_ops(namespace="bnext"):
     """The kernel ops of csrc/common/schemas.h, read from the registered schemas (torch.ops.<namespace>
     lists only the ops looked up so far): the ops of the namespace that mutate no argument and have a
     public name, sorted. The others carry the layers' rules (update_running_stats mutates the running
-    statistics; _check_batch_norm_args and _batch_norm_train are private entries of bnext.batch_norm)."""
+    statistics; _check_batch_norm_args, _batch_norm_train and _batch_norm_act_train are private entries
+    of bnext.batch_norm and the fused layers)."""
     names = set()
     for schema in torch._C._jit_get_all_schemas():
         ns, _, name = schema.name.partition("::")

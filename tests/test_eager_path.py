@@ -94,24 +94,35 @@ def test_same_bits_as_the_python_path(shape, fmt, dtype, pdtype, grads, stats, p
     rm0 = torch.randn(C, generator=gen).to(pdtype)
     rv0 = (torch.rand(C, generator=gen) + 0.5).to(pdtype)
 
-    results = []
-    for path in ("cpp", "python"):
-        if path == "python":
-            python_path()
-            calls = []
-        else:
-            calls = calls_cpp_path(monkeypatch)
+    def call():
         rm, rv = (rm0.clone(), rv0.clone()) if stats else (None, None)
-        out, g = run(x, weight, bias, rm, rv, 0.1, dy)
-        assert len(calls) == (1 if path == "cpp" else 0)
-        results.append((out, g, rm, rv))
+        return run(x, weight, bias, rm, rv, 0.1, dy) + (rm, rv)
+
+    results = on_both_paths(call, lambda: calls_cpp_path(monkeypatch), python_path)
+    assert_same_results(results, rm0 if stats else None)
+
+
+def on_both_paths(call, spy, python_path):
+    """call() on the C++ path (spy() records its calls: exactly one) and on the composed path."""
+    calls = spy()
+    ours = call()
+    assert len(calls) == 1
+    python_path()
+    ref = call()
+    assert len(calls) == 1
+    return ours, ref
+
+
+def assert_same_results(results, rm0):
+    """The two paths' (output, gradients, running_mean, running_var) are the same bits; the running
+    statistics moved from rm0 (None: no running statistics)."""
     (out_c, g_c, rm_c, rv_c), (out_p, g_p, rm_p, rv_p) = results
     assert out_c.dtype == out_p.dtype and out_c.stride() == out_p.stride()
     assert torch.equal(out_c, out_p)
     assert len(g_c) == len(g_p)
     for a, b in zip(g_c, g_p):
-        assert a.dtype == b.dtype and torch.equal(a, b)
-    if stats:
+        assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
+    if rm0 is not None:
         assert torch.equal(rm_c, rm_p) and torch.equal(rv_c, rv_p)
         assert not torch.equal(rm_c, rm0)
 
@@ -299,3 +310,126 @@ def test_running_stats_strided_and_inference_mode(monkeypatch):
         m(x)
     assert len(calls) == 2 and int(m.num_batches_tracked) == 1
     torch.testing.assert_close(m.running_mean, 0.1 * x.mean((0, 2, 3)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused layers' eager training call: torch.ops.bnext._batch_norm_act_train (a C++ autograd
+# node around batch_norm_act_forward / batch_norm_act_backward) against the composed path (the
+# op's Python autograd Function, then update_running_stats).
+
+
+def calls_act_cpp_path(monkeypatch):
+    calls = []
+    op = torch.ops.bnext._batch_norm_act_train.default
+
+    def record(*args):
+        calls.append(args)
+        return op(*args)
+
+    monkeypatch.setattr(F_bnext, "_act_train_op", record)
+    return calls
+
+
+ACT_CASES = [
+    # shape, memory format, dtype, parameter dtype, activation, its parameter
+    ((8, 6, 5, 5), torch.contiguous_format, torch.float32, torch.float32, "relu", 0.0),
+    ((8, 6, 5, 5), torch.channels_last, torch.float32, torch.float32, "leaky_relu", 0.1),
+    ((16, 5), torch.contiguous_format, torch.float64, torch.float64, "elu", 0.7),
+    ((4, 6, 3, 5, 5), torch.channels_last_3d, torch.bfloat16, torch.float32, "silu", 0.0),
+    ((8, 6, 7), torch.contiguous_format, torch.float16, torch.float16, "hardswish", 0.0),
+    ((8, 6, 5, 5), torch.channels_last, torch.bfloat16, torch.bfloat16, "identity", 0.0),
+]
+
+
+@pytest.mark.parametrize("shape,fmt,dtype,pdtype,act,param", ACT_CASES)
+@pytest.mark.parametrize("grads", ["xwbr", "x", "w", "b", "r", "wb", "", "xr-noweight", "b-noweight", "w-nobias",
+                                   "xr-noaffine", "xwb-noresidual", "w-noresidual"])
+@pytest.mark.parametrize("stats", [True, False])
+def test_act_same_bits_as_the_python_path(shape, fmt, dtype, pdtype, act, param, grads, stats, python_path, monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    C = shape[1]
+    x = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype).contiguous(memory_format=fmt)
+    dy = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=fmt)
+    residual = None if "noresidual" in grads else torch.randn(shape, generator=gen).to(dtype)
+    weight = None if "noweight" in grads or "noaffine" in grads else (torch.randn(C, generator=gen)).to(pdtype)
+    bias = None if "nobias" in grads or "noaffine" in grads else torch.randn(C, generator=gen).to(pdtype)
+    wanted = grads.split("-")[0]
+    for t, key in ((x, "x"), (weight, "w"), (bias, "b"), (residual, "r")):
+        if t is not None:
+            t.requires_grad_(key in wanted)
+    rm0 = torch.randn(C, generator=gen).to(pdtype)
+    rv0 = (torch.rand(C, generator=gen) + 0.5).to(pdtype)
+    def call():
+        rm, rv = (rm0.clone(), rv0.clone()) if stats else (None, None)
+        n = torch.zeros((), dtype=torch.long) if stats else None
+        out = F_bnext.batch_norm_act_impl(x, rm, rv, weight, bias, True, 0.1, 1e-5, n, residual, act, param)
+        inputs = [t for t in (x, weight, bias, residual) if t is not None and t.requires_grad]
+        g = torch.autograd.grad(out, inputs, dy) if inputs else ()
+        assert out.requires_grad == bool(inputs)
+        assert n is None or int(n) == 1
+        return out, g, rm, rv
+
+    results = on_both_paths(call, lambda: calls_act_cpp_path(monkeypatch), python_path)
+    assert_same_results(results, rm0 if stats else None)
+
+
+def test_act_module_training_uses_the_cpp_path(monkeypatch):
+    calls = calls_act_cpp_path(monkeypatch)
+    m = bnext.BatchNormAct2d(3)
+    x, r = torch.randn(2, 3, 4, 4, requires_grad=True), torch.randn(2, 3, 4, 4)
+    m(x, r).sum().backward()
+    assert len(calls) == 1 and int(m.num_batches_tracked) == 1
+    # The memory-saving mode keeps its own (Python) autograd Function: not this call.
+    saving = bnext.BatchNormAct2d(3, activation="leaky_relu", memory_saving=True)
+    saving(x).sum().backward()
+    assert len(calls) == 1 and int(saving.num_batches_tracked) == 1
+    with torch.no_grad():  # nothing to save: the one-call path again
+        saving(x)
+    assert len(calls) == 2 and int(saving.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "elu"])
+def test_act_double_backward_matches_the_python_path(act, python_path):
+    # create_graph: the node recomputes the statistics with differentiable ops and runs the
+    # backward op's composite, as the Python Function does; second derivatives agree to rounding.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=gen).requires_grad_()
+    r = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=gen).requires_grad_()
+    w = torch.randn(3, dtype=torch.float64, generator=gen).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, generator=gen).requires_grad_()
+    dy = torch.randn_like(x)
+
+    def second(f):
+        out = f(x, None, None, w, b, True, 0.1, 1e-5, None, r, act, 1.0)
+        gx, gw = torch.autograd.grad(out, (x, w), dy, create_graph=True)
+        return (gx, gw) + torch.autograd.grad(gx.square().sum() + gw.sum(), (x, r, w, b), materialize_grads=True)
+
+    ours = second(F_bnext.batch_norm_act_impl)
+    assert torch.autograd.gradgradcheck(
+        lambda *a: F_bnext.batch_norm_act_impl(a[0], None, None, a[2], a[3], True, 0.1, 1e-5, None, a[1], act, 1.0),
+        (x, r, w, b))
+    python_path()
+    ref = second(F_bnext.batch_norm_act_impl)
+    for a, b_ in zip(ours, ref):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", ["running_mean_shape", "weight_device", "residual_layout", "activation_code"])
+def test_act_failed_call_changes_nothing(bad):
+    C = 4
+    x, r = torch.randn(3, C, 2, 2), torch.randn(3, C, 2, 2)
+    rm, rv, n = torch.zeros(C), torch.ones(C), torch.zeros((), dtype=torch.long)
+    w, b, code, exc = torch.ones(C), torch.zeros(C), 1, RuntimeError
+    if bad == "running_mean_shape":
+        rm, match = torch.zeros(C + 1), r"running_mean must have 4 elements"
+    elif bad == "weight_device":
+        w, match = torch.ones(C, device="meta"), r"weight must be on the input's device cpu, got meta"
+    elif bad == "residual_layout":
+        r, match = torch.randn(3, C, 2, 3), r"residual"
+    else:
+        code, match, exc = 9, r"activation must be an activation code from 0 to 5", ValueError
+    before = [rm.clone(), rv.clone(), n.clone()]
+    with pytest.raises(exc, match=match):
+        torch.ops.bnext._batch_norm_act_train(x, w, b, rm, rv, 0.1, 1e-5, n, r, code, 0.0)
+    for a, b_ in zip((rm, rv, n), before):
+        assert torch.equal(a, b_)

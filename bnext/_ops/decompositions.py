@@ -19,8 +19,8 @@ rounding, not bit for bit (aten reduces in another order). Normalization decompo
 batch norm ops where those give the op's outputs (batch_norm_eval, batch_norm_forward), so the
 decomposed program still has a batch norm op there.
 
-Not here: update_running_stats, _check_batch_norm_args and _batch_norm_train, the module-level
-ops. Deployment traces of bnext.batch_norm record torch's batch_norm instead (bnext/functional.py),
+Not here: update_running_stats, _check_batch_norm_args, _batch_norm_train and _batch_norm_act_train,
+the module-level ops. Deployment traces of bnext.batch_norm record torch's batch_norm instead (bnext/functional.py),
 except training with momentum=None, whose programs keep bnext.update_running_stats.
 """
 import torch
