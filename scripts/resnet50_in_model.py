@@ -15,13 +15,15 @@ the layers where they run:
          torch.func) instead of the eager one-call C++ path: what the C++ autograd nodes save.
   nodes  the backward's autograd nodes timed one by one (Node.register_prehook / register_hook),
          summed per kind and per BN shape: torch's BatchNorm + ReLU (+ add) nodes against the fused
-         nodes, for each of resnet50's BN shapes.
+         nodes, for each of resnet50's BN shapes, with the minor page faults each took (in
+         parentheses: a node that grows the heap pays for fresh pages, about 1.3 us each here).
 
 glibc keeps freed memory (benchmarks/bench.py tune_malloc), as in the other benchmarks.
 """
 import argparse
 import copy
 import os
+import resource
 import sys
 import time
 
@@ -40,6 +42,12 @@ BN_NODES = {"NativeBatchNormBackward0", "ReluBackward0", "AddBackward0", "CppFun
 
 def median(values):
     return sorted(values)[len(values) // 2]
+
+
+def minor_faults():
+    # Pages the process touched for the first time (or again after glibc returned them): a step
+    # that grows the heap pays about 1.3 us a page here (4096 of them for a 16 MiB tensor).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def models(layout):
@@ -66,11 +74,11 @@ def composed(fn):
 def step_mode(args, x, torch_m, convert_m, fuse_m):
     def step(m):
         def run():
-            t0 = time.perf_counter()
+            f0, t0 = minor_faults(), time.perf_counter()
             y = m(x)
             t1 = time.perf_counter()
             y.sum().backward()
-            return t1 - t0, time.perf_counter() - t1
+            return t1 - t0, time.perf_counter() - t1, minor_faults() - f0
         return run
 
     variants = {"torch": step(torch_m), "convert_model": step(convert_m), "fuse_model": step(fuse_m)}
@@ -80,14 +88,14 @@ def step_mode(args, x, torch_m, convert_m, fuse_m):
     keys = list(variants)
     for rnd in range(args.rounds + 2):
         for k in keys[rnd % len(keys):] + keys[:rnd % len(keys)]:
-            fwd, bwd = variants[k]()
+            measured = variants[k]()
             if rnd >= 2:  # two warm-up rounds
-                times[k].append((fwd, bwd))
+                times[k].append(measured)
     print(f"resnet50 training step, batch {args.batch}, {args.resolution}x{args.resolution}, {args.layout}, "
           f"{torch.get_num_threads()} threads, {args.rounds} rounds; medians in ms")
     for k, t in times.items():
-        print(f"{k:20s} forward {1e3 * median([a for a, _ in t]):7.1f}  backward {1e3 * median([b for _, b in t]):7.1f}"
-              f"  step {1e3 * median([a + b for a, b in t]):7.1f}")
+        print(f"{k:20s} forward {1e3 * median([a for a, _, _ in t]):7.1f}  backward {1e3 * median([b for _, b, _ in t]):7.1f}"
+              f"  step {1e3 * median([a + b for a, b, _ in t]):7.1f}  page faults per step {median([f for _, _, f in t])}")
 
 
 def instrument(loss, name, acc):
@@ -100,12 +108,13 @@ def instrument(loss, name, acc):
         seen.add(node)
 
         def pre(grads, node=node):
-            start[node] = time.perf_counter()
+            start[node] = (time.perf_counter(), minor_faults())
 
         def post(grad_inputs, grad_outputs, node=node):
             shape = tuple(grad_outputs[0].shape) if grad_outputs and grad_outputs[0] is not None else ()
             key = (name, type(node).__name__, shape)
-            acc[key] = acc.get(key, 0.0) + time.perf_counter() - start[node]
+            t, f = acc.get(key, (0.0, 0))
+            acc[key] = (t + time.perf_counter() - start[node][0], f + minor_faults() - start[node][1])
 
         node.register_prehook(pre)
         node.register_hook(post)
@@ -122,19 +131,22 @@ def nodes_mode(args, x, torch_m, fuse_m):
             instrument(loss, name, acc)
             loss.backward()
     R = args.rounds
+
+    def total(name, match):
+        hits = [v for k, v in acc.items() if k[0] == name and match(k)]
+        return 1e3 * sum(t for t, _ in hits) / R, sum(f for _, f in hits) // R
+
     print(f"resnet50 backward nodes, batch {args.batch}, {args.resolution}x{args.resolution}, {args.layout}; "
-          f"ms per step, {R} steps each")
-    kinds = sorted({k[1] for k in acc}, key=lambda k: -sum(v for kk, v in acc.items() if kk[1] == k))
+          f"ms and page faults per step, {R} steps each")
+    kinds = sorted({k[1] for k in acc}, key=lambda kind: -sum(v[0] for k, v in acc.items() if k[1] == kind))
     for kind in kinds:
-        t = sum(v for k, v in acc.items() if k[:2] == ("torch", kind))
-        f = sum(v for k, v in acc.items() if k[:2] == ("fuse_model", kind))
-        print(f"{kind:40s} torch {1e3 * t / R:8.2f}  fuse_model {1e3 * f / R:8.2f}")
+        (t, tf), (f, ff) = total("torch", lambda k: k[1] == kind), total("fuse_model", lambda k: k[1] == kind)
+        print(f"{kind:40s} torch {t:8.2f} ({tf:5d})  fuse_model {f:8.2f} ({ff:5d})")
     print("BN layers' nodes by shape (torch: BatchNorm, ReLU and add; fuse_model: fused and downsample BN):")
     shapes = sorted({k[2] for k in acc if k[1] in BN_NODES and len(k[2]) == 4}, key=lambda s: -s[1] * s[2] * s[3])
     for shape in shapes:
-        t = sum(v for k, v in acc.items() if k[0] == "torch" and k[2] == shape and k[1] in BN_NODES)
-        f = sum(v for k, v in acc.items() if k[0] == "fuse_model" and k[2] == shape and k[1] in BN_NODES)
-        print(f"{str(shape):22s} torch {1e3 * t / R:7.2f}  fuse_model {1e3 * f / R:7.2f}")
+        (t, tf), (f, ff) = (total(name, lambda k: k[2] == shape and k[1] in BN_NODES) for name in ("torch", "fuse_model"))
+        print(f"{str(shape):22s} torch {t:7.2f} ({tf:5d})  fuse_model {f:7.2f} ({ff:5d})")
 
 
 def main():
