@@ -190,6 +190,28 @@ def test_statistics_of_offset_data_are_accurate(isa, shape):
     torch.testing.assert_close(mean.double(), ref.mean((0, 2, 3)), rtol=1e-7, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunk_finishing_non_finite_fallback_changes_no_bit(isa, dtype):
+    # Channels-last statistics finish each chunk vectorized across channels, and channel by channel
+    # (two_pass_welford) in a chunk with a non-finite center or sum: the same operations, so every
+    # finite channel keeps its bits when another channel of its chunk holds an Inf or a NaN.
+    # (80, 2048, 1, 1): 80 rows of wide rows, chunks of 32 rows (kMinChunkRows), the last one short.
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(80, 2048, 1, 1, generator=gen, dtype=torch.float64) * 3 + 7).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    mean, var = torch.ops.bnext.batch_norm_stats(x)
+    for value, ch in ((float("nan"), 5), (float("inf"), 2047)):
+        y = x.clone()
+        y[40, ch] = value  # in the second chunk
+        m, v = torch.ops.bnext.batch_norm_stats(y)
+        others = torch.arange(2048) != ch
+        assert torch.equal(m[others], mean[others]) and torch.equal(v[others], var[others])
+        assert not m[ch].isfinite() and not v[ch].isfinite()
+    ref = x.double()
+    torch.testing.assert_close(mean.double(), ref.mean((0, 2, 3)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), ref.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("shape,fmt", [
     ((16, 6, 30, 30), "contiguous"),  # blocks of whole runs

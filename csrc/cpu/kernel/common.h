@@ -57,7 +57,13 @@ inline void with_constant(bool flag, const F& f) {
 // A heap array that is not a shared template instantiation (see the header comment on ODR).
 template <typename T>
 struct Buffer {
+  // Zeroed, or left uninitialized with kUninit (for arrays every element of which is written
+  // before it is read: zeroing the per-chunk partials of a wide channels-last input cost a few
+  // percent of its statistics, see docs/performance.md#chunk-finishing).
+  struct Uninit {};
+  static constexpr Uninit kUninit{};
   explicit Buffer(int64_t n) : p(new T[n > 0 ? n : 1]()) {}
+  Buffer(int64_t n, Uninit) : p(new T[n > 0 ? n : 1]) {}
   ~Buffer() {
     delete[] p;
   }

@@ -37,6 +37,40 @@ inline Welford<merge_t> two_pass_welford(
   return {(static_cast<merge_t>(center) - static_cast<merge_t>(pivot)) + r, m2 < 0 ? merge_t(0) : m2, count};
 }
 
+// Whether v is Inf or NaN, from its exponent bits (a floating-point comparison in a loop kept GCC
+// from vectorizing it: with trapping math it would not if-convert the comparison).
+template <typename T>
+inline uint32_t nonfinite_bits(T v) {
+  if constexpr (sizeof(T) == 4) {
+    return (std::bit_cast<uint32_t>(v) & 0x7f800000u) == 0x7f800000u;
+  } else {
+    return (std::bit_cast<uint64_t>(v) & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+  }
+}
+
+// two_pass_welford of the C channels of one chunk of `count` rows, vectorized across channels:
+// the same operations, so the same bits, where every center and sum_d / count is finite; false
+// (out undefined) otherwise, for the caller's channel-by-channel two_pass_welford. A chunk of a
+// wide channels-last input has few rows a channel (kMinChunkRows), and channel by channel this
+// finishing took longer than the chunk's two passes over its rows (see
+// docs/performance.md#chunk-finishing).
+template <typename acc_t>
+inline bool chunk_welford(
+    const acc_t* pivot, const acc_t* center, const acc_t* sum_d, const acc_t* sum_d2, int64_t C, int64_t count,
+    merge_t* mean, merge_t* m2) {
+  const merge_t n = static_cast<merge_t>(count);
+  uint32_t bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t c = 0; c < C; ++c) {
+    const merge_t d = static_cast<merge_t>(sum_d[c]);
+    const merge_t r = d / n;
+    bad |= nonfinite_bits(center[c]) | nonfinite_bits(r);
+    mean[c] = (static_cast<merge_t>(center[c]) - static_cast<merge_t>(pivot[c])) + r;
+    m2[c] = std::max(static_cast<merge_t>(sum_d2[c]) - d * r, merge_t(0));
+  }
+  return bad == 0 && count > 0;
+}
+
 // 16-bit inputs (bfloat16, float16) take their statistics in ONE pass of shifted sums,
 // sum(x - pivot) and sum((x - pivot)^2), where wider types take two (mean, then squared
 // deviations from L1). The second pass cost as much as the first: the conversion of every value
@@ -519,7 +553,8 @@ void rows_stats(const scalar_t* x, const Layout& l, ChannelStats<acc_t>& st) {
   rows_pivots<scalar_t, acc_t>(x, plan.R, C, st.pivot.p);
   Buffer<acc_t> lanes_pivot(plan.P);
   replicate(st.pivot.p, C, plan.k, lanes_pivot.p);
-  Buffer<merge_t> pmean(plan.nchunks * C), pm2(plan.nchunks * C);
+  // Every chunk writes all of its C partials.
+  Buffer<merge_t> pmean(plan.nchunks * C, Buffer<merge_t>::kUninit), pm2(plan.nchunks * C, Buffer<merge_t>::kUninit);
   at::parallel_for(0, plan.nchunks, plan.chunk_grain(), [&](int64_t begin, int64_t end) {
     Buffer<acc_t> s1(plan.P), s2(plan.P), lanes_center(plan.P), t1(C), t2(C), center(C);
     for (int64_t q = begin; q < end; ++q) {
@@ -554,10 +589,14 @@ void rows_stats(const scalar_t* x, const Layout& l, ChannelStats<acc_t>& st) {
       });
       fold(s1.p, C, plan.k, t2.p);
       fold(s2.p, C, plan.k, s1.p);
-      for (int64_t c = 0; c < C; ++c) {
-        const auto w = two_pass_welford(st.pivot.p[c], t1.p[c], center.p[c], t2.p[c], s1.p[c], rows);
-        pmean.p[q * C + c] = w.mean;
-        pm2.p[q * C + c] = w.m2;
+      merge_t* qmean = pmean.p + q * C;
+      merge_t* qm2 = pm2.p + q * C;
+      if (!chunk_welford(st.pivot.p, center.p, t2.p, s1.p, C, rows, qmean, qm2)) {
+        for (int64_t c = 0; c < C; ++c) {
+          const auto w = two_pass_welford(st.pivot.p[c], t1.p[c], center.p[c], t2.p[c], s1.p[c], rows);
+          qmean[c] = w.mean;
+          qm2[c] = w.m2;
+        }
       }
     }
   });
@@ -610,8 +649,9 @@ template <typename scalar_t, typename acc_t>
 void rows_reduce_all(const scalar_t* dy, const scalar_t* x, const Layout& l, const acc_t* mean, GradSums* sums) {
   const RowPlan plan(l, sizeof(scalar_t));
   const int64_t C = l.C;
-  Buffer<merge_t> pa(plan.nchunks * C);
-  Buffer<acc_t> pb(plan.nchunks * C), lanes_mean(plan.P);
+  // Every chunk writes all of its C partials (fold).
+  Buffer<merge_t> pa(plan.nchunks * C, Buffer<merge_t>::kUninit);
+  Buffer<acc_t> pb(plan.nchunks * C, Buffer<acc_t>::kUninit), lanes_mean(plan.P);
   replicate(mean, C, plan.k, lanes_mean.p);
   at::parallel_for(0, plan.nchunks, plan.chunk_grain(), [&](int64_t begin, int64_t end) {
     Buffer<merge_t> a(plan.P);
