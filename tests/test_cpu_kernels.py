@@ -26,6 +26,9 @@ CASES = [
     ((2, 17, 3, 5, 7), "channels_last"),  # channels_last_3d
     ((2, 3, 4, 5, 6), "contiguous"),
     ((9, 130, 3, 3), "channels_last"),  # C > the super-row width
+    # C = 72, not a multiple of 16: rows paired into 144-value super-rows, an odd row count (a
+    # lone last row) and two chunks.
+    ((4, 72, 16, 17), "channels_last"),
     # At least 2 MiB (kWideBytes) in every 16-bit and wider dtype: below AVX-512 the 64-value rows
     # (C = 64, and super-rows of two C = 32 rows) walk in memory order, four rows at a time.
     ((16, 64, 32, 33), "channels_last"),

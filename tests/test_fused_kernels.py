@@ -43,6 +43,7 @@ CASES = [
     ((3, 17, 6, 5), "channels_last"),
     ((4, 32, 5, 7), "channels_last"),  # whole 64-byte super-rows: streamed where forced
     ((9, 130, 3, 3), "channels_last"),  # C wider than a super-row
+    ((3, 72, 5, 7), "channels_last"),  # C = 72: rows paired into super-rows, a lone last row
     ((2, 3, 4, 5, 6), "channels_last"),  # channels_last_3d
     ((2, 3, 4, 5, 6), "contiguous"),
     ((37, 17), "contiguous"),  # (N, C)

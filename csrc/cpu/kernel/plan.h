@@ -60,9 +60,13 @@ struct RowPlan {
   bool wide;  // the row passes walk super-rows one at a time, in memory order (see kWideRow)
 
   RowPlan(const Layout& l, int64_t value_bytes) : C(l.C), R(l.rows()) {
-    // k * C a multiple of 16 lanes (whole vectors) where C is small, and at least kMinLanes.
+    // k * C a multiple of 16 lanes (whole vectors) where C is small, and at least kMinLanes. Rows
+    // narrower than kWideRow whose C is not a multiple of 16 pair up the same way: such rows are
+    // walked as column blocks down the rows, and the columns left over from the whole vectors
+    // would go down them one value at a time, each add waiting on the one before (see
+    // docs/performance.md#odd-row-widths).
     k = 1;
-    if (C > 0 && C < kMinLanes) {
+    if (C > 0 && (C < kMinLanes || (C < kWideRow && C % 16 != 0))) {
       const int64_t k0 = 16 / std::gcd<int64_t>(C, 16);
       k = k0 * ((kMinLanes + k0 * C - 1) / (k0 * C));
     }
