@@ -146,11 +146,14 @@ inline int64_t channel_grain(const Layout& l) {
 
 // Only where seg_affine / seg_backward compute every value of a run, its tail included, with the
 // same vector arithmetic (masked tails; elsewhere the scalar tail code is compiled for the
-// baseline ISA, without FMA, and would give other bits than a vector lane).
+// baseline ISA, without FMA, and would give other bits than a vector lane). And only with several
+// samples: laying out the coefficients per lane writes three or four arrays of a sample's G runs,
+// which one sample does not pay back (see docs/performance.md#per-lane-groups).
 template <typename scalar_t, typename acc_t>
 inline bool group_lanes_fit(const Layout& l, int64_t G) {
   constexpr int64_t W = Vec<acc_t>::W;
-  return kMaskedTails<scalar_t, acc_t> && G > 1 && (G * l.HxW) % W == 0 && G * l.HxW / W <= kMaxLaneVecs;
+  return kMaskedTails<scalar_t, acc_t> && G > 1 && l.N >= 2 && (G * l.HxW) % W == 0 &&
+      G * l.HxW / W <= kMaxLaneVecs;
 }
 
 // NCHW planes that do not start on a cache line (7x7, 14x14; 28x28 of a 16-bit type) share
