@@ -42,8 +42,12 @@ def _format_of(x):
     return torch.contiguous_format
 
 
-def make_call(op, x, dy):
-    """A zero-argument callable running `op` on x (and dy), with per-channel tensors as the ops take them."""
+ACTS = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4, "hardswish": 5}  # csrc/common/act.h
+
+
+def make_call(op, x, dy, act="relu"):
+    """A zero-argument callable running `op` on x (and dy), with per-channel tensors as the ops take them;
+    the act_* ops run the activation `act`."""
     bn = torch.ops.bnext
     C = x.shape[1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -53,6 +57,8 @@ def make_call(op, x, dy):
     invstd = (var + 1e-5).rsqrt()
     sum_dy, sum_dy_xmu = bn.batch_norm_backward_reduce(dy, x, mean, invstd)
     count = x.numel() // C
+    code = ACTS[act]
+    param = {"leaky_relu": 0.01, "elu": 1.0}.get(act, 0.0)
     r = torch.randn(x.shape, dtype=x.dtype).contiguous(memory_format=_format_of(x))
     calls = {
         "stats": lambda: bn.batch_norm_stats(x),
@@ -63,12 +69,13 @@ def make_call(op, x, dy):
         "backward_elemt": lambda: bn.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy / count, sum_dy_xmu / count),
         "backward": lambda: bn.batch_norm_backward(dy, x, w, mean, invstd),
         "fwdbwd": lambda: (bn.batch_norm_forward(x, w, b, 1e-5), bn.batch_norm_backward(dy, x, w, mean, invstd)),
-        # The fused BN + ReLU (1: relu) training forward, and backward from the input, without and with
-        # a residual.
-        "act_forward": lambda: bn.batch_norm_act_forward(x, w, b, None, 1e-5, 1, 0.0),
-        "act_forward_residual": lambda: bn.batch_norm_act_forward(x, w, b, r, 1e-5, 1, 0.0),
-        "act_backward": lambda: bn.batch_norm_act_backward(dy, x, None, w, b, mean, invstd, 1, 0.0, False),
-        "act_backward_residual": lambda: bn.batch_norm_act_backward(dy, x, r, w, b, mean, invstd, 1, 0.0, False),
+        # The fused BN + activation training forward, and backward from the input, without and with a
+        # residual (param: leaky_relu's slope / elu's alpha).
+        "act_forward": lambda: bn.batch_norm_act_forward(x, w, b, None, 1e-5, code, param),
+        "act_forward_residual": lambda: bn.batch_norm_act_forward(x, w, b, r, 1e-5, code, param),
+        "act_backward": lambda: bn.batch_norm_act_backward(dy, x, None, w, b, mean, invstd, code, param, False),
+        "act_backward_residual": lambda: bn.batch_norm_act_backward(dy, x, r, w, b, mean, invstd, code, param,
+                                                                    False),
         "sum": lambda: x.sum(),
     }
     return calls[op]
@@ -82,6 +89,7 @@ def main():
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--env", action="append", default=[], help="VAR=a,b,...: settings to alternate (A/B)")
+    p.add_argument("--act", choices=sorted(ACTS), default="relu", help="the activation of the act_* ops")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--min-run-time", type=float, default=0.2)
     p.add_argument("--control", choices=OPS, default=None,
@@ -104,7 +112,7 @@ def main():
     for spec in args.env:
         var, _, values = spec.partition("=")
         settings = [dict(s, **{var: v}) for s in settings for v in values.split(",")]
-    timers = [benchmark.Timer("call()", globals={"call": make_call(op, x, dy)}, num_threads=torch.get_num_threads())
+    timers = [benchmark.Timer("call()", globals={"call": make_call(op, x, dy, args.act)}, num_threads=torch.get_num_threads())
               for op in [args.op] + ([args.control] if args.control else [])]
     saved = {k: os.environ.get(k) for s in settings for k in s}
     measured = [[] for _ in settings]
