@@ -20,17 +20,18 @@ momentum=None cumulative average, num_batches_tracked) of the real positions' me
 variance, var * K / (K - 1). Eval normalizes with the running statistics (bnext's eval kernel) and
 zeroes the padding. mask=None is bnext.BatchNorm1d / bnext.batch_norm, the same call.
 
-Two ways to compute it, no kernel of its own (masked_batch_norm_impl routes by plain predicates):
+Two ways to compute it (masked_batch_norm_impl routes by plain predicates):
 
-* the compact route (eager calls, masks made of few runs of real positions, as padded sequences
-  are): the real positions are copied run by run (in C++ for CPU tensors, csrc/cpu/
-  masked_runs.cpp) into one (1, C, K) tensor, bnext's fused batch
-  norm runs on that (its kernels, checks, and running-statistic update with count K: batch norm's
-  bookkeeping, not a copy of it), and the result is copied back around zeros. That is the
-  definition itself, and the fast route: the copies move the real positions only, and the fused
-  kernels run on them alone (benchmarks/bench_small_batch.py --layers masked compares a step with
-  unmasked batch norm of the whole padded batch). _Compact and _Expand are each other's adjoint, so
-  double backward works through them.
+* the runs route (eager calls, masks made of few runs of real positions, as padded sequences
+  are): on CPU, kernels of its own (bnext::_masked_forward, _masked_backward;
+  csrc/cpu/kernel/masked.h) read the real positions in place, run by run, with bnext's statistics
+  (blocks, pivots, merges in double) and elementwise passes, and write zeros at the padding: the
+  memory passes of one unmasked batch norm call over the real positions only. On other devices the
+  real positions are copied run by run into one (1, C, K) tensor, bnext's fused batch norm runs on
+  that (its kernels, checks, and running-statistic update with count K), and the result is copied
+  back around zeros; _Compact and _Expand are each other's adjoint, so double backward works
+  through them. benchmarks/bench_small_batch.py --layers masked compares a step with unmasked
+  batch norm of the whole padded batch.
 * the torch-op route (torch.compile, where inductor fuses it; eager masks with many holes):
   MaskedBatchNormFunction, the formulas above in torch ops, backward in closed form written in
   differentiable torch ops (double backward recomputes the statistics from the input so that they
@@ -142,22 +143,76 @@ class MaskedBatchNormFunction(torch.autograd.Function):
         return grad_input, None, grad_weight, grad_bias, None, None
 
 
+class _MaskedKernels(torch.autograd.Function):
+    """MaskedBatchNormFunction on the CPU kernels of the runs route (csrc/cpu/kernel/masked.h):
+    forward(input, weight, bias, eps, runs, m, count) -> (output, mean, var, invstd), the last three
+    non-differentiable. The forward and backward read the real positions in place (runs.table) and
+    write zeros at the padding: the memory passes of one unmasked batch norm call over the real
+    positions, no copy. Double backward (create_graph) differentiates the torch-op formulas of
+    MaskedBatchNormFunction (m: the mask as (N, 1, L), count: K as a 0-d tensor)."""
+
+    @staticmethod
+    def forward(input, weight, bias, eps, runs, m, count):
+        return torch.ops.bnext._masked_forward(input, runs.table, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, eps, runs, m, count = inputs
+        _out, mean, var, invstd = output
+        ctx.eps, ctx.runs = eps, runs
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(input, m, weight, count, mean, invstd)
+        ctx.mark_non_differentiable(mean, var, invstd)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_invstd):
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        input, m, weight, count, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # Double backward: MaskedBatchNormFunction's differentiable formulas (statistics
+            # recomputed from the input, as there).
+            mean, var = _stats(input.to(mean.dtype), m, count)
+            grad_input, grad_weight, grad_bias = _backward(
+                grad_out, input, m, weight, mean, torch.rsqrt(var + ctx.eps), count, need_input, need_weight, need_bias
+            )
+        else:
+            grad_input, sum_dy, sum_dy_xmu = torch.ops.bnext._masked_backward(
+                grad_out, input, ctx.runs.table, mean, invstd, weight, need_input
+            )
+            grad_input = grad_input if need_input else None
+            grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if need_weight else None
+            grad_bias = sum_dy if need_bias else None
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
 class _Runs:
     """The mask's real positions as runs (row n, start, stop) on the host, in (n, l) order: where
     they are few, the real positions are copied into one (1, C, K) tensor with a slice per run."""
 
     def __init__(self, mask: Tensor) -> None:
         self._mask = mask
-        m = mask.detach().to(device="cpu", dtype=torch.int8)
-        edges = torch.nn.functional.pad(m, (1, 1)).diff(dim=1)  # +1 where a run starts, -1 past its end
-        starts, stops = (edges == 1).nonzero(), (edges == -1).nonzero()
-        self.rows = starts[:, 0].tolist()
-        self.starts = starts[:, 1].tolist()
-        self.stops = stops[:, 1].tolist()
-        self.lengths = (stops[:, 1] - starts[:, 1]).tolist()
-        self.count = sum(self.lengths)
-        # (R, 3) int64 (row, start, stop): the runs as the CPU copy ops take them.
-        self.table = torch.stack([starts[:, 0], starts[:, 1], stops[:, 1]], 1).contiguous()
+        # (R, 3) int64 (row, start, stop): the runs as the CPU ops take them.
+        self.table = torch.ops.bnext._masked_runs(mask.detach().cpu())
+        self.count = int((self.table[:, 2] - self.table[:, 1]).sum())
+
+    # The runs as host lists, for the slice copies of other devices (the CPU ops take the table).
+    @functools.cached_property
+    def rows(self) -> list:
+        return self.table[:, 0].tolist()
+
+    @functools.cached_property
+    def starts(self) -> list:
+        return self.table[:, 1].tolist()
+
+    @functools.cached_property
+    def stops(self) -> list:
+        return self.table[:, 2].tolist()
+
+    @functools.cached_property
+    def lengths(self) -> list:
+        return (self.table[:, 2] - self.table[:, 1]).tolist()
 
     @functools.cached_property
     def gaps(self) -> "_Runs":
@@ -166,7 +221,7 @@ class _Runs:
         return _Runs(~self._mask.detach().cpu())
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.table.shape[0]
 
     def slices(self, t: Tensor):
         return [t[n, :, a:b] for n, a, b in zip(self.rows, self.starts, self.stops)]
@@ -235,12 +290,13 @@ def check_mask(input: Tensor, mask, op: str = "bnext.batch_norm") -> None:
 
 _WORDS = "Expected more than 1 value per channel when training, got input size"
 
-# The compact route makes a few small calls per run of real positions and training step; the
+# The runs route makes a few small calls per run of real positions and training step; the
 # torch-op route makes several more passes over the input. Per run, the calls cost about what those
 # passes cost over a thousand input elements (measured with masks of 64 to 3,500 runs on 64x256x512
-# float32, one thread, the timing of benchmarks/bench_small_batch.py --layers masked): the compact
-# route while there are at least this many input elements per run, or at most one run per row
-# (padded sequences) whatever the size.
+# float32, one thread, the timing of benchmarks/bench_small_batch.py --layers masked, with the
+# compact copies; the CPU kernels also walk each run of each channel on its own): the runs route
+# while there are at least this many input elements per run, or at most one run per row (padded
+# sequences) whatever the size.
 _ELEMENTS_PER_RUN = 1024
 
 
@@ -250,14 +306,18 @@ def _compact_route(runs: "_Runs", input: Tensor) -> bool:
 
 def _update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum) -> None:
     """Batch norm's update (bnext::update_running_stats) with the unbiased variance of the real
-    positions, corrected with tensor ops (K is not a host value in a graph); count 1 then tells the
-    update there is nothing left to correct."""
+    positions: `count` a host int (eager CPU kernels) goes to the update, which corrects the
+    variance; a tensor count (K is not a host value in a graph) is corrected with tensor ops, and
+    count 1 then tells the update there is nothing left to correct."""
     if not torch.compiler.is_compiling() and recomputing():
         return  # checkpoint recomputation: the batch was counted when the forward first ran
     if running_mean is not None or running_var is not None or num_batches_tracked is not None:
-        unbiased = var.detach() * (count / (count - 1))
+        if isinstance(count, int):  # a host count (eager): the update corrects the variance itself
+            unbiased = var.detach()
+        else:
+            unbiased, count = var.detach() * (count / (count - 1)), 1
         torch.ops.bnext.update_running_stats(
-            flat(running_mean), flat(running_var), num_batches_tracked, mean.detach(), unbiased, 1, momentum
+            flat(running_mean), flat(running_var), num_batches_tracked, mean.detach(), unbiased, count, momentum
         )
 
 
@@ -289,10 +349,10 @@ def masked_batch_norm_impl(
     Training takes one of three routes, by plain predicates:
     * torch.compile, torch.func, forward AD: the torch-op forward (MaskedBatchNormFunction, or the
       bare composite under a transform), K computed in the graph and asserted there;
-    * eager, few runs of real positions (padded sequences: one run per row): the real positions
-      copied into (1, C, K), bnext's fused batch norm on that (its kernels, checks and running-
-      statistic update with count K), the result copied back around zeros. That is the definition
-      itself, and the fastest eager route: the copies move the real positions only;
+    * eager, few runs of real positions (padded sequences: one run per row): on CPU the masked
+      kernels in place (_MaskedKernels); elsewhere the real positions copied into (1, C, K),
+      bnext's fused batch norm on that (its kernels, checks and running-statistic update with count
+      K), the result copied back around zeros;
     * eager, many runs (masks with holes): MaskedBatchNormFunction.
     """
     if input.is_cuda:
@@ -323,6 +383,11 @@ def masked_batch_norm_impl(
     runs = _Runs(mask)
     if runs.count <= 1:
         raise ValueError(f"{_WORDS} torch.Size({list(input.shape)}) with {runs.count} real position(s) in mask")
+    if _compact_route(runs, input) and _copy_ops(input):
+        count = torch.tensor(runs.count, dtype=acc, device=input.device)
+        out, mean, var, _invstd = _MaskedKernels.apply(input, weight, bias, eps, runs, m, count)
+        _update(running_mean, running_var, num_batches_tracked, mean, var, runs.count, momentum)
+        return out
     if _compact_route(runs, input):
         compact = _Compact.apply(input, runs)
         out = batch_norm_impl(

@@ -39,11 +39,21 @@ TORCH_LIBRARY(bnext, m) {
   m.def(
       "_update_running_stats_chunks(Tensor(a!)? running_mean, Tensor(b!)? running_var,"
       " Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, int count, int last_count, float? momentum) -> ()");
-  // Masked batch norm's compact route (bnext/masked.py) on CPU tensors: the real positions of
-  // (N, C, L), runs (R, 3) of (row, start, stop), gathered into (1, C, K) and scattered back around
-  // zeros (csrc/cpu/masked_runs.cpp).
+  // Masked batch norm (bnext/masked.py), CPU only (csrc/cpu/masked_runs.cpp): the runs (R, 3) of
+  // (row, start, stop) of a bool mask (N, L); the compact route's copies of the real positions of
+  // (N, C, L) into (1, C, K) and back around zeros.
+  m.def("_masked_runs(Tensor mask) -> Tensor");
   m.def("_masked_compact(Tensor input, Tensor runs) -> Tensor");
   m.def("_masked_expand(Tensor compact, Tensor runs, int N, int L) -> Tensor");
+  // Its CPU kernels (csrc/cpu/kernel/masked.h), reading the real positions in place and writing
+  // zeros at the padding: the training forward (output, mean, biased var, invstd) and backward
+  // (grad_input, empty unless input_grad; sums of dy and dy * (x - mean)).
+  m.def(
+      "_masked_forward(Tensor input, Tensor runs, Tensor? weight, Tensor? bias, float eps)"
+      " -> (Tensor output, Tensor mean, Tensor var, Tensor invstd)");
+  m.def(
+      "_masked_backward(Tensor grad_out, Tensor input, Tensor runs, Tensor mean, Tensor invstd, Tensor? weight,"
+      " bool input_grad) -> (Tensor grad_input, Tensor sum_dy, Tensor sum_dy_xmu)");
   // The eager inference call: batch_norm_eval below autograd, for calls with nothing to record.
   m.def(
       "_batch_norm_infer(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean,"

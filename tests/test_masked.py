@@ -28,10 +28,11 @@ TOL = {
 }
 
 
-@pytest.fixture(params=["compact", "torch_ops"])
+@pytest.fixture(params=["runs", "torch_ops"])
 def route(request, monkeypatch):
-    """Each eager training route: bnext.masked._compact_route picks one from the mask's runs."""
-    monkeypatch.setattr(masked, "_compact_route", lambda runs, input: request.param == "compact")
+    """Each eager training route: bnext.masked._compact_route picks one from the mask's runs (the
+    runs route: the masked kernels on CPU, the compact copies on other devices)."""
+    monkeypatch.setattr(masked, "_compact_route", lambda runs, input: request.param == "runs")
     return request.param
 
 
@@ -681,3 +682,166 @@ def test_cpu_copy_ops_refuse_bad_runs():
         torch.ops.bnext._masked_expand(compact[:, :, 1:], good, 2, 5)
     with pytest.raises(RuntimeError, match="non-negative"):
         torch.ops.bnext._masked_expand(compact, good, -1, 5)
+
+
+# The CPU kernels of the runs route (csrc/cpu/kernel/masked.h): statistics blocks of at most 4096
+# values a channel (kBlock), so channels of more real positions take several blocks, and a run
+# longer than a block is cut; rows whose length in bytes is a multiple of 64 and larger outputs
+# stream their stores (BNEXT_CPU_STREAM_BYTES=0 forces it on small ones).
+# From 16 channels the forward and backward run fused channel by channel (kMaskedFusedChannels),
+# with the same bits.
+KERNEL_CASES = [
+    # (N, C, L, lengths): one block a channel; several blocks, a run cut in three; rows of 64-byte
+    # lines; the same three fused
+    (3, 5, 37, [37, 20, 1]),
+    (3, 4, 5000, [4500, 5000, 1200]),
+    (4, 3, 512, [512, 300, 17, 100]),
+    (3, 17, 37, [37, 20, 1]),
+    (2, 16, 5000, [5000, 4200]),
+    (4, 18, 512, [512, 300, 17, 100]),
+]
+
+
+def _kernel_case(N, C, L, lengths, dtype):
+    g = torch.Generator().manual_seed(N * 1000 + L)
+    mask = lengths_mask(lengths, L) & ~(torch.rand(N, L, generator=g) < 0.05)
+    mask[:, 0] = True
+    x = (torch.randn(N, C, L, generator=g, dtype=torch.float64) * 2 + 5).to(dtype)
+    x[~mask.unsqueeze(1).expand_as(x)] = float("nan")  # padding is never read
+    dy = torch.randn(N, C, L, generator=g, dtype=torch.float64).to(dtype)
+    return x, dy, mask
+
+
+def _run_kernels(x, dy, mask, w, b):
+    runs = masked._Runs(mask)
+    y, mean, var, invstd = torch.ops.bnext._masked_forward(x, runs.table, w, b, 1e-5)
+    dx, sum_dy, sum_dy_xmu = torch.ops.bnext._masked_backward(dy, x, runs.table, mean, invstd, w, True)
+    return mean, var, y, dx, sum_dy, sum_dy_xmu, invstd
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "x".join(map(str, c[:3])))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_masked_kernels_match_the_definition(case, dtype, isa, monkeypatch):
+    """Every kernel variant, streamed and not: statistics, output, backward sums and grad_input
+    against float64 formulas on the gathered real positions; the same bits for 1 and 2 threads and
+    with and without streaming stores."""
+    N, C, L, lengths = case
+    x, dy, mask = _kernel_case(N, C, L, lengths, dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.linspace(-1.5, 2, C, dtype=acc)
+    b = torch.linspace(-1, 1, C, dtype=acc)
+    results = {}
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            for stream in ("0", "1000000000000"):
+                torch.set_num_threads(n_threads)
+                monkeypatch.setenv("BNEXT_CPU_STREAM_BYTES", stream)
+                results[n_threads, stream] = _run_kernels(x, dy, mask, w, b)
+    finally:
+        torch.set_num_threads(threads)
+    first = next(iter(results.values()))
+    for key, res in results.items():
+        for a, e in zip(res, first):
+            assert torch.equal(a.nan_to_num(), e.nan_to_num()), key
+    mean, var, y, dx, sum_dy, sum_dy_xmu, invstd = first
+    if C >= 16:  # fused: the same bits as the unfused kernels (which run for fewer channels)
+        for c in range(0, C, 5):
+            part = _run_kernels(x[:, c : c + 5], dy[:, c : c + 5], mask, w[c : c + 5], b[c : c + 5])
+            for a, e in zip(part, (mean, var, y, dx, sum_dy, sum_dy_xmu, invstd)):
+                e = e[c : c + 5] if e.dim() == 1 else e[:, c : c + 5]
+                assert torch.equal(a.nan_to_num(), e.nan_to_num()), c
+
+    # The definition on the gathered (K, C) real positions, in float64.
+    m3 = mask.unsqueeze(1).expand_as(x)
+    xr = x.double().permute(0, 2, 1)[mask]  # (K, C)
+    gr = dy.double().permute(0, 2, 1)[mask]
+    K = xr.shape[0]
+    ref_mean, ref_var = xr.mean(0), xr.var(0, unbiased=False)
+    ref_invstd = torch.rsqrt(ref_var + 1e-5)
+    xhat = (xr - ref_mean) * ref_invstd
+    ref_y = xhat * w.double() + b.double()
+    ref_sum_dy, ref_sum_dy_xmu = gr.sum(0), (gr * (xr - ref_mean)).sum(0)
+    ref_dx = w.double() * ref_invstd * (gr - ref_sum_dy / K - xhat * (gr * xhat).sum(0) / K)
+    stats_tol = F64 if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean.double(), ref_mean, **stats_tol)
+    torch.testing.assert_close(var.double(), ref_var, **stats_tol)
+    torch.testing.assert_close(invstd.double(), ref_invstd, **stats_tol)
+    torch.testing.assert_close(sum_dy.double(), ref_sum_dy, **(F64 if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3)))
+    torch.testing.assert_close(
+        sum_dy_xmu.double(), ref_sum_dy_xmu, **(F64 if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3))
+    )
+    for out, ref in ((y, ref_y), (dx, ref_dx)):
+        assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
+        assert torch.all(out[~m3] == 0)  # zeros at the padding, whatever it holds
+        close(out.permute(0, 2, 1)[mask], ref, dtype)
+
+
+@pytest.mark.parametrize("C", [5, 17])
+def test_masked_kernels_strided_input_and_no_input_grad(C):
+    x, dy, mask = _kernel_case(3, C, 37, [37, 20, 1], torch.float32)
+    runs = masked._Runs(mask)
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # (N, C, L) with other strides
+    dyt = dy.transpose(1, 2).contiguous().transpose(1, 2)
+    fwd = torch.ops.bnext._masked_forward(x, runs.table, None, None, 1e-5)
+    assert all(torch.equal(a.nan_to_num(), e.nan_to_num()) for a, e in zip(torch.ops.bnext._masked_forward(xt, runs.table, None, None, 1e-5), fwd))
+    _, mean, _, invstd = fwd
+    full = torch.ops.bnext._masked_backward(dy, x, runs.table, mean, invstd, None, True)
+    strided = torch.ops.bnext._masked_backward(dyt, xt, runs.table, mean, invstd, None, True)
+    assert all(torch.equal(a, e) for a, e in zip(strided, full))
+    no_dx = torch.ops.bnext._masked_backward(dy, x, runs.table, mean, invstd, None, False)
+    assert no_dx[0].numel() == 0 and torch.equal(no_dx[1], full[1]) and torch.equal(no_dx[2], full[2])
+
+
+def test_masked_kernels_refuse_bad_arguments():
+    x = torch.randn(2, 3, 5)
+    runs = masked._Runs(lengths_mask([3, 5], 5)).table
+    _, mean, _, invstd = torch.ops.bnext._masked_forward(x, runs, None, None, 1e-5)
+    bnm = torch.ops.bnext
+    cases = [
+        (lambda: bnm._masked_forward(x[0], runs, None, None, 1e-5), "input must be \\(N, C, L\\)"),
+        (lambda: bnm._masked_forward(x.int(), runs, None, None, 1e-5), "input must be float32"),
+        (lambda: bnm._masked_forward(x, runs[:0], None, None, 1e-5), "at least one real position"),
+        (lambda: bnm._masked_forward(x, torch.tensor([[0, 0, 6]]), None, None, 1e-5), "run 0 of row 0"),
+        (lambda: bnm._masked_forward(x, runs, torch.ones(4), None, 1e-5), "weight must have shape \\(3\\)"),
+        (lambda: bnm._masked_forward(x, runs, None, torch.ones(2), 1e-5), "bias must have shape"),
+        (lambda: bnm._masked_forward(x, runs, None, None, -1.0), "eps must be non-negative"),
+        (lambda: bnm._masked_backward(x, x, runs, mean[:2], invstd, None, True), "mean must have shape"),
+        (lambda: bnm._masked_backward(x[:1], x, runs, mean, invstd, None, True), "grad_out must match input"),
+        (lambda: bnm._masked_backward(x.double(), x, runs, mean, invstd, None, True), "grad_out must match input"),
+    ]
+    for call, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+
+
+def test_cpu_route_runs_on_the_kernels_without_copies(monkeypatch):
+    """On CPU the runs route reads the real positions in place: no compact copy is made."""
+
+    def no_copy(*args):
+        raise AssertionError("the CPU runs route made a compact copy")
+
+    monkeypatch.setattr(masked._Compact, "apply", no_copy)
+    monkeypatch.setattr(masked._Expand, "apply", no_copy)
+    layer = make_layer(5)
+    run_and_compare(layer, batches(N=4, C=5, L=40))
+
+
+def test_runs_of_a_mask():
+    """bnext._masked_runs against the runs read off the mask's edges with torch ops."""
+    torch.manual_seed(5)
+    holes = random_mask(6, 29)
+    holes[2] = False
+    masks = [random_mask(6, 29), holes, torch.zeros(3, 4, dtype=torch.bool), torch.ones(3, 4, dtype=torch.bool),
+             torch.rand(7, 33) < 0.5, torch.zeros(0, 5, dtype=torch.bool)]
+    for mask in masks:
+        edges = torch.nn.functional.pad(mask.to(torch.int8), (1, 1)).diff(dim=1)  # +1 at a start, -1 past an end
+        starts, stops = (edges == 1).nonzero(), (edges == -1).nonzero()
+        expected = torch.stack([starts[:, 0], starts[:, 1], stops[:, 1]], 1)
+        table = torch.ops.bnext._masked_runs(mask)
+        assert table.dtype == torch.int64 and torch.equal(table, expected), mask
+        assert masked._Runs(mask).count == int(mask.sum())
+    assert torch.equal(torch.ops.bnext._masked_runs(holes.t().contiguous().t()), torch.ops.bnext._masked_runs(holes))
+    for bad in (torch.ones(2, 3), torch.ones(2, 3, 4, dtype=torch.bool)):
+        with pytest.raises(RuntimeError, match="mask must be a 2-D bool tensor"):
+            torch.ops.bnext._masked_runs(bad)

@@ -52,6 +52,10 @@
 //                    run_act_backward while the group is in L2; elsewhere act_reduce_sums ((block,
 //                    channel) tasks, run_act_reduce) + act_backward_elemt (run_act_backward)
 //     channels-last  act_reduce_sums (chunks, run_act_reduce_lanes) + act_backward_elemt
+//   masked_*         masked batch norm of (N, C, L) over runs of real positions [masked]: the
+//                    statistics and backward sums per channel over MaskedBlocks (seg_mean +
+//                    seg_moments, seg_reduce), the passes row by row (seg_affine, seg_backward,
+//                    zeros at the padding)
 //
 // Beneath them: common.h (tuning constants, merge_t, Buffer, with_constant), stream.h (streaming
 // stores and when a pass streams), vec.h (Vec, vload/vstore, bfloat16 rounding, masked tails,
@@ -98,4 +102,5 @@
 #include "kernel/ops.h"
 #include "kernel/act.h"
 #include "kernel/act_ops.h"
+#include "kernel/masked.h"
 #include "kernel/entries.h"

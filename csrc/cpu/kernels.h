@@ -11,6 +11,15 @@
 namespace bnext {
 namespace cpu {
 
+// The real positions of masked batch norm's (N, C, L) input (bnext/masked.py): R runs (row n,
+// start, stop) of int64, rows in order and runs of a row in order, not empty, within [0, L)
+// (checked by the ops); K values a channel in all.
+struct MaskedRuns {
+  int64_t N, C, L;
+  const int64_t* runs;
+  int64_t R, K;
+};
+
 // Pointers to per-channel values are of the accumulation type (float for half/bfloat16/float,
 // double for double); tensor pointers are of the input type and contiguous in its layout.
 struct KernelTable {
@@ -49,6 +58,28 @@ struct KernelTable {
       at::ScalarType, const void* dy, const void* saved, const void* r, void* dx, void* dr, const Layout&,
       const void* weight, const void* bias, const void* mean, const void* invstd, void* sum_dz, void* sum_dz_xmu,
       int64_t act, double param, bool from_output);
+  // Masked batch norm on NCHW-contiguous (N, C, L) tensors, the real positions only: statistics
+  // (mean, biased var), y = (x - pivot[c]) * scale[c] + shift[c] and dx (coeffs: C BackwardCoeffs)
+  // with zeros at the padding, and the backward sums.
+  void (*masked_stats)(at::ScalarType, const void* x, const MaskedRuns&, void* mean, void* var);
+  void (*masked_affine)(
+      at::ScalarType, const void* x, void* y, const MaskedRuns&, const void* pivot, const void* scale,
+      const void* shift);
+  void (*masked_backward_reduce)(
+      at::ScalarType, const void* dy, const void* x, const MaskedRuns&, const void* mean, void* sum_dy,
+      void* sum_dy_xmu);
+  void (*masked_backward_elemt)(
+      at::ScalarType, const void* dy, const void* x, void* dx, const MaskedRuns&, const void* coeffs);
+  // The training forward (statistics, invstd_from_var, normalize_coeffs) and backward (sums,
+  // backward_coeffs, dx) fused channel by channel: the same bits as the kernels above.
+  void (*masked_forward)(
+      at::ScalarType, const void* x, void* y, const MaskedRuns&, const void* weight, const void* bias, double eps,
+      void* mean, void* var, void* invstd);
+  void (*masked_backward)(
+      at::ScalarType, const void* dy, const void* x, void* dx, const MaskedRuns&, const void* weight,
+      const void* mean, const void* invstd, void* sum_dy, void* sum_dy_xmu);
+  // Channels from which the ops take the fused masked kernels (kMaskedFusedChannels).
+  int64_t masked_fused_channels;
 };
 
 // Each variant's table. Only call one whose ISA the CPU supports (kernels() checks).

@@ -6,12 +6,17 @@
 // copy_ plus a zero_ per run made a Python call per run). Figures: docs/performance.md, small and
 // irregular batches.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
+
+#include "../common/checks.h"
+#include "../common/math.h"
+#include "kernels.h"
 
 namespace bnext {
 namespace {
@@ -139,11 +144,158 @@ Tensor masked_expand_cpu(const Tensor& compact, const Tensor& runs, int64_t N, i
   return out;
 }
 
+// The runs (row, start, stop) of a bool mask (N, L), True at the real positions, in row order: the
+// table of bnext/masked.py's _Runs in one pass over the mask (its torch ops, nonzero of the mask's
+// edges and the rest, took about 0.1 ms a call).
+Tensor masked_runs_cpu(const Tensor& mask) {
+  const char* op = "bnext._masked_runs";
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kBool, op, ": mask must be a 2-D bool tensor (N, L), got ",
+      mask.dim(), "-D ", mask.scalar_type());
+  const Tensor m = mask.contiguous();
+  const int64_t N = m.size(0), L = m.size(1);
+  const bool* p = m.const_data_ptr<bool>();
+  std::vector<int64_t> runs;
+  for (int64_t n = 0; n < N; ++n) {
+    const bool* row = p + n * L;
+    for (int64_t l = 0; l < L;) {
+      if (!row[l]) {
+        ++l;
+        continue;
+      }
+      const int64_t start = l;
+      while (l < L && row[l]) {
+        ++l;
+      }
+      runs.insert(runs.end(), {n, start, l});
+    }
+  }
+  Tensor out = at::empty({static_cast<int64_t>(runs.size()) / 3, 3}, mask.options().dtype(at::kLong));
+  std::copy(runs.begin(), runs.end(), out.data_ptr<int64_t>());
+  return out;
+}
+
+// The masked route's own kernels (kernel/masked.h): statistics, normalization and backward of the
+// real positions read in place, no compact copy. `input` (N, C, L) any strides (made contiguous),
+// `runs` as above and holding at least one real position; per-channel tensors of C values.
+struct MaskedCall {
+  Tensor x, table;
+  cpu::MaskedRuns m;
+  at::ScalarType acc;
+};
+
+MaskedCall masked_call(const Tensor& input, const Tensor& runs, const char* op) {
+  TORCH_CHECK(input.dim() == 3, op, ": input must be (N, C, L), got shape ", input.sizes());
+  TORCH_CHECK(is_supported_dtype(input.scalar_type()), op, ": input must be float32, float64, float16 or bfloat16, got ",
+      input.scalar_type());
+  const int64_t N = input.size(0), C = input.size(1), L = input.size(2);
+  const auto offsets = checked_offsets(runs, N, L, op);
+  const int64_t R = runs.size(0), K = offsets[R];
+  TORCH_CHECK(K > 0, op, ": runs must hold at least one real position, got none");
+  MaskedCall call{input.contiguous(), runs.contiguous(), {}, acc_dtype(input.scalar_type())};
+  call.m = cpu::MaskedRuns{N, C, L, call.table.const_data_ptr<int64_t>(), R, K};
+  return call;
+}
+
+// A per-channel tensor (or `fill` where absent) as C contiguous values of the accumulation type.
+Tensor channels(const c10::optional<Tensor>& t, const MaskedCall& call, double fill, const char* name, const char* op) {
+  const int64_t C = call.m.C;
+  if (!t.has_value() || !t->defined()) {
+    return at::full({C}, fill, call.x.options().dtype(call.acc));
+  }
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == C, op, ": ", name, " must have shape (", C, "), got ", t->sizes());
+  return t->to(call.acc).contiguous();
+}
+
+// (output, mean, biased var, invstd) of the training forward; invstd = invstd_from_var(var, eps).
+std::tuple<Tensor, Tensor, Tensor, Tensor> masked_forward_cpu(
+    const Tensor& input, const Tensor& runs, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    double eps) {
+  const char* op = "bnext._masked_forward";
+  const MaskedCall call = masked_call(input, runs, op);
+  TORCH_CHECK(eps >= 0, op, ": eps must be non-negative, got ", eps);
+  const Tensor w = channels(weight, call, 1, "weight", op), b = channels(bias, call, 0, "bias", op);
+  const auto opts = input.options().dtype(call.acc);
+  const int64_t C = call.m.C;
+  Tensor y = at::empty_like(call.x);
+  Tensor mean = at::empty({C}, opts), var = at::empty({C}, opts), invstd = at::empty({C}, opts);
+  const auto t = input.scalar_type();
+  const auto& k = cpu::kernels();
+  if (C >= k.masked_fused_channels) {
+    k.masked_forward(
+        t, call.x.const_data_ptr(), y.data_ptr(), call.m, w.const_data_ptr(), b.const_data_ptr(), eps, mean.data_ptr(),
+        var.data_ptr(), invstd.data_ptr());
+    return {y, mean, var, invstd};
+  }
+  k.masked_stats(t, call.x.const_data_ptr(), call.m, mean.data_ptr(), var.data_ptr());
+  AT_DISPATCH_FLOATING_TYPES(call.acc, "bnext_masked", [&] {
+    std::vector<scalar_t> pivot(C), scale(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t s = invstd_from_var(var.const_data_ptr<scalar_t>()[c], eps);
+      invstd.data_ptr<scalar_t>()[c] = s;
+      const auto coeffs = normalize_coeffs<scalar_t>(
+          mean.const_data_ptr<scalar_t>()[c], s, w.const_data_ptr<scalar_t>()[c], b.const_data_ptr<scalar_t>()[c]);
+      pivot[c] = coeffs.pivot;
+      scale[c] = coeffs.scale;
+      shift[c] = coeffs.shift;
+    }
+    k.masked_affine(t, call.x.const_data_ptr(), y.data_ptr(), call.m, pivot.data(), scale.data(), shift.data());
+  });
+  return {y, mean, var, invstd};
+}
+
+// (grad_input, sum_dy, sum_dy_xmu) of the real positions; grad_input only where input_grad (else
+// an empty tensor), zero at the padding.
+std::tuple<Tensor, Tensor, Tensor> masked_backward_cpu(
+    const Tensor& grad_out, const Tensor& input, const Tensor& runs, const Tensor& mean, const Tensor& invstd,
+    const c10::optional<Tensor>& weight, bool input_grad) {
+  const char* op = "bnext._masked_backward";
+  const MaskedCall call = masked_call(input, runs, op);
+  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(), op,
+      ": grad_out must match input (", input.sizes(), ", ", input.scalar_type(), "), got ", grad_out.sizes(), ", ",
+      grad_out.scalar_type());
+  const Tensor dy = grad_out.contiguous();
+  const Tensor m = channels(mean, call, 0, "mean", op), s = channels(invstd, call, 1, "invstd", op);
+  const Tensor w = channels(weight, call, 1, "weight", op);
+  const auto opts = input.options().dtype(call.acc);
+  const int64_t C = call.m.C;
+  Tensor sum_dy = at::empty({C}, opts), sum_dy_xmu = at::empty({C}, opts);
+  const auto t = input.scalar_type();
+  const auto& k = cpu::kernels();
+  if (input_grad && C >= k.masked_fused_channels) {
+    Tensor dx = at::empty_like(call.x);
+    k.masked_backward(
+        t, dy.const_data_ptr(), call.x.const_data_ptr(), dx.data_ptr(), call.m, w.const_data_ptr(), m.const_data_ptr(),
+        s.const_data_ptr(), sum_dy.data_ptr(), sum_dy_xmu.data_ptr());
+    return {dx, sum_dy, sum_dy_xmu};
+  }
+  k.masked_backward_reduce(
+      t, dy.const_data_ptr(), call.x.const_data_ptr(), call.m, m.const_data_ptr(), sum_dy.data_ptr(),
+      sum_dy_xmu.data_ptr());
+  if (!input_grad) {
+    return {at::empty({0}, input.options()), sum_dy, sum_dy_xmu};
+  }
+  Tensor dx = at::empty_like(call.x);
+  AT_DISPATCH_FLOATING_TYPES(call.acc, "bnext_masked", [&] {
+    const scalar_t K = static_cast<scalar_t>(call.m.K);
+    std::vector<BackwardCoeffs<scalar_t>> coeffs(C);
+    for (int64_t c = 0; c < C; ++c) {
+      coeffs[c] = backward_coeffs<scalar_t>(
+          m.const_data_ptr<scalar_t>()[c], s.const_data_ptr<scalar_t>()[c], w.const_data_ptr<scalar_t>()[c],
+          sum_dy.const_data_ptr<scalar_t>()[c] / K, sum_dy_xmu.const_data_ptr<scalar_t>()[c] / K);
+    }
+    k.masked_backward_elemt(t, dy.const_data_ptr(), call.x.const_data_ptr(), dx.data_ptr(), call.m, coeffs.data());
+  });
+  return {dx, sum_dy, sum_dy_xmu};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnext, CPU, m) {
   m.impl("_masked_compact", &masked_compact_cpu);
   m.impl("_masked_expand", &masked_expand_cpu);
+  m.impl("_masked_runs", &masked_runs_cpu);
+  m.impl("_masked_forward", &masked_forward_cpu);
+  m.impl("_masked_backward", &masked_backward_cpu);
 }
 
 }  // namespace bnext

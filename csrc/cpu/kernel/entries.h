@@ -94,6 +94,51 @@ inline void act_backward_entry(
              BNEXT_ACC_OUT(sum_dz_xmu), act, static_cast<acc_t>(param), from_output));
 }
 
+inline void masked_stats_entry(at::ScalarType t, const void* x, const MaskedRuns& m, void* mean, void* var) {
+  BNEXT_CPU_DISPATCH(t, masked_stats_kernel<scalar_t, acc_t>(BNEXT_IN(x), m, BNEXT_ACC_OUT(mean), BNEXT_ACC_OUT(var)));
+}
+
+inline void masked_affine_entry(
+    at::ScalarType t, const void* x, void* y, const MaskedRuns& m, const void* pivot, const void* scale,
+    const void* shift) {
+  BNEXT_CPU_DISPATCH(
+      t, masked_affine_kernel<scalar_t, acc_t>(
+             BNEXT_IN(x), BNEXT_OUT(y), m, BNEXT_ACC_IN(pivot), BNEXT_ACC_IN(scale), BNEXT_ACC_IN(shift)));
+}
+
+inline void masked_backward_reduce_entry(
+    at::ScalarType t, const void* dy, const void* x, const MaskedRuns& m, const void* mean, void* sum_dy,
+    void* sum_dy_xmu) {
+  BNEXT_CPU_DISPATCH(
+      t, masked_backward_reduce_kernel<scalar_t, acc_t>(
+             BNEXT_IN(dy), BNEXT_IN(x), m, BNEXT_ACC_IN(mean), BNEXT_ACC_OUT(sum_dy), BNEXT_ACC_OUT(sum_dy_xmu)));
+}
+
+inline void masked_backward_elemt_entry(
+    at::ScalarType t, const void* dy, const void* x, void* dx, const MaskedRuns& m, const void* coeffs) {
+  BNEXT_CPU_DISPATCH(
+      t, masked_backward_elemt_kernel<scalar_t, acc_t>(
+             BNEXT_IN(dy), BNEXT_IN(x), BNEXT_OUT(dx), m, static_cast<const BackwardCoeffs<acc_t>*>(coeffs)));
+}
+
+inline void masked_forward_entry(
+    at::ScalarType t, const void* x, void* y, const MaskedRuns& m, const void* weight, const void* bias, double eps,
+    void* mean, void* var, void* invstd) {
+  BNEXT_CPU_DISPATCH(
+      t, masked_forward_kernel<scalar_t, acc_t>(
+             BNEXT_IN(x), BNEXT_OUT(y), m, BNEXT_ACC_IN(weight), BNEXT_ACC_IN(bias), eps, BNEXT_ACC_OUT(mean),
+             BNEXT_ACC_OUT(var), BNEXT_ACC_OUT(invstd)));
+}
+
+inline void masked_backward_entry(
+    at::ScalarType t, const void* dy, const void* x, void* dx, const MaskedRuns& m, const void* weight,
+    const void* mean, const void* invstd, void* sum_dy, void* sum_dy_xmu) {
+  BNEXT_CPU_DISPATCH(
+      t, masked_backward_kernel<scalar_t, acc_t>(
+             BNEXT_IN(dy), BNEXT_IN(x), BNEXT_OUT(dx), m, BNEXT_ACC_IN(weight), BNEXT_ACC_IN(mean),
+             BNEXT_ACC_IN(invstd), BNEXT_ACC_OUT(sum_dy), BNEXT_ACC_OUT(sum_dy_xmu)));
+}
+
 inline int parallel_probe_entry(int64_t tasks) {
   std::atomic<uint64_t> seen{0};
   at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
@@ -111,7 +156,9 @@ inline int parallel_probe_entry(int64_t tasks) {
 const KernelTable& table() {
   static const KernelTable t{
       stats_entry,    affine_entry,         forward_entry,    backward_reduce_entry, backward_elemt_entry,
-      backward_entry, parallel_probe_entry, act_affine_entry, act_forward_entry,     act_backward_entry};
+      backward_entry, parallel_probe_entry, act_affine_entry, act_forward_entry,     act_backward_entry,
+      masked_stats_entry, masked_affine_entry, masked_backward_reduce_entry, masked_backward_elemt_entry,
+      masked_forward_entry, masked_backward_entry, kMaskedFusedChannels};
   return t;
 }
 
