@@ -282,10 +282,146 @@ inline void masked_row(scalar_t* out, const MaskedRuns& m, const MaskedRowRuns& 
   zero_values<scalar_t, NT>(out + row + pos, m.L - pos);
 }
 
-// f(nt, offset, c, len) for each run of every (n, c) row in memory order (masked_row), prefetching
+// The values of one cache line: the unit of masked_row_lines (one float vector, two of bfloat16).
+template <typename scalar_t>
+constexpr int64_t kLineValues = kStreamAlign / static_cast<int64_t>(sizeof(scalar_t));
+
+// Row (n, c) written line by line from the row's start where the ISA has masked loads
+// (kMaskedTails): whole lines inside a run from op.full(i) (the vector of values i .. i + W - 1,
+// offsets into the tensor), whole lines of padding as zeros, and a line that a run starts or
+// ends in as one masked computation, op.lanes(i, k) on the real lanes k only, its other lanes
+// zero. Every line is then one whole store, streamed where NT: masked_row ends a run in a line
+// of ordinary stores (its tail, then the zeros' head), and an ordinary store that misses holds
+// the streamed stores queued behind it; runs ending mid-line (padded sequences) cost that about
+// once a row (see docs/performance.md, small and irregular batches). Runs are read at their
+// real lanes only, so a run at the end of the tensor is never read past. Every real value is
+// computed by the same vector expression as in the segment walks.
+template <typename scalar_t, typename acc_t, bool NT, typename Op>
+inline void masked_row_lines(const MaskedRuns& m, int64_t r, int64_t r1, int64_t row, const Op& op) {
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::W, U = kLineValues<scalar_t>, V = U / W;
+  static_assert(V == 1 || V == 2, "masked_row_lines: a line is one or two vectors");
+  const int64_t* runs = m.runs;
+  const int64_t L = m.L;
+  scalar_t* out = op.out + row;
+  // The unit of values p .. p + n - 1 (n <= U: a short last unit where L is no multiple of U,
+  // never with NT, which takes rows of whole lines only).
+  auto put = [&](int64_t p, const vec* v, int64_t n) {
+    if (n == U) {
+      if constexpr (V == 2) {
+        vstore2<scalar_t, acc_t, NT>(out + p, v[0], v[1]);
+      } else {
+        vstore<scalar_t, acc_t, NT>(out + p, v[0]);
+      }
+      return;
+    }
+    for (int64_t j = 0; j < V && j * W < n; ++j) {
+      vstore_part<scalar_t, acc_t>(out + p + j * W, v[j], std::min(W, n - j * W));
+    }
+  };
+  int64_t p = 0;
+  while (p < L) {
+    while (r < r1 && runs[3 * r + 2] <= p) {
+      ++r;
+    }
+    const int64_t a = r < r1 ? runs[3 * r + 1] : L, b = r < r1 ? runs[3 * r + 2] : L;
+    if (r == r1 || a >= p + U) {  // padding up to the line that the next run starts in
+      const int64_t stop = r == r1 ? L : a / U * U;
+      if constexpr (NT) {
+        const vec z[V] = {};
+        for (; p + U <= stop; p += U) {
+          put(p, z, U);
+        }
+      }
+      std::memset(out + p, 0, (stop - p) * sizeof(scalar_t));
+      p = stop;
+      continue;
+    }
+    if (a <= p && b >= p + U) {  // whole lines of one run
+      for (const int64_t stop = b / U * U; p < stop; p += U) {
+        vec v[V];
+        for (int64_t j = 0; j < V; ++j) {
+          v[j] = op.full(row + p + j * W);
+        }
+        put(p, v, U);
+      }
+      continue;
+    }
+    // A line with padding and real values: the lanes of every run in it.
+    LaneMask k = 0;
+    for (int64_t q = r; q < r1 && runs[3 * q + 1] < p + U; ++q) {
+      const int64_t lo = std::max(runs[3 * q + 1], p) - p, hi = std::min(runs[3 * q + 2], p + U) - p;
+      k |= (hi - lo >= 32 ? ~LaneMask(0) : (LaneMask(1) << (hi - lo)) - 1) << lo;
+    }
+    vec v[V];
+    for (int64_t j = 0; j < V; ++j) {
+      const LaneMask kj = (k >> (j * W)) & ((LaneMask(1) << W) - 1);
+      v[j] = kj == 0 ? vec{} : keep_lanes<acc_t>(op.lanes(row + p + j * W, kj), kj);
+    }
+    put(p, v, std::min(U, L - p));
+    p += U;
+  }
+}
+
+// Row (n, c) of op.out: the real values through op, zeros at the padding (masked_row_lines where
+// the ISA has masked loads, else masked_row with op.seg).
+template <typename scalar_t, typename acc_t, bool NT, typename Op>
+inline void masked_write_row(const MaskedRuns& m, const MaskedRowRuns& rr, int64_t n, int64_t c, const Op& op) {
+  if constexpr (kMaskedTails<scalar_t, acc_t>) {
+    masked_row_lines<scalar_t, acc_t, NT>(m, rr.first.p[n], rr.first.p[n + 1], (n * m.C + c) * m.L, op);
+  } else {
+    masked_row<scalar_t, NT>(op.out, m, rr, n, c, [&](int64_t off, int64_t len) { op.template seg<NT>(off, len); });
+  }
+}
+
+// The ops of the elementwise passes for masked_write_row: y = (x - pivot) * scale + shift (seg_affine)
+// and backward_elemt() (seg_backward) of one channel.
+template <typename scalar_t, typename acc_t>
+struct MaskedAffineOp {
+  using vec = typename Vec<acc_t>::type;
+  MaskedAffineOp(const scalar_t* x, scalar_t* out, const NormalizeCoeffs<acc_t>& k)
+      : x(x), out(out), k(k), pv(vec{} + k.pivot), s(vec{} + k.scale), t(vec{} + k.shift) {}
+  vec full(int64_t i) const {
+    return vnormalize<true>(vload<scalar_t, acc_t>(x + i), pv, s, t);
+  }
+  vec lanes(int64_t i, LaneMask m) const {
+    return vnormalize<true>(vload_lanes<scalar_t, acc_t>(x + i, m), pv, s, t);
+  }
+  template <bool NT>
+  void seg(int64_t i, int64_t len) const {
+    seg_affine<scalar_t, acc_t, NT>(x + i, out + i, len, k);
+  }
+  const scalar_t* x;
+  scalar_t* out;
+  NormalizeCoeffs<acc_t> k;
+  vec pv, s, t;
+};
+
+template <typename scalar_t, typename acc_t>
+struct MaskedBackwardOp {
+  using vec = typename Vec<acc_t>::type;
+  MaskedBackwardOp(const scalar_t* dy, const scalar_t* x, scalar_t* out, const BackwardCoeffs<acc_t>& k)
+      : dy(dy), x(x), out(out), k(k), m(vec{} + k.mean), mdy(vec{} + k.mean_dy), kv(vec{} + k.k), a(vec{} + k.a) {}
+  vec full(int64_t i) const {
+    return backward_elemt(vload<scalar_t, acc_t>(dy + i), vload<scalar_t, acc_t>(x + i), m, mdy, kv, a);
+  }
+  vec lanes(int64_t i, LaneMask l) const {
+    return backward_elemt(vload_lanes<scalar_t, acc_t>(dy + i, l), vload_lanes<scalar_t, acc_t>(x + i, l), m, mdy, kv, a);
+  }
+  template <bool NT>
+  void seg(int64_t i, int64_t len) const {
+    seg_backward<scalar_t, acc_t, NT>(dy + i, x + i, out + i, len, k);
+  }
+  const scalar_t *dy, *x;
+  scalar_t* out;
+  BackwardCoeffs<acc_t> k;
+  vec m, mdy, kv, a;
+};
+
+// Every (n, c) row in memory order (masked_write_row with op(c) of channel c), prefetching
 // (pf(offset, len)) the runs of the row kMaskedAhead on: every output value written once.
-template <typename scalar_t, typename Prefetch, typename F>
-inline void masked_rows(scalar_t* out, const MaskedRuns& m, int64_t passes, const Prefetch& pf, const F& f) {
+template <typename scalar_t, typename acc_t, typename Prefetch, typename MakeOp>
+inline void masked_rows(scalar_t* out, const MaskedRuns& m, int64_t passes, const Prefetch& pf, const MakeOp& op) {
   const MaskedRowRuns rr(m);
   with_constant(masked_stream(out, m, passes), [&](auto nt) {
     const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, m.L));
@@ -297,7 +433,7 @@ inline void masked_rows(scalar_t* out, const MaskedRuns& m, int64_t passes, cons
           }
         }
         const int64_t c = q % m.C;
-        masked_row<scalar_t, nt.value>(out, m, rr, q / m.C, c, [&](int64_t off, int64_t len) { f(nt, off, c, len); });
+        masked_write_row<scalar_t, acc_t, nt.value>(m, rr, q / m.C, c, op(c));
       }
       end_streaming<nt.value>();
     });
@@ -308,24 +444,24 @@ inline void masked_rows(scalar_t* out, const MaskedRuns& m, int64_t passes, cons
 template <typename scalar_t, typename acc_t>
 void masked_affine_kernel(
     const scalar_t* x, scalar_t* y, const MaskedRuns& m, const acc_t* pivot, const acc_t* scale, const acc_t* shift) {
-  masked_rows(y, m, 2, [&](int64_t off, int64_t len) { prefetch_run(x + off, len); }, [&](auto nt, int64_t off, int64_t c, int64_t len) {
-    seg_affine<scalar_t, acc_t, decltype(nt)::value>(x + off, y + off, len, NormalizeCoeffs<acc_t>{pivot[c], scale[c], shift[c]});
-  });
+  masked_rows<scalar_t, acc_t>(
+      y, m, 2, [&](int64_t off, int64_t len) { prefetch_run(x + off, len); },
+      [&](int64_t c) {
+        return MaskedAffineOp<scalar_t, acc_t>(x, y, NormalizeCoeffs<acc_t>{pivot[c], scale[c], shift[c]});
+      });
 }
 
 // backward_elemt() of math.h at the real positions, 0 at the padding.
 template <typename scalar_t, typename acc_t>
 void masked_backward_elemt_kernel(
     const scalar_t* dy, const scalar_t* x, scalar_t* dx, const MaskedRuns& m, const BackwardCoeffs<acc_t>* coeffs) {
-  masked_rows(
+  masked_rows<scalar_t, acc_t>(
       dx, m, 3,
       [&](int64_t off, int64_t len) {
         prefetch_run(dy + off, len);
         prefetch_run(x + off, len);
       },
-      [&](auto nt, int64_t off, int64_t c, int64_t len) {
-        seg_backward<scalar_t, acc_t, decltype(nt)::value>(dy + off, x + off, dx + off, len, coeffs[c]);
-      });
+      [&](int64_t c) { return MaskedBackwardOp<scalar_t, acc_t>(dy, x, dx, coeffs[c]); });
 }
 
 // The fused training forward and backward, channel by channel: a channel's reduction (its blocks in
@@ -353,10 +489,9 @@ void masked_forward_kernel(
         masked_finish_stats(parts.p, blocks.nblocks, pivot, mean_out[c], var_out[c]);
         invstd_out[c] = invstd_from_var(var_out[c], eps);
         const NormalizeCoeffs<acc_t> k = normalize_coeffs(mean_out[c], invstd_out[c], weight[c], bias[c]);
+        const MaskedAffineOp<scalar_t, acc_t> op(x, y, k);
         for (int64_t n = 0; n < m.N; ++n) {
-          masked_row<scalar_t, nt.value>(y, m, rr, n, c, [&](int64_t off, int64_t len) {
-            seg_affine<scalar_t, acc_t, nt.value>(x + off, y + off, len, k);
-          });
+          masked_write_row<scalar_t, acc_t, nt.value>(m, rr, n, c, op);
         }
       }
       end_streaming<nt.value>();
@@ -385,10 +520,9 @@ void masked_backward_kernel(
         sum_dy_xmu[c] = static_cast<acc_t>(s_dyxmu);
         const BackwardCoeffs<acc_t> k =
             backward_coeffs(mean[c], invstd[c], weight[c], sum_dy[c] / K, sum_dy_xmu[c] / K);
+        const MaskedBackwardOp<scalar_t, acc_t> op(dy, x, dx, k);
         for (int64_t n = 0; n < m.N; ++n) {
-          masked_row<scalar_t, nt.value>(dx, m, rr, n, c, [&](int64_t off, int64_t len) {
-            seg_backward<scalar_t, acc_t, nt.value>(dy + off, x + off, dx + off, len, k);
-          });
+          masked_write_row<scalar_t, acc_t, nt.value>(m, rr, n, c, op);
         }
       }
       end_streaming<nt.value>();

@@ -255,6 +255,9 @@ inline void vstore2(scalar_t* p, typename Vec<acc_t>::type a, typename Vec<acc_t
   }
 }
 
+// Lanes of a vector as bits, lane j as bit j (the masked loads and stores below).
+using LaneMask = uint32_t;
+
 // The tail of a run (n < W values) as one masked vector load and store where the ISA has them
 // (AVX-512; float and bfloat16 values in float vectors): a run of 7x7 or 14x14 values ends in 1
 // or 4 of them, which one at a time (a bfloat16 store is a dozen scalar instructions) cost as
@@ -268,23 +271,40 @@ inline __mmask16 tail_mask(int64_t n) {
   return static_cast<__mmask16>((1u << n) - 1u);
 }
 
+// The lanes of k loaded from p (the others neither read nor faulted on: zero).
 template <typename scalar_t, typename acc_t>
-inline typename Vec<acc_t>::type vload_part(const scalar_t* p, int64_t n) {
+inline typename Vec<acc_t>::type vload_lanes(const scalar_t* p, LaneMask k) {
   static_assert(kMaskedTails<scalar_t, acc_t>);
   typename Vec<acc_t>::type v;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    const __m512 r = _mm512_maskz_loadu_ps(tail_mask(n), p);
+    const __m512 r = _mm512_maskz_loadu_ps(static_cast<__mmask16>(k), p);
     std::memcpy(&v, &r, sizeof(v));
   } else {
     // (Vector-extension widening: the _mm512 conversion intrinsics warn under GCC 12.)
     typedef uint16_t u16x16 __attribute__((vector_size(32)));
     typedef uint32_t u32x16 __attribute__((vector_size(64)));
-    const __m256i h = _mm256_maskz_loadu_epi16(tail_mask(n), p);
+    const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>(k), p);
     u16x16 hv;
     std::memcpy(&hv, &h, sizeof(hv));
     const u32x16 r = __builtin_convertvector(hv, u32x16) << 16;
     std::memcpy(&v, &r, sizeof(v));
   }
+  return v;
+}
+
+template <typename scalar_t, typename acc_t>
+inline typename Vec<acc_t>::type vload_part(const scalar_t* p, int64_t n) {
+  return vload_lanes<scalar_t, acc_t>(p, tail_mask(n));
+}
+
+// The lanes of k of v, zero elsewhere.
+template <typename acc_t>
+inline typename Vec<acc_t>::type keep_lanes(typename Vec<acc_t>::type v, LaneMask k) {
+  static_assert(std::is_same_v<acc_t, float>);
+  __m512 r;
+  std::memcpy(&r, &v, sizeof(r));
+  r = _mm512_maskz_mov_ps(static_cast<__mmask16>(k), r);
+  std::memcpy(&v, &r, sizeof(v));
   return v;
 }
 
@@ -316,6 +336,11 @@ inline typename Vec<acc_t>::type first_lanes(typename Vec<acc_t>::type v, int64_
 #else
 template <typename scalar_t, typename acc_t>
 constexpr bool kMaskedTails = false;
+// (Declared for the discarded branches of `if constexpr (kMaskedTails<...>)`; never defined.)
+template <typename scalar_t, typename acc_t>
+typename Vec<acc_t>::type vload_lanes(const scalar_t* p, LaneMask k);
+template <typename acc_t>
+typename Vec<acc_t>::type keep_lanes(typename Vec<acc_t>::type v, LaneMask k);
 #endif
 
 template <typename acc_t>
