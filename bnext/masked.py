@@ -22,16 +22,19 @@ zeroes the padding. mask=None is bnext.BatchNorm1d / bnext.batch_norm, the same 
 
 Two ways to compute it (masked_batch_norm_impl routes by plain predicates):
 
-* the runs route (eager calls, masks made of few runs of real positions, as padded sequences
-  are): on CPU, kernels of its own (bnext::_masked_forward, _masked_backward;
-  csrc/cpu/kernel/masked.h) read the real positions in place, run by run, with bnext's statistics
-  (blocks, pivots, merges in double) and elementwise passes, and write zeros at the padding: the
-  memory passes of one unmasked batch norm call over the real positions only. On other devices the
-  real positions are copied run by run into one (1, C, K) tensor, bnext's fused batch norm runs on
-  that (its kernels, checks, and running-statistic update with count K), and the result is copied
-  back around zeros; _Compact and _Expand are each other's adjoint, so double backward works
-  through them. benchmarks/bench_small_batch.py --layers masked compares a step with unmasked
-  batch norm of the whole padded batch.
+* the kernels route (eager calls): on CUDA, any mask, the mask-taking kernels
+  (bnext::_batch_norm_masked_forward / _backward: bnext's CUDA reduction and elementwise kernels
+  with a reducer and op that skip the padding, csrc/cuda/batch_norm_kernels.cuh). On CPU, for masks
+  made of few runs of real positions (padded sequences), kernels of its own
+  (bnext::_masked_forward, _masked_backward; csrc/cpu/kernel/masked.h) read the real positions in
+  place, run by run, with bnext's statistics (blocks, pivots, merges in double) and elementwise
+  passes. Both write zeros at the padding: the memory passes of one unmasked batch norm call over
+  the real positions only. On other devices the real positions are copied run by run into one
+  (1, C, K) tensor, bnext's fused batch norm runs on that (its kernels, checks, and
+  running-statistic update with count K), and the result is copied back around zeros; _Compact and
+  _Expand are each other's adjoint, so double backward works through them.
+  benchmarks/bench_small_batch.py --layers masked compares a step with unmasked batch norm of the
+  whole padded batch.
 * the torch-op route (torch.compile, where inductor fuses it; eager masks with many holes):
   MaskedBatchNormFunction, the formulas above in torch ops, backward in closed form written in
   differentiable torch ops (double backward recomputes the statistics from the input so that they
@@ -52,6 +55,7 @@ from torch import Tensor
 
 from . import functional
 from ._ops.conventions import acc_dtype
+from ._ops.handles import namespace, ops
 from ._shared import flat
 from .functional import batch_norm_impl, check_device, recomputing, transformed
 from .modules import PLAIN_LAYERS, BatchNorm1d, _fx_leaf
@@ -130,61 +134,81 @@ class MaskedBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         input, m, weight, count, mean, invstd = ctx.saved_tensors
         need_input, _, need_weight, need_bias = ctx.needs_input_grad[:4]
-        if torch.is_grad_enabled():
-            # Double backward: the statistics depend on the input, and the saved ones are constants
-            # of the graph; recomputed here so that autograd differentiates them too.
-            mean, var = _stats(input.to(mean.dtype), m, count)
-            invstd = torch.rsqrt(var + ctx.eps)
-        grad_input, grad_weight, grad_bias = _backward(
-            grad_out, input, m, weight, mean, invstd, count, need_input, need_weight, need_bias
+        grad_input, grad_weight, grad_bias = _formula_backward(
+            ctx, grad_out, input, m, weight, count, mean, invstd, need_input, need_weight, need_bias
         )
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(ctx.bias_dtype)
         return grad_input, None, grad_weight, grad_bias, None, None
 
 
+def _formula_backward(ctx, grad_out, input, m, weight, count, mean, invstd, need_input, need_weight, need_bias):
+    """(grad_input, grad_weight, grad_bias) of the torch-op formulas (_backward), grad_bias in the
+    bias's dtype. Under double backward (grad mode on) the statistics are recomputed from the input:
+    the saved ones are constants of the graph, and autograd must differentiate them too."""
+    if torch.is_grad_enabled():
+        mean, var = _stats(input.to(mean.dtype), m, count)
+        invstd = torch.rsqrt(var + ctx.eps)
+    grad_input, grad_weight, grad_bias = _backward(
+        grad_out, input, m, weight, mean, invstd, count, need_input, need_weight, need_bias
+    )
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(ctx.bias_dtype)
+    return grad_input, grad_weight, grad_bias
+
+
 class _MaskedKernels(torch.autograd.Function):
-    """MaskedBatchNormFunction on the CPU kernels of the runs route (csrc/cpu/kernel/masked.h):
-    forward(input, weight, bias, eps, runs, m, count) -> (output, mean, var, invstd), the last three
-    non-differentiable. The forward and backward read the real positions in place (runs.table) and
-    write zeros at the padding: the memory passes of one unmasked batch norm call over the real
-    positions, no copy. Double backward (create_graph) differentiates the torch-op formulas of
-    MaskedBatchNormFunction (m: the mask as (N, 1, L), count: K as a 0-d tensor)."""
+    """MaskedBatchNormFunction on bnext's masked kernels: forward(input, weight, bias, eps, runs,
+    mask, count) -> (output, mean, var, invstd), the last three non-differentiable. With `runs` (a
+    _Runs: CPU tensors) the CPU kernels read the real positions in place run by run
+    (bnext::_masked_forward / _masked_backward, csrc/cpu/kernel/masked.h); with runs None the
+    mask-taking kernels of the CUDA route (bnext::_batch_norm_masked_forward / _backward, on the
+    emulated CUDA kernels under bnext.testing.emulate_cuda) read the mask per position. Either way
+    they write zeros at the padding: the memory passes of one unmasked batch norm call, no copy.
+    Double backward (create_graph) differentiates the torch-op formulas of MaskedBatchNormFunction
+    (count: K as a 0-d tensor)."""
 
     @staticmethod
-    def forward(input, weight, bias, eps, runs, m, count):
-        return torch.ops.bnext._masked_forward(input, runs.table, weight, bias, eps)
+    def forward(input, weight, bias, eps, runs, mask, count):
+        if runs is not None:
+            return torch.ops.bnext._masked_forward(input, runs.table, weight, bias, eps)
+        out, mean, invstd, var = ops()._batch_norm_masked_forward(input, mask, weight, bias, eps)
+        return out, mean, var, invstd
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, eps, runs, m, count = inputs
+        input, weight, bias, eps, runs, mask, count = inputs
         _out, mean, var, invstd = output
         ctx.eps, ctx.runs = eps, runs
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(input, m, weight, count, mean, invstd)
+        ctx.save_for_backward(input, mask, weight, count, mean, invstd)
         ctx.mark_non_differentiable(mean, var, invstd)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_invstd):
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        input, m, weight, count, mean, invstd = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # Double backward: MaskedBatchNormFunction's differentiable formulas (statistics
-            # recomputed from the input, as there).
-            mean, var = _stats(input.to(mean.dtype), m, count)
-            grad_input, grad_weight, grad_bias = _backward(
-                grad_out, input, m, weight, mean, torch.rsqrt(var + ctx.eps), count, need_input, need_weight, need_bias
+        input, mask, weight, count, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: the differentiable formulas
+            grad_input, grad_weight, grad_bias = _formula_backward(
+                ctx, grad_out, input, mask.unsqueeze(1), weight, count, mean, invstd, need_input, need_weight, need_bias
             )
-        else:
+            return grad_input, grad_weight, grad_bias, None, None, None, None
+        if ctx.runs is not None:
             grad_input, sum_dy, sum_dy_xmu = torch.ops.bnext._masked_backward(
                 grad_out, input, ctx.runs.table, mean, invstd, weight, need_input
             )
-            grad_input = grad_input if need_input else None
-            grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if need_weight else None
-            grad_bias = sum_dy if need_bias else None
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(ctx.bias_dtype)
+        else:
+            grad_input, sum_dy, sum_dy_xmu = ops()._batch_norm_masked_backward(
+                grad_out, input, mask, weight, mean, invstd
+            )
+        grad_input = grad_input if need_input else None
+        grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if need_weight else None
+        grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias else None
         return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def _mask_kernels(input: Tensor) -> bool:
+    """The mask-taking kernels (the CUDA route): CUDA tensors, and CPU tensors while bnext runs on the
+    emulated CUDA kernels (bnext.testing.emulate_cuda)."""
+    return type(input) is Tensor and (input.is_cuda or (input.device.type == "cpu" and namespace() != "bnext"))
 
 
 class _Runs:
@@ -349,11 +373,12 @@ def masked_batch_norm_impl(
     Training takes one of three routes, by plain predicates:
     * torch.compile, torch.func, forward AD: the torch-op forward (MaskedBatchNormFunction, or the
       bare composite under a transform), K computed in the graph and asserted there;
+    * eager on CUDA (and on the emulated CUDA kernels): the mask-taking kernels (_MaskedKernels);
     * eager, few runs of real positions (padded sequences: one run per row): on CPU the masked
-      kernels in place (_MaskedKernels); elsewhere the real positions copied into (1, C, K),
-      bnext's fused batch norm on that (its kernels, checks and running-statistic update with count
-      K), the result copied back around zeros;
-    * eager, many runs (masks with holes): MaskedBatchNormFunction.
+      kernels in place (_MaskedKernels); on other devices the real positions copied into
+      (1, C, K), bnext's fused batch norm on that (its kernels, checks and running-statistic update
+      with count K), the result copied back around zeros;
+    * eager, many runs (masks with holes), CPU and other devices: MaskedBatchNormFunction.
     """
     if input.is_cuda:
         check_device(input)
@@ -380,12 +405,20 @@ def masked_batch_norm_impl(
             out, mean, var = MaskedBatchNormFunction.apply(input, m, weight, bias, count, eps)
         _update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
         return out
+    if _mask_kernels(input):
+        real = int(mask.sum())  # the host read of the count (one synchronization on CUDA)
+        if real <= 1:
+            raise ValueError(f"{_WORDS} torch.Size({list(input.shape)}) with {real} real position(s) in mask")
+        count = torch.tensor(real, dtype=acc, device=input.device)
+        out, mean, var, _invstd = _MaskedKernels.apply(input, weight, bias, eps, None, mask, count)
+        _update(running_mean, running_var, num_batches_tracked, mean, var, real, momentum)
+        return out
     runs = _Runs(mask)
     if runs.count <= 1:
         raise ValueError(f"{_WORDS} torch.Size({list(input.shape)}) with {runs.count} real position(s) in mask")
     if _compact_route(runs, input) and _copy_ops(input):
         count = torch.tensor(runs.count, dtype=acc, device=input.device)
-        out, mean, var, _invstd = _MaskedKernels.apply(input, weight, bias, eps, runs, m, count)
+        out, mean, var, _invstd = _MaskedKernels.apply(input, weight, bias, eps, runs, mask, count)
         _update(running_mean, running_var, num_batches_tracked, mean, var, runs.count, momentum)
         return out
     if _compact_route(runs, input):

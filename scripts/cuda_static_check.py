@@ -125,10 +125,21 @@ def wide_access_in_loop(lines, opcode):
     return sum(any(dst <= a <= src for dst, src in back_edges) for a in wide), len(wide)
 
 
+# Ops that wrap another op and read and write its tensors (masked batch norm's MaskedOp also reads
+# one mask byte per element): the wrapped op's VECTOR_TENSORS apply.
+WRAPPER_OPS = ("MaskedOp",)
+
+
 def vector_op(short_name):
-    """'elementwise_vec_kernel<ActNormalizeOp<float>, float, int>' -> 'ActNormalizeOp'."""
-    m = re.search(r"elementwise_vec_kernel<(\w+)", short_name)
-    return m.group(1) if m else None
+    """'elementwise_vec_kernel<ActNormalizeOp<float>, float, int>' -> 'ActNormalizeOp';
+    'elementwise_vec_kernel<MaskedOp<NormalizeOp<float> >, float, int>' -> 'NormalizeOp'."""
+    m = re.search(r"elementwise_vec_kernel<((?:\w+<)+)", short_name)
+    if not m:
+        return None
+    names = re.findall(r"(\w+)<", m.group(1))
+    while len(names) > 1 and names[0] in WRAPPER_OPS:
+        names = names[1:]
+    return names[0]
 
 
 def main():

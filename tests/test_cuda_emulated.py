@@ -341,6 +341,18 @@ def test_every_cuda_kernel_launched_in_every_variant():
             for op in OPS:
                 for args in _act_variants(op, x, _acc(dtype)):
                     getattr(SIMT, op)(*args)
+    # Masked batch norm's mask-taking ops (MaskedReducer / MaskedOp; (N, C, L) input only): the
+    # cases of tests/test_masked.py that cover both index types, both reductions (L = 1 is rows
+    # of C) and both elementwise kernels (misaligned storage).
+    for shape, mis in [((4, 5, 9), False), ((2, 3, 400), False), ((8, 3, 1), False), ((700, 3, 1), False),
+                       ((2, 3, 35), True), ((2, 3, 400), True)]:
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            x = _input(shape, dtype, misaligned=mis)
+            mask = torch.rand(shape[0], shape[2], generator=torch.Generator().manual_seed(3)) < 0.7
+            mask.view(-1)[:2] = True
+            w, b = _vec(shape[1], _acc(dtype), 1), _vec(shape[1], _acc(dtype), 2)
+            _, mean, invstd, _ = SIMT._batch_norm_masked_forward(x, mask, w, b, 1e-5)
+            SIMT._batch_norm_masked_backward(_like(x, 4), x, mask, w, mean, invstd)
     log = simt.launches()
     launched = {r["name"] for r in log}
     assert kernels - launched == set(), f"never launched: {sorted(kernels - launched)}"
@@ -348,8 +360,10 @@ def test_every_cuda_kernel_launched_in_every_variant():
     # Every kernel with every reducer / elementwise op it serves (the op's class templates, e.g.
     # GradReducer/ActGrad: the fused activation backward's reduction), each in both index types and
     # all four input dtypes. Position of the index_t parameter in each kernel's parameter list.
-    reducers = {"StatsReducer", "GradReducer/InputGrad", "GradReducer/ActGrad"}
-    elementwise = {"NormalizeOp", "BackwardElemtOp", "ActNormalizeOp", "ActBackwardElemtOp"}
+    reducers = {"StatsReducer", "GradReducer/InputGrad", "GradReducer/ActGrad",
+                "MaskedReducer/StatsReducer", "MaskedReducer/GradReducer/InputGrad"}
+    elementwise = {"NormalizeOp", "BackwardElemtOp", "ActNormalizeOp", "ActBackwardElemtOp",
+                   "MaskedOp/NormalizeOp", "MaskedOp/BackwardElemtOp"}
     variants = {
         "reduce_nchw_kernel": (1, reducers),
         "reduce_channels_last_kernel": (1, reducers),
@@ -365,7 +379,8 @@ def test_every_cuda_kernel_launched_in_every_variant():
         for family, fsigs in by_family.items():
             assert {p[pos] for p in fsigs} == {"int", "long"}, f"{name} {family}: index types {({p[pos] for p in fsigs})}"
             # The input dtype: the reducer's first template argument, or the elementwise tensors' type.
-            scalars = {re.search(r"<([\w:]+)", p[0] if pos == 1 else p[1]).group(1) for p in fsigs}
+            scalars = {re.search(r"<(float|double|c10::Half|c10::BFloat16)\b", p[0] if pos == 1 else p[1]).group(1)
+                       for p in fsigs}
             assert scalars == {"float", "double", "c10::Half", "c10::BFloat16"}, f"{name} {family}: input types {scalars}"
     nchw = [r for r in log if r["name"] == "reduce_nchw_kernel"]
     cl = [r for r in log if r["name"] == "reduce_channels_last_kernel"]

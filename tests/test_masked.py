@@ -622,9 +622,10 @@ def test_sync_masked_without_process_group_is_masked_batchnorm():
         ours(x, mask.float())
 
 
-def test_emulated_cuda_kernels(route):
-    """On the CUDA kernels' code (bnext.testing.emulate_cuda: the compact route's batch norm, the
-    running-statistic update of both routes, eval): the definition's results over several steps."""
+def test_emulated_cuda_kernels():
+    """The layer on the CUDA route's kernels (bnext.testing.emulate_cuda: the mask-taking kernels,
+    the running-statistic update, eval): the definition's results over several steps, double
+    backward through the formulas."""
     from bnext.testing import emulate_cuda, simt_module
 
     torch.manual_seed(11)
@@ -632,7 +633,136 @@ def test_emulated_cuda_kernels(route):
     simt.reset_launches()
     with emulate_cuda():
         run_and_compare(make_layer(5, momentum=0.3), batches(N=4, C=5, L=9, steps=3))
-    assert simt.launches(), "no emulated CUDA kernel ran"
+        layer = make_layer(3).double()
+        x, mask = torch.randn(3, 3, 6, dtype=torch.float64, requires_grad=True), random_mask(3, 6)
+        assert torch.autograd.gradgradcheck(lambda x: layer(x, mask), (x,))
+    names = {r["signature"] for r in simt.launches()}
+    assert any("MaskedReducer" in n for n in names) and any("MaskedOp" in n for n in names), names
+
+
+# The CUDA route's mask-taking kernels (bnext::_batch_norm_masked_forward / _backward: csrc/cuda's
+# reduction and elementwise kernels with MaskedReducer / MaskedOp), on the SIMT emulator
+# (torch.ops.bnext_simt), against the CPU ops of the same schema (the runs kernels, checked against
+# the definition above). The shapes drive the launch variants under the emulator's limits (see
+# tests/test_cuda_emulated.py): one block a channel; L split over blocks with 64-bit indexing (2400
+# elements); N split; channels beyond the grid limit; L = 1 (rows of C: the channels-last
+# reduction); a vector tail; misaligned storage (the scalar elementwise kernel).
+MASKED_CUDA_CASES = [
+    ((4, 5, 9), False),
+    ((2, 3, 400), False),
+    ((9, 2, 12), False),
+    ((2, 7, 5), False),
+    ((8, 3, 1), False),
+    ((700, 3, 1), False),
+    ((2, 3, 35), False),
+    ((2, 3, 35), True),
+    ((2, 3, 400), True),
+]
+
+
+def masked_cuda_case(shape, misaligned, dtype, seed=0):
+    """x and dy of `shape` (NaN at the padding: never read into a result), a mask with holes and at
+    least two real positions, weight and bias in the accumulation type."""
+    N, C, L = shape
+    g = torch.Generator().manual_seed(seed)
+    mask = random_mask(N, L, g) if L > 1 else torch.rand(N, 1, generator=g) < 0.6
+    mask.view(-1)[:2] = True
+    pad = ~mask.unsqueeze(1).expand(shape)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tensors = []
+    for scale, shift in ((2.0, 0.5), (1.0, 0.0)):
+        t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
+        t[pad] = float("nan")
+        if misaligned:  # same values at a storage offset of one element: not 16-byte aligned
+            buf = torch.empty(t.numel() + 1, dtype=dtype)
+            buf[1:] = t.reshape(-1)
+            t = buf[1:].view(shape)
+        tensors.append(t)
+    w = torch.randn(C, generator=g, dtype=torch.float64).to(acc)
+    b = torch.randn(C, generator=g, dtype=torch.float64).to(acc)
+    return tensors[0], tensors[1], mask, w, b
+
+
+def masked_cuda_results(ns, x, dy, mask, w, b):
+    out, mean, invstd, var = ns._batch_norm_masked_forward(x, mask, w, b, 1e-5)
+    dx, sum_dy, sum_dy_xmu = ns._batch_norm_masked_backward(dy, x, mask, w, mean, invstd)
+    return out, mean, invstd, var, dx, sum_dy, sum_dy_xmu
+
+
+# float32 on every case; the other dtypes on the 64-bit, rows and vector-tail ones.
+MASKED_CUDA_PARAMS = [(case, torch.float32) for case in MASKED_CUDA_CASES] + [
+    (case, dtype)
+    for case in MASKED_CUDA_CASES
+    if case[0] in ((2, 3, 400), (700, 3, 1), (2, 3, 35))
+    for dtype in (torch.float64, torch.float16, torch.bfloat16)
+]
+
+
+@pytest.mark.parametrize(
+    "case,dtype",
+    MASKED_CUDA_PARAMS,
+    ids=["x".join(map(str, c[0])) + ("-misaligned" if c[1] else "") + "-" + str(d)[6:] for c, d in MASKED_CUDA_PARAMS],
+)
+def test_emulated_cuda_masked_kernels_match_cpu(case, dtype):
+    from bnext.testing import simt_module
+
+    simt_module()
+    shape, misaligned = case
+    x, dy, mask, w, b = masked_cuda_case(shape, misaligned, dtype)
+    got = masked_cuda_results(torch.ops.bnext_simt, x, dy, mask, w, b)
+    want = masked_cuda_results(torch.ops.bnext, x, dy, mask, w, b)
+    pad = ~mask.unsqueeze(1).expand(shape)
+    for i, (u, v) in enumerate(zip(got, want)):
+        assert u.dtype == v.dtype and u.shape == v.shape and u.stride() == v.stride(), i
+        if u.shape == x.shape:
+            assert torch.all(u[pad] == 0) and torch.isfinite(u[~pad].float()).all(), i
+        tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else TOL[dtype]
+        torch.testing.assert_close(u.double(), v.double(), **tol, msg=lambda m: f"result {i}: {m}")
+
+
+def test_emulated_cuda_masked_kernels_deterministic_and_checked():
+    """Multi-block reductions merge in block order whichever block finishes last (bitwise); the
+    entries refuse bad masks with the CPU entries' messages; no real position gives the empty count's
+    results on both."""
+    from bnext.testing import simt_module
+
+    simt = simt_module()
+    for shape in ((2, 3, 400), (700, 3, 1)):
+        x, dy, mask, w, b = masked_cuda_case(shape, False, torch.float32)
+        results = []
+        try:
+            for reverse in (False, True):
+                simt.set_block_order(reverse)
+                results.append(masked_cuda_results(torch.ops.bnext_simt, x, dy, mask, w, b))
+        finally:
+            simt.set_block_order(False)
+        for u, v in zip(*results):
+            assert torch.equal(u.nan_to_num(), v.nan_to_num())
+    x = torch.randn(2, 3, 5)
+    for ns in (torch.ops.bnext, torch.ops.bnext_simt):
+        with pytest.raises(RuntimeError, match=r"mask must have shape \(N, L\) = \[2, 5\], got \[2, 4\]"):
+            ns._batch_norm_masked_forward(x, torch.ones(2, 4, dtype=torch.bool), None, None, 1e-5)
+        with pytest.raises(RuntimeError, match="mask must be a bool tensor, got Float"):
+            ns._batch_norm_masked_forward(x, torch.ones(2, 5), None, None, 1e-5)
+        with pytest.raises(RuntimeError, match=r"input must be \(N, C, L\) with a mask, got 4D"):
+            ns._batch_norm_masked_forward(x[..., None], torch.ones(2, 5, dtype=torch.bool), None, None, 1e-5)
+        out, mean, invstd, var = ns._batch_norm_masked_forward(x, torch.zeros(2, 5, dtype=torch.bool), None, None, 1e-5)
+        assert torch.equal(out, torch.zeros_like(x)) and torch.equal(mean, torch.zeros(3)) and torch.equal(var, torch.zeros(3))
+        dx, sum_dy, _ = ns._batch_norm_masked_backward(x, x, torch.zeros(2, 5, dtype=torch.bool), None, mean, invstd)
+        assert torch.equal(dx, torch.zeros_like(x)) and torch.equal(sum_dy, torch.zeros(3))
+
+
+def test_masked_ops_opcheck():
+    """The mask-taking ops' schemas and fake kernels (bnext/_ops/fake.py), on CPU and emulated."""
+    from bnext.testing import simt_module
+
+    simt_module()
+    x, dy, mask, w, b = masked_cuda_case((3, 4, 7), False, torch.float32)
+    x, dy = x.nan_to_num(), dy.nan_to_num()
+    for ns in (torch.ops.bnext, torch.ops.bnext_simt):
+        _, mean, invstd, _ = ns._batch_norm_masked_forward(x, mask, w, b, 1e-5)
+        torch.library.opcheck(ns._batch_norm_masked_forward, (x, mask, w, b, 1e-5))
+        torch.library.opcheck(ns._batch_norm_masked_backward, (dy, x, mask, w, mean, invstd))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])

@@ -112,6 +112,33 @@ def _backward_fake(grad_out, input, weight, save_mean, save_invstd):
     return _like_input(input), _channel(input), _channel(input)
 
 
+def _check_mask(input, mask, op):
+    _check_input(input, op)
+    torch._check(input.dim() == 3, lambda: f"{op}: input must be (N, C, L) with a mask, got {input.dim()}D input")
+    torch._check(mask.dtype == torch.bool, lambda: f"{op}: mask must be a bool tensor, got {mask.dtype}")
+    torch._check(
+        mask.shape == (input.shape[0], input.shape[2]),
+        lambda: f"{op}: mask must have shape (N, L) = {[input.shape[0], input.shape[2]]}, got {list(mask.shape)}",
+    )
+
+
+def _masked_forward_fake(input, mask, weight, bias, eps):
+    op = "bnext._batch_norm_masked_forward"
+    _check_mask(input, mask, op)
+    _check_channel(weight, "weight", input, op)
+    _check_channel(bias, "bias", input, op)
+    return torch.empty_like(input, memory_format=torch.contiguous_format), _channel(input), _channel(input), _channel(input)
+
+
+def _masked_backward_fake(grad_out, input, mask, weight, save_mean, save_invstd):
+    op = "bnext._batch_norm_masked_backward"
+    _check_mask(input, mask, op)
+    _check_like_input(grad_out, "grad_out", input, op)
+    for t, name in ((weight, "weight"), (save_mean, "save_mean"), (save_invstd, "save_invstd")):
+        _check_channel(t, name, input, op)
+    return torch.empty_like(input, memory_format=torch.contiguous_format), _channel(input), _channel(input)
+
+
 _FAKES = {
     "batch_norm_stats": _stats_fake,
     "batch_norm_elemt": _elemt_fake,
@@ -122,6 +149,13 @@ _FAKES = {
     "batch_norm_backward": _backward_fake,
 }
 
+# The private kernel ops of schemas.h (masked batch norm's CUDA route: eager only, never traced, so
+# outside the op contract's other tables), for opcheck.
+_PRIVATE_FAKES = {
+    "_batch_norm_masked_forward": _masked_forward_fake,
+    "_batch_norm_masked_backward": _masked_backward_fake,
+}
+
 
 def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
     return None
@@ -130,7 +164,7 @@ def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, m
 def register_fakes(namespace: str) -> None:
     """Register the fake kernels for every kernel op of `namespace` (bnext, or bnext_simt when
     emulating), and for bnext the running-statistics update (the emulated build has no such op)."""
-    for name, fn in _FAKES.items():
+    for name, fn in {**_FAKES, **_PRIVATE_FAKES}.items():
         torch.library.register_fake(f"{namespace}::{name}", fn)
     if namespace == "bnext":
         torch.library.register_fake("bnext::update_running_stats", _update_running_stats_fake)

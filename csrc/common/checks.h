@@ -319,4 +319,29 @@ inline void check_act_backward_args(
   check_from_output(from_output, activation, activation_param, op);
 }
 
+// The fused training backward's arguments (batch_norm_backward, the masked one).
+inline void check_backward_args(
+    const at::Tensor& grad_out,
+    const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_invstd,
+    const char* op) {
+  check_backward_common(grad_out, input, save_mean, "save_mean", save_invstd, "save_invstd", op);
+  check_optional_channel_vector(weight, "weight", input, op);
+}
+
+// Masked batch norm's input (N, C, L) and mask: bool (N, L) on the input's device.
+inline void check_mask_args(const at::Tensor& input, const at::Tensor& mask, const char* op) {
+  check_input(input, op);
+  TORCH_CHECK(input.dim() == 3, op, ": input must be (N, C, L) with a mask, got ", input.dim(), "D input of shape ",
+      input.sizes());
+  TORCH_CHECK(mask.defined() && mask.scalar_type() == at::kBool, op, ": mask must be a bool tensor, got ",
+      mask.defined() ? c10::toString(mask.scalar_type()) : "an undefined tensor");
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == input.size(0) && mask.size(1) == input.size(2), op,
+      ": mask must have shape (N, L) = [", input.size(0), ", ", input.size(2), "], got ", mask.sizes());
+  TORCH_CHECK(mask.device() == input.device(), op, ": mask must be on the input's device ", input.device(), ", got ",
+      mask.device());
+}
+
 }  // namespace bnext

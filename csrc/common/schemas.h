@@ -59,6 +59,17 @@ inline void define_schemas(torch::Library& m) {
       "batch_norm_act_backward(Tensor grad_out, Tensor saved, Tensor? residual, Tensor? weight, Tensor? bias,"
       " Tensor save_mean, Tensor save_invstd, int activation, float activation_param, bool from_output)"
       " -> (Tensor grad_input, Tensor grad_residual, Tensor sum_dz, Tensor sum_dz_xmu)");
+  // Masked batch norm (bnext/masked.py), the eager training route on CUDA: input (N, C, L), mask
+  // (N, L) bool, True at the real positions. batch_norm_forward / batch_norm_backward of the real
+  // positions only (their statistics, sums and coefficients), zeros in the output and grad_input
+  // at the padding. Private: the layer's own kernels (on CPU, reference implementations over
+  // bnext::_masked_forward / _masked_backward, which take the mask's runs).
+  m.def(
+      "_batch_norm_masked_forward(Tensor input, Tensor mask, Tensor? weight, Tensor? bias, float eps)"
+      " -> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor save_var)");
+  m.def(
+      "_batch_norm_masked_backward(Tensor grad_out, Tensor input, Tensor mask, Tensor? weight, Tensor save_mean,"
+      " Tensor save_invstd) -> (Tensor grad_input, Tensor sum_dy, Tensor sum_dy_xmu)");
 }
 
 }  // namespace bnext

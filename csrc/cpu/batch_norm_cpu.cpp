@@ -12,6 +12,7 @@
 #include "../common/layout.h"
 #include "../common/prepare.h"
 #include "../common/math.h"
+#include "acc_channels.h"
 #include "kernels.h"
 
 namespace bnext {
@@ -22,48 +23,6 @@ using at::Tensor;
 #define BNEXT_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-// The C values of a per-channel vector in the accumulation type acc_t, as a pointer: the tensor's
-// own memory where it already is that (contiguous acc_t), else converted here on the host, as
-// .to(acc_t) rounds; `fill` for an absent one. (A .to() is an ATen call for each bfloat16
-// parameter of every op call, a visible part of a small layer's time: see
-// docs/performance.md#per-call-cost.)
-template <typename acc_t>
-class AccChannels {
- public:
-  AccChannels(const c10::optional<Tensor>& t, int64_t C, acc_t fill) {
-    if (t.has_value() && t->defined()) {
-      init(*t, C);
-    } else {
-      buf_.assign(C, fill);
-      p_ = buf_.data();
-    }
-  }
-  AccChannels(const Tensor& t, int64_t C) {
-    init(t, C);
-  }
-  const acc_t* get() const {
-    return p_;
-  }
-
- private:
-  void init(const Tensor& t, int64_t C) {
-    if (t.scalar_type() == c10::CppTypeToScalarType<acc_t>::value && t.is_contiguous()) {
-      p_ = t.const_data_ptr<acc_t>();
-      return;
-    }
-    buf_.resize(C);
-    const int64_t stride = C > 1 ? t.stride(0) : 1;
-    BNEXT_DISPATCH(t.scalar_type(), "bnext_channels", [&] {
-      const scalar_t* src = t.const_data_ptr<scalar_t>();
-      for (int64_t c = 0; c < C; ++c) {
-        buf_[c] = static_cast<acc_t>(src[c * stride]);
-      }
-    });
-    p_ = buf_.data();
-  }
-  std::vector<acc_t> buf_;
-  const acc_t* p_ = nullptr;
-};
 
 std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
   const char* op = "bnext.batch_norm_stats";
@@ -274,8 +233,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const Tensor& save_mean,
     const Tensor& save_invstd) {
   const char* op = "bnext.batch_norm_backward";
-  check_backward_common(grad_out, input, save_mean, "save_mean", save_invstd, "save_invstd", op);
-  check_optional_channel_vector(weight, "weight", input, op);
+  check_backward_args(grad_out, input, weight, save_mean, save_invstd, op);
   const auto p = prepare(input);
   const Tensor dy = grad_out.contiguous(p.fmt);
   const auto opts = input.options().dtype(acc_dtype(input.scalar_type()));

@@ -11,11 +11,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "../common/checks.h"
 #include "../common/math.h"
+#include "acc_channels.h"
 #include "kernels.h"
 
 namespace bnext {
@@ -196,14 +198,10 @@ MaskedCall masked_call(const Tensor& input, const Tensor& runs, const char* op) 
   return call;
 }
 
-// A per-channel tensor (or `fill` where absent) as C contiguous values of the accumulation type.
-Tensor channels(const c10::optional<Tensor>& t, const MaskedCall& call, double fill, const char* name, const char* op) {
-  const int64_t C = call.m.C;
-  if (!t.has_value() || !t->defined()) {
-    return at::full({C}, fill, call.x.options().dtype(call.acc));
-  }
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == C, op, ": ", name, " must have shape (", C, "), got ", t->sizes());
-  return t->to(call.acc).contiguous();
+// A per-channel tensor (optional ones may be absent): C values.
+void check_channels(const c10::optional<Tensor>& t, int64_t C, const char* name, const char* op) {
+  TORCH_CHECK(!t.has_value() || !t->defined() || (t->dim() == 1 && t->size(0) == C), op, ": ", name,
+      " must have shape (", C, "), got ", t->sizes());
 }
 
 // (output, mean, biased var, invstd) of the training forward; invstd = invstd_from_var(var, eps).
@@ -213,27 +211,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masked_forward_cpu(
   const char* op = "bnext._masked_forward";
   const MaskedCall call = masked_call(input, runs, op);
   TORCH_CHECK(eps >= 0, op, ": eps must be non-negative, got ", eps);
-  const Tensor w = channels(weight, call, 1, "weight", op), b = channels(bias, call, 0, "bias", op);
-  const auto opts = input.options().dtype(call.acc);
   const int64_t C = call.m.C;
+  check_channels(weight, C, "weight", op);
+  check_channels(bias, C, "bias", op);
+  const auto opts = input.options().dtype(call.acc);
   Tensor y = at::empty_like(call.x);
   Tensor mean = at::empty({C}, opts), var = at::empty({C}, opts), invstd = at::empty({C}, opts);
   const auto t = input.scalar_type();
   const auto& k = cpu::kernels();
-  if (C >= k.masked_fused_channels) {
-    k.masked_forward(
-        t, call.x.const_data_ptr(), y.data_ptr(), call.m, w.const_data_ptr(), b.const_data_ptr(), eps, mean.data_ptr(),
-        var.data_ptr(), invstd.data_ptr());
-    return {y, mean, var, invstd};
-  }
-  k.masked_stats(t, call.x.const_data_ptr(), call.m, mean.data_ptr(), var.data_ptr());
   AT_DISPATCH_FLOATING_TYPES(call.acc, "bnext_masked", [&] {
+    const AccChannels<scalar_t> w(weight, C, 1), b(bias, C, 0);
+    if (C >= k.masked_fused_channels) {
+      k.masked_forward(t, call.x.const_data_ptr(), y.data_ptr(), call.m, w.get(), b.get(), eps, mean.data_ptr(),
+          var.data_ptr(), invstd.data_ptr());
+      return;
+    }
+    k.masked_stats(t, call.x.const_data_ptr(), call.m, mean.data_ptr(), var.data_ptr());
     std::vector<scalar_t> pivot(C), scale(C), shift(C);
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t s = invstd_from_var(var.const_data_ptr<scalar_t>()[c], eps);
       invstd.data_ptr<scalar_t>()[c] = s;
-      const auto coeffs = normalize_coeffs<scalar_t>(
-          mean.const_data_ptr<scalar_t>()[c], s, w.const_data_ptr<scalar_t>()[c], b.const_data_ptr<scalar_t>()[c]);
+      const auto coeffs = normalize_coeffs<scalar_t>(mean.const_data_ptr<scalar_t>()[c], s, w.get()[c], b.get()[c]);
       pivot[c] = coeffs.pivot;
       scale[c] = coeffs.scale;
       shift[c] = coeffs.shift;
@@ -254,38 +252,71 @@ std::tuple<Tensor, Tensor, Tensor> masked_backward_cpu(
       ": grad_out must match input (", input.sizes(), ", ", input.scalar_type(), "), got ", grad_out.sizes(), ", ",
       grad_out.scalar_type());
   const Tensor dy = grad_out.contiguous();
-  const Tensor m = channels(mean, call, 0, "mean", op), s = channels(invstd, call, 1, "invstd", op);
-  const Tensor w = channels(weight, call, 1, "weight", op);
-  const auto opts = input.options().dtype(call.acc);
   const int64_t C = call.m.C;
+  check_channels(mean, C, "mean", op);
+  check_channels(invstd, C, "invstd", op);
+  check_channels(weight, C, "weight", op);
+  const auto opts = input.options().dtype(call.acc);
   Tensor sum_dy = at::empty({C}, opts), sum_dy_xmu = at::empty({C}, opts);
+  Tensor dx = input_grad ? at::empty_like(call.x) : at::empty({0}, input.options());
   const auto t = input.scalar_type();
   const auto& k = cpu::kernels();
-  if (input_grad && C >= k.masked_fused_channels) {
-    Tensor dx = at::empty_like(call.x);
-    k.masked_backward(
-        t, dy.const_data_ptr(), call.x.const_data_ptr(), dx.data_ptr(), call.m, w.const_data_ptr(), m.const_data_ptr(),
-        s.const_data_ptr(), sum_dy.data_ptr(), sum_dy_xmu.data_ptr());
-    return {dx, sum_dy, sum_dy_xmu};
-  }
-  k.masked_backward_reduce(
-      t, dy.const_data_ptr(), call.x.const_data_ptr(), call.m, m.const_data_ptr(), sum_dy.data_ptr(),
-      sum_dy_xmu.data_ptr());
-  if (!input_grad) {
-    return {at::empty({0}, input.options()), sum_dy, sum_dy_xmu};
-  }
-  Tensor dx = at::empty_like(call.x);
   AT_DISPATCH_FLOATING_TYPES(call.acc, "bnext_masked", [&] {
+    const AccChannels<scalar_t> m(mean, C), s(invstd, C), w(weight, C, 1);
+    if (input_grad && C >= k.masked_fused_channels) {
+      k.masked_backward(t, dy.const_data_ptr(), call.x.const_data_ptr(), dx.data_ptr(), call.m, w.get(), m.get(),
+          s.get(), sum_dy.data_ptr(), sum_dy_xmu.data_ptr());
+      return;
+    }
+    k.masked_backward_reduce(
+        t, dy.const_data_ptr(), call.x.const_data_ptr(), call.m, m.get(), sum_dy.data_ptr(), sum_dy_xmu.data_ptr());
+    if (!input_grad) {
+      return;
+    }
     const scalar_t K = static_cast<scalar_t>(call.m.K);
     std::vector<BackwardCoeffs<scalar_t>> coeffs(C);
     for (int64_t c = 0; c < C; ++c) {
-      coeffs[c] = backward_coeffs<scalar_t>(
-          m.const_data_ptr<scalar_t>()[c], s.const_data_ptr<scalar_t>()[c], w.const_data_ptr<scalar_t>()[c],
+      coeffs[c] = backward_coeffs<scalar_t>(m.get()[c], s.get()[c], w.get()[c],
           sum_dy.const_data_ptr<scalar_t>()[c] / K, sum_dy_xmu.const_data_ptr<scalar_t>()[c] / K);
     }
     k.masked_backward_elemt(t, dy.const_data_ptr(), call.x.const_data_ptr(), dx.data_ptr(), call.m, coeffs.data());
   });
   return {dx, sum_dy, sum_dy_xmu};
+}
+
+// The mask-taking ops of the CUDA route (common/schemas.h) on CPU tensors: the mask's runs, then
+// the kernels above (the reference of the emulated CUDA kernels' tests). No real position: the
+// results the CUDA kernels give for an empty count (mean and var 0, zeros everywhere).
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_masked_forward_cpu(
+    const Tensor& input, const Tensor& mask, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    double eps) {
+  const char* op = "bnext._batch_norm_masked_forward";
+  check_mask_args(input, mask, op);
+  check_forward_args(input, weight, bias, eps, op);
+  const Tensor runs = masked_runs_cpu(mask);
+  if (runs.size(0) == 0) {
+    const auto opts = input.options().dtype(acc_dtype(input.scalar_type()));
+    const int64_t C = input.size(1);
+    return {at::zeros_like(input, at::MemoryFormat::Contiguous), at::zeros({C}, opts),
+        at::full({C}, 1.0 / std::sqrt(eps), opts), at::zeros({C}, opts)};
+  }
+  auto [y, mean, var, invstd] = masked_forward_cpu(input, runs, weight, bias, eps);
+  return {y, mean, invstd, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_masked_backward_cpu(
+    const Tensor& grad_out, const Tensor& input, const Tensor& mask, const c10::optional<Tensor>& weight,
+    const Tensor& save_mean, const Tensor& save_invstd) {
+  const char* op = "bnext._batch_norm_masked_backward";
+  check_mask_args(input, mask, op);
+  check_backward_args(grad_out, input, weight, save_mean, save_invstd, op);
+  const Tensor runs = masked_runs_cpu(mask);
+  if (runs.size(0) == 0) {
+    const auto opts = input.options().dtype(acc_dtype(input.scalar_type()));
+    const int64_t C = input.size(1);
+    return {at::zeros_like(input, at::MemoryFormat::Contiguous), at::zeros({C}, opts), at::zeros({C}, opts)};
+  }
+  return masked_backward_cpu(grad_out, input, runs, save_mean, save_invstd, weight, true);
 }
 
 }  // namespace
@@ -296,6 +327,8 @@ TORCH_LIBRARY_IMPL(bnext, CPU, m) {
   m.impl("_masked_runs", &masked_runs_cpu);
   m.impl("_masked_forward", &masked_forward_cpu);
   m.impl("_masked_backward", &masked_backward_cpu);
+  m.impl("_batch_norm_masked_forward", &batch_norm_masked_forward_cpu);
+  m.impl("_batch_norm_masked_backward", &batch_norm_masked_backward_cpu);
 }
 
 }  // namespace bnext

@@ -107,14 +107,16 @@ Tensor normalize_with(
 
 // The fused training forward: statistics, whose epilogue writes the normalize coefficients, then
 // one elementwise pass of make_op(NormalizeOp) over x and the residual `r` (may be undefined).
-template <class MakeOp>
+// make_red(StatsReducer) is the reduction (the plain one, or the masked one).
+template <class MakeOp, class MakeRed>
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_with(
     const Tensor& input,
     const c10::optional<Tensor>& weight,
     const c10::optional<Tensor>& bias,
     const c10::optional<Tensor>& residual,
     double eps,
-    MakeOp&& make_op) {
+    MakeOp&& make_op,
+    MakeRed&& make_red) {
   const DeviceGuard guard(input.device());
   const auto p = prepare(input);
   const int64_t C = p.layout.C;
@@ -135,10 +137,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_with(
   BNEXT_DISPATCH(input.scalar_type(), "batch_norm_forward_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const Stream stream = current_stream();
-    const StatsReducer<scalar_t, acc_t> red{
+    const auto red = make_red(StatsReducer<scalar_t, acc_t>{
         p.x.const_data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
         w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), pivot.data_ptr<acc_t>(), scale.data_ptr<acc_t>(),
-        shift.data_ptr<acc_t>(), eps};
+        shift.data_ptr<acc_t>(), eps});
     const auto op = make_op(NormalizeOp<acc_t>{
         pivot.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>()});
     const ElementwiseTensors<scalar_t> t{{p.x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(r)}, {out.data_ptr<scalar_t>()}};
@@ -150,11 +152,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_with(
   return {out, mean, invstd, var};
 }
 
-// make_op of the plain ops: normalize as it is.
+// make_op / make_red of the plain ops: the elementwise op or reducer as it is.
 struct Plain {
-  template <class Norm>
-  Norm operator()(const Norm& norm) const {
-    return norm;
+  template <class T>
+  T operator()(const T& t) const {
+    return t;
+  }
+};
+
+template <class T, class = void>
+struct is_reducer : std::false_type {};
+template <class T>
+struct is_reducer<T, std::void_t<typename T::State>> : std::true_type {};
+
+// make_op / make_red of the masked ops: the real positions of `mask` only (MaskedOp, MaskedReducer).
+struct MaskedOps {
+  const uint8_t* mask;
+  template <class T>
+  auto operator()(const T& t) const {
+    if constexpr (is_reducer<T>::value) {
+      return MaskedReducer<T>{t, mask};
+    } else {
+      return MaskedOp<T>{t, mask};
+    }
   }
 };
 
@@ -217,7 +237,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_forward_cuda(
     double eps) {
   const char* op = "bnext.batch_norm_forward";
   check_forward_args(input, weight, bias, eps, op);
-  return forward_with(input, weight, bias, c10::nullopt, eps, Plain{});
+  return forward_with(input, weight, bias, c10::nullopt, eps, Plain{}, Plain{});
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_forward_cuda(
@@ -232,7 +252,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_forward_cuda(
   check_forward_args(input, weight, bias, eps, op);
   check_act_args(residual, input, activation, op);
   const bool has_residual = residual.has_value() && residual->defined();
-  return forward_with(input, weight, bias, residual, eps, WithActivation{activation, activation_param, has_residual});
+  return forward_with(
+      input, weight, bias, residual, eps, WithActivation{activation, activation_param, has_residual}, Plain{});
 }
 
 // Inference with the coefficients batch_norm_eval folds (common/eval.h) and the same coefficient
@@ -365,15 +386,17 @@ struct BackwardSetup {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
+// The fused training backward: the backward reduction, whose epilogue writes the backward
+// coefficients, then one elementwise pass of dx; make(GradReducer), make(BackwardElemtOp) are the
+// kernels' reducer and op (Plain, or MaskedOps).
+template <class Make>
+std::tuple<Tensor, Tensor, Tensor> backward_with(
     const Tensor& grad_out,
     const Tensor& input,
     const c10::optional<Tensor>& weight,
     const Tensor& save_mean,
-    const Tensor& save_invstd) {
-  const char* op = "bnext.batch_norm_backward";
-  check_backward_common(grad_out, input, save_mean, "save_mean", save_invstd, "save_invstd", op);
-  check_optional_channel_vector(weight, "weight", input, op);
+    const Tensor& save_invstd,
+    const Make& make) {
   const DeviceGuard guard(input.device());
   BackwardSetup b(grad_out, input, weight, save_mean, save_invstd);
   const auto& p = b.p;
@@ -385,19 +408,65 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
   BNEXT_DISPATCH(input.scalar_type(), "batch_norm_backward_cuda", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const Stream stream = current_stream();
-    const GradReducer<scalar_t, acc_t> r{
+    const auto r = make(GradReducer<scalar_t, acc_t>{
         {b.dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>(), b.m.const_data_ptr<acc_t>()},
         b.sum_dy.data_ptr<acc_t>(), b.sum_dy_xmu.data_ptr<acc_t>(), b.m.const_data_ptr<acc_t>(),
-        b.s.const_data_ptr<acc_t>(), b.w.const_data_ptr<acc_t>(), b.k<acc_t>()};
-    const BackwardElemtOp<acc_t> bw{b.k<acc_t>()};
+        b.s.const_data_ptr<acc_t>(), b.w.const_data_ptr<acc_t>(), b.k<acc_t>()});
+    const auto bw = make(BackwardElemtOp<acc_t>{b.k<acc_t>()});
     const ElementwiseTensors<scalar_t> t{
         {b.dy.const_data_ptr<scalar_t>(), p.x.const_data_ptr<scalar_t>()}, {dx.data_ptr<scalar_t>()}};
     dispatch_index(p.x.numel(), [&](auto index) {
       launch_reduce<std::remove_const_t<decltype(r)>, decltype(index)>(r, p.layout, stream, scratch);
-      launch_elementwise<BackwardElemtOp<acc_t>, scalar_t, decltype(index)>(bw, t, p.layout, stream);
+      launch_elementwise<std::remove_const_t<decltype(bw)>, scalar_t, decltype(index)>(bw, t, p.layout, stream);
     });
   });
   return {dx, b.sum_dy, b.sum_dy_xmu};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
+    const Tensor& grad_out,
+    const Tensor& input,
+    const c10::optional<Tensor>& weight,
+    const Tensor& save_mean,
+    const Tensor& save_invstd) {
+  const char* op = "bnext.batch_norm_backward";
+  check_backward_args(grad_out, input, weight, save_mean, save_invstd, op);
+  return backward_with(grad_out, input, weight, save_mean, save_invstd, Plain{});
+}
+
+// Masked batch norm (schemas.h): the fused forward and backward over the real positions of an
+// (N, C, L) input made contiguous, whose flat element (n * C + c) * L + l has position n * L + l
+// in both kernels' terms, whichever layout prepare() sees (L = 1 reads as rows of C: position n).
+const uint8_t* mask_bytes(const Tensor& mask) {
+  return reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_masked_forward_cuda(
+    const Tensor& input,
+    const Tensor& mask,
+    const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias,
+    double eps) {
+  const char* op = "bnext._batch_norm_masked_forward";
+  check_mask_args(input, mask, op);
+  check_forward_args(input, weight, bias, eps, op);
+  const Tensor m = mask.contiguous();
+  const MaskedOps masked{mask_bytes(m)};
+  return forward_with(input.contiguous(), weight, bias, c10::nullopt, eps, masked, masked);
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_masked_backward_cuda(
+    const Tensor& grad_out,
+    const Tensor& input,
+    const Tensor& mask,
+    const c10::optional<Tensor>& weight,
+    const Tensor& save_mean,
+    const Tensor& save_invstd) {
+  const char* op = "bnext._batch_norm_masked_backward";
+  check_mask_args(input, mask, op);
+  check_backward_args(grad_out, input, weight, save_mean, save_invstd, op);
+  const Tensor m = mask.contiguous();
+  return backward_with(grad_out, input.contiguous(), weight, save_mean, save_invstd, MaskedOps{mask_bytes(m)});
 }
 
 // The fused activation backward (schemas.h): the backward reduction with dz = dy * act'(z) in
@@ -476,6 +545,8 @@ TORCH_LIBRARY_IMPL(BNEXT_CUDA_NAMESPACE, BNEXT_CUDA_KEY, m) {
   m.impl("batch_norm_act_forward", &batch_norm_act_forward_cuda);
   m.impl("batch_norm_act_eval", &batch_norm_act_eval_cuda);
   m.impl("batch_norm_act_backward", &batch_norm_act_backward_cuda);
+  m.impl("_batch_norm_masked_forward", &batch_norm_masked_forward_cuda);
+  m.impl("_batch_norm_masked_backward", &batch_norm_masked_backward_cuda);
 }
 
 }  // namespace cuda

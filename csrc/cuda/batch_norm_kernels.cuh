@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/act.h"
 #include "../common/layout.h"
@@ -300,6 +301,66 @@ struct GradReducer {
   }
 };
 
+// Reducers and elementwise ops that also take each element's position in the (N, spatial) plane
+// (pos = n * HxW + hw for NCHW, the row for channels-last): the masked batch norm ops, whose mask
+// has one value per position. The kernels compute pos only for these (if constexpr).
+template <class T, class = void>
+struct takes_position : std::false_type {};
+template <class T>
+struct takes_position<T, std::void_t<decltype(T::kTakesPosition)>> : std::true_type {};
+
+// Masked batch norm (bnext/masked.py): reducer R over the real positions only, mask (N, spatial)
+// nonzero there. Skipped elements are never pushed, so the states count the real positions, and
+// everything else (merges, epilogue) is R's.
+template <class R>
+struct MaskedReducer {
+  using acc_t = typename R::acc_t;
+  using State = typename R::State;
+  using Channel = typename R::Channel;
+  static constexpr bool kTakesPosition = true;
+
+  R r;
+  const uint8_t* mask;
+
+  BNEXT_DEVICE static State identity() {
+    return R::identity();
+  }
+  template <typename index_t>
+  BNEXT_DEVICE Channel channel(index_t c) const {
+    return r.channel(c);
+  }
+  template <typename index_t>
+  BNEXT_DEVICE void push(State& s, const Channel& ch, index_t i, index_t pos) const {
+    if (ldg(mask + pos)) {
+      r.push(s, ch, i);
+    }
+  }
+  BNEXT_DEVICE static State combine(const State& a, const State& b) {
+    return R::combine(a, b);
+  }
+  BNEXT_DEVICE static State shfl_down(const State& s, int delta) {
+    return R::shfl_down(s, delta);
+  }
+  BNEXT_DEVICE static State load_partial(const State* p) {
+    return R::load_partial(p);
+  }
+  template <typename index_t>
+  BNEXT_DEVICE void finalize(index_t c, const State& s) const {
+    r.finalize(c, s);
+  }
+};
+
+template <class R, typename index_t>
+BNEXT_DEVICE void reduce_push(
+    const R& r, typename R::State& s, const typename R::Channel& ch, index_t i, index_t pos) {
+  if constexpr (takes_position<R>::value) {
+    r.push(s, ch, i, pos);
+  } else {
+    (void)pos;
+    r.push(s, ch, i);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reduction kernels.
 
@@ -331,7 +392,7 @@ __global__ void reduce_nchw_kernel(
     for (index_t n = n0; n < N; n += n_step) {
       const index_t base = (n * C + c) * HxW;
       for (index_t hw = hw0; hw < HxW; hw += hw_step) {
-        r.push(s, ch, base + hw);
+        reduce_push(r, s, ch, base + hw, n * HxW + hw);
       }
     }
     s = block_reduce<R>(s, warp_states);
@@ -396,7 +457,7 @@ __global__ void reduce_channels_last_kernel(
       const auto ch = r.channel(c);
       for (index_t row = static_cast<index_t>(blockIdx.y) * blockDim.y + threadIdx.y; row < rows;
            row += static_cast<index_t>(gridDim.y) * blockDim.y) {
-        r.push(s, ch, row * C + c);
+        reduce_push(r, s, ch, row * C + c, row);
       }
     }
     tile[tid] = s;
@@ -622,6 +683,39 @@ struct ActBackwardElemtOp {
   }
 };
 
+// Masked batch norm's elementwise passes: Op at the real positions (mask nonzero), zero outputs
+// at the padding (whatever the inputs hold there).
+template <class Op>
+struct MaskedOp {
+  static constexpr int kInputs = Op::kInputs;
+  static constexpr int kOutputs = Op::kOutputs;
+  static constexpr bool kTakesPosition = true;
+  Op op;
+  const uint8_t* mask;
+  template <typename acc_t, typename index_t>
+  BNEXT_DEVICE void operator()(const acc_t* in, acc_t* out, index_t c, index_t pos) const {
+    if (ldg(mask + pos)) {
+      op(in, out, c);
+    } else {
+      BNEXT_UNROLL
+      for (int j = 0; j < kOutputs; ++j) {
+        out[j] = acc_t(0);
+      }
+    }
+  }
+};
+
+// op(in, out, c), with the element's position where the op takes it (see takes_position).
+template <class Op, typename acc_t, typename index_t>
+BNEXT_DEVICE void apply_op(const Op& op, const acc_t* in, acc_t* out, index_t c, index_t pos) {
+  if constexpr (takes_position<Op>::value) {
+    op(in, out, c, pos);
+  } else {
+    (void)pos;
+    op(in, out, c);
+  }
+}
+
 template <class Op, typename scalar_t, typename index_t>
 BNEXT_DEVICE void elementwise_one(
     const Op& op,
@@ -636,7 +730,13 @@ BNEXT_DEVICE void elementwise_one(
   for (int j = 0; j < Op::kInputs; ++j) {
     in[j] = t.in[j] != nullptr ? static_cast<acc_t>(t.in[j][i]) : acc_t(0);
   }
-  op(in, out, (i / S) % C);
+  // Element i = (q * C + c) * S + s: channel c, position q * S + s (q: the sample, or for
+  // channels-last, S = 1, the row).
+  index_t pos = 0;
+  if constexpr (takes_position<Op>::value) {
+    pos = i / (S * C) * S + i % S;
+  }
+  apply_op(op, in, out, (i / S) % C, pos);
   BNEXT_UNROLL
   for (int j = 0; j < Op::kOutputs; ++j) {
     if (t.out[j] != nullptr) {
@@ -673,6 +773,8 @@ __global__ void elementwise_vec_kernel(
     VecT y[Op::kOutputs];
     index_t c = (i / S) % C;
     index_t s = i % S;
+    // The position's sample (see elementwise_one), tracked only for the ops that take it.
+    index_t q = takes_position<Op>::value ? i / (S * C) : 0;
     BNEXT_UNROLL
     for (int k = 0; k < V; ++k) {
       acc_t in[Op::kInputs];
@@ -681,14 +783,17 @@ __global__ void elementwise_vec_kernel(
       for (int j = 0; j < Op::kInputs; ++j) {
         in[j] = static_cast<acc_t>(a[j].val[k]);
       }
-      op(in, out, c);
+      apply_op(op, in, out, c, q * S + s);
       BNEXT_UNROLL
       for (int j = 0; j < Op::kOutputs; ++j) {
         y[j].val[k] = static_cast<scalar_t>(out[j]);
       }
       if (++s == S) {
         s = 0;
-        c = c + 1 == C ? 0 : c + 1;
+        if (++c == C) {
+          c = 0;
+          ++q;
+        }
       }
     }
     BNEXT_UNROLL

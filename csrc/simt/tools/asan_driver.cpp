@@ -8,6 +8,7 @@
 // Not part of the Python extension: csrc/simt/*.cpp is globbed by setup.py, this subdirectory is not.
 #include "../batch_norm_simt.cpp"
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
@@ -117,6 +118,52 @@ void check_case(at::IntArrayRef shape, at::MemoryFormat fmt, bool misaligned, at
   }
 }
 
+// Masked batch norm's mask-taking ops on (N, C, L) input (misaligned: the scalar elementwise kernel)
+// against the float64 definition on the real positions; the padding of x and dy holds NaN, which
+// must never reach a result, and the outputs are zero there.
+void check_masked_case(at::IntArrayRef shape, bool misaligned, at::ScalarType dtype) {
+  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const double tol = dtype == at::kDouble ? 1e-10 : dtype == at::kFloat ? 1e-4 : 3e-2;
+  const int64_t N = shape[0], C = shape[1], L = shape[2];
+  Tensor mask = at::rand({N, L}) < 0.7;
+  mask.view(-1).slice(0, 0, 2).fill_(true);
+  const Tensor m3 = mask.unsqueeze(1).expand(shape), real = m3.to(at::kDouble);
+  const double K = mask.sum().item<double>();
+  const Tensor nan = at::full({}, std::nan(""), at::kDouble);
+  const Tensor xr = at::where(m3, at::randn(shape, at::kDouble) * 2 + 0.5, nan);
+  const Tensor dyr = at::where(m3, at::randn(shape, at::kDouble), nan);
+  auto put = [&](const Tensor& v) {
+    if (!misaligned) {
+      return v.to(dtype);
+    }
+    Tensor buf = at::empty({v.numel() + 1}, dtype);
+    Tensor t = buf.slice(0, 1).view(shape);
+    t.copy_(v);
+    return t;
+  };
+  const Tensor x = put(xr), dy = put(dyr);
+  const Tensor x0 = at::where(m3, x.to(at::kDouble), 0), dy0 = at::where(m3, dy.to(at::kDouble), 0);
+  const Tensor w = at::randn({C}, at::kDouble), b = at::randn({C}, at::kDouble);
+  const double eps = 1e-5;
+  const Tensor mean = x0.sum({0, 2}) / K;
+  const Tensor xmu = at::where(m3, x0 - mean.view({1, C, 1}), 0);
+  const Tensor var = (xmu * xmu).sum({0, 2}) / K, invstd = (var + eps).rsqrt();
+  const Tensor y = xmu * (w * invstd).view({1, C, 1}) + real * b.view({1, C, 1});
+  const Tensor sum_dy = dy0.sum({0, 2}), sum_dy_xmu = (dy0 * xmu).sum({0, 2});
+  const Tensor dx = real * (w * invstd).view({1, C, 1}) *
+      (dy0 - (sum_dy / K).view({1, C, 1}) - xmu * (invstd * invstd * sum_dy_xmu / K).view({1, C, 1}));
+  const std::string tag = std::string(c10::toString(dtype)) + (misaligned ? " misaligned" : "");
+  const auto [out, f_mean, f_invstd, f_var] = batch_norm_masked_forward_cuda(x, mask, w.to(acc), b.to(acc), eps);
+  expect_close(out, y, tol, "masked_forward out " + tag);
+  expect_close(f_mean, mean, tol, "masked_forward mean " + tag);
+  expect_close(f_var, var, tol, "masked_forward var " + tag);
+  const auto [g_dx, g_sum_dy, g_sum_dy_xmu] =
+      batch_norm_masked_backward_cuda(dy, x, mask, w.to(acc), mean.to(acc), invstd.to(acc));
+  expect_close(g_dx, dx, tol * 10, "masked_backward dx " + tag);
+  expect_close(g_sum_dy, sum_dy, tol * 10, "masked_backward sum_dy " + tag);
+  expect_close(g_sum_dy_xmu, sum_dy_xmu, tol * 10, "masked_backward sum_dy_xmu " + tag);
+}
+
 // Deliberately broken kernels: the emulator must report each instead of computing garbage.
 __global__ void early_exit_before_shuffle_kernel(float* out) {
   if (threadIdx.x == 0) {
@@ -167,6 +214,12 @@ int main() {
       {{2, 3, 20, 20}, nchw, true},   {{5, 130}, nchw, false},       {{4, 6, 5, 5}, cl, false},
       {{2, 100, 1, 3}, cl, false},    {{3, 6, 12, 10}, cl, false},   {{0, 3, 2, 2}, nchw, false},
   };
+  // (N, C, L) for the masked ops: 32- and 64-bit indexing, L = 1 (the channels-last reduction),
+  // vector tails, misaligned storage.
+  const std::vector<Case> masked_cases = {
+      {{4, 5, 9}, nchw, false}, {{2, 3, 400}, nchw, false}, {{8, 3, 1}, nchw, false},
+      {{700, 3, 1}, nchw, false}, {{2, 3, 35}, nchw, true}, {{2, 3, 400}, nchw, true},
+  };
   for (const auto dtype : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}) {
     for (const auto& c : cases) {
       if (c.shape[0] == 0) {
@@ -181,6 +234,9 @@ int main() {
       }
       check_case(c.shape, c.fmt, c.misaligned, dtype);
     }
+    for (const auto& c : masked_cases) {
+      check_masked_case(c.shape, c.misaligned, dtype);
+    }
   }
   expect_emulator_error(
       early_exit_before_shuffle_kernel, "early_exit_before_shuffle_kernel", dim3(1), dim3(32), "exited");
@@ -191,6 +247,9 @@ int main() {
     std::fprintf(stderr, "simt_asan: %d failures\n", failures);
     return 1;
   }
-  std::printf("simt_asan: %zu cases x 4 dtypes x 9 ops and 4 emulator error checks passed\n", cases.size());
+  std::printf(
+      "simt_asan: %zu cases x 4 dtypes x 9 ops, %zu masked cases x 4 dtypes x 2 ops and 4 emulator error checks "
+      "passed\n",
+      cases.size(), masked_cases.size());
   return 0;
 }
