@@ -62,6 +62,11 @@ STREAM_CASES = ALIGNED_CASES + [
     ((2, 256, 7, 7), "contiguous"),
     ((2, 64, 14, 14), "contiguous"),
     ((2, 16, 28, 28), "contiguous"),
+    # Channels-last rows of at least a line that do not start on lines (C * itemsize no multiple of
+    # 64), streamed line by line across the rows: C = 260 (lines straddling two rows) and 1023, in
+    # enough rows for two tasks whose shared boundary is mid-line.
+    ((2, 260, 5, 13), "channels_last"),
+    ((3, 1023, 2, 3), "channels_last"),
 ]
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]

@@ -89,6 +89,111 @@ inline void planes_affine_lines(
   }
 }
 
+// Channels-last rows that do not start on lines (C * sizeof(scalar_t) no multiple of 64, so no row
+// can be streamed on its own; rows_affine_all keeps ordinary stores for them, which read every
+// output line before writing it), streamed: the rows of a task are one contiguous range of values
+// [i, end), written line by line with streaming stores. The coefficients of a vector come from
+// per-channel arrays extended by one line past C (ext[j] = coefficient of channel j % C) at the
+// channel of its first lane, so a vector that straddles two rows needs no select; every value gets
+// the vector arithmetic of the row walks. Only the partial lines at the ends of the range, which a
+// neighbouring task may share, are stored one value at a time. Needs C >= one line.
+template <typename scalar_t, typename acc_t>
+constexpr int64_t kLineValuesOf = Vec<acc_t>::W * kLineVecs<scalar_t, acc_t>;
+
+template <typename scalar_t, typename acc_t>
+inline bool stream_row_lines(const scalar_t* out, const Layout& l, const RowPlan& plan, int64_t passes) {
+  if constexpr (kLineVecs<scalar_t, acc_t> != 1 && kLineVecs<scalar_t, acc_t> != 2) {
+    return false;
+  } else {
+    return plan.k == 1 && l.C >= kLineValuesOf<scalar_t, acc_t> &&
+        (l.C * static_cast<int64_t>(sizeof(scalar_t))) % kStreamAlign != 0 && stream_pass<scalar_t>(l, passes) &&
+        store_aligned(out);
+  }
+}
+
+// A per-channel value get(c) as an array extended by one line (see rows_affine_lines):
+// buf.p[j] = get(j % C).
+template <typename scalar_t, typename acc_t>
+struct ExtendedLanes {
+  template <typename Get>
+  ExtendedLanes(int64_t C, const Get& get) : buf(C + kLineValuesOf<scalar_t, acc_t>, Buffer<acc_t>::kUninit) {
+    for (int64_t j = 0; j < C + kLineValuesOf<scalar_t, acc_t>; ++j) {
+      buf.p[j] = get(j % C);
+    }
+  }
+  Buffer<acc_t> buf;
+};
+
+// f(i, c) for the values of [i, end) (channel c) one at a time until y + i is store-aligned,
+// line(i, c) for each whole line, then f again for the rest: the walk of rows_affine_lines.
+template <typename scalar_t, typename acc_t, typename One, typename Line>
+inline void row_lines_walk(const scalar_t* y, int64_t C, int64_t i, int64_t end, const One& one, const Line& line) {
+  constexpr int64_t kLine = kLineValuesOf<scalar_t, acc_t>;
+  int64_t c = i % C;
+  auto step = [&](int64_t n) {
+    c += n;
+    c = c >= C ? c - C : c;
+  };
+  for (const int64_t head = i + aligned_head<scalar_t, true>(y + i, end - i); i < head; ++i, step(1)) {
+    one(i, c);
+  }
+  for (; i + kLine <= end; i += kLine, step(kLine)) {
+    line(i, c);
+  }
+  for (; i < end; ++i, step(1)) {
+    one(i, c);
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool Centered>
+inline void rows_affine_lines(
+    const scalar_t* x, scalar_t* y, int64_t C, int64_t i, int64_t end, const acc_t* pv, const acc_t* s, const acc_t* t) {
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::W;
+  auto f = [&](int64_t c, vec v) {
+    return vnormalize<Centered>(v, Centered ? vload_acc(pv + c) : vec{}, vload_acc(s + c), vload_acc(t + c));
+  };
+  row_lines_walk<scalar_t, acc_t>(
+      y, C, i, end,
+      [&](int64_t j, int64_t c) { store<scalar_t, acc_t>(y, j, normalize(load<scalar_t, acc_t>(x, j), pv[c], s[c], t[c])); },
+      [&](int64_t j, int64_t c) {
+        if constexpr (kLineVecs<scalar_t, acc_t> == 1) {
+          vstore<scalar_t, acc_t, true>(y + j, f(c, vload<scalar_t, acc_t>(x + j)));
+        } else {
+          vec a, b;
+          vload2<scalar_t, acc_t>(x + j, a, b);
+          vstore2<scalar_t, acc_t, true>(y + j, f(c, a), f(c + W, b));
+        }
+      });
+}
+
+template <typename scalar_t, typename acc_t>
+inline void rows_backward_lines(
+    const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t C, int64_t i, int64_t end, const acc_t* m,
+    const acc_t* mdy, const acc_t* k, const acc_t* a) {
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::W;
+  auto f = [&](int64_t c, vec g, vec v) {
+    return backward_elemt(g, v, vload_acc(m + c), vload_acc(mdy + c), vload_acc(k + c), vload_acc(a + c));
+  };
+  row_lines_walk<scalar_t, acc_t>(
+      dx, C, i, end,
+      [&](int64_t j, int64_t c) {
+        store<scalar_t, acc_t>(
+            dx, j, backward_elemt(load<scalar_t, acc_t>(dy, j), load<scalar_t, acc_t>(x, j), m[c], mdy[c], k[c], a[c]));
+      },
+      [&](int64_t j, int64_t c) {
+        if constexpr (kLineVecs<scalar_t, acc_t> == 1) {
+          vstore<scalar_t, acc_t, true>(dx + j, f(c, vload<scalar_t, acc_t>(dy + j), vload<scalar_t, acc_t>(x + j)));
+        } else {
+          vec g0, g1, x0, x1;
+          vload2<scalar_t, acc_t>(dy + j, g0, g1);
+          vload2<scalar_t, acc_t>(x + j, x0, x1);
+          vstore2<scalar_t, acc_t, true>(dx + j, f(c, g0, x0), f(c + W, g1, x1));
+        }
+      });
+}
+
 // A channel group whose runs of one sample (G * HxW adjacent values) are whole float vectors:
 // lane j of vector v belongs to channel (v * W + j) / HxW. Its coefficients are laid out per lane
 // once, and each sample's G runs are then one run of vectors with no tails and no per-run setup
@@ -242,6 +347,15 @@ void affine_nchw(const scalar_t* x, scalar_t* y, const Layout& l, const acc_t* p
 template <typename scalar_t, typename acc_t, bool Centered>
 void rows_affine_all(const scalar_t* x, scalar_t* y, const Layout& l, const acc_t* pivot, const acc_t* scale, const acc_t* shift) {
   const RowPlan plan(l, sizeof(scalar_t));
+  if (stream_row_lines<scalar_t, acc_t>(y, l, plan, 2)) {
+    const ExtendedLanes<scalar_t, acc_t> pv(l.C, [&](int64_t c) { return pivot[c]; }),
+        s(l.C, [&](int64_t c) { return scale[c]; }), t(l.C, [&](int64_t c) { return shift[c]; });
+    at::parallel_for(0, plan.R, std::max<int64_t>(1, kGrainElems / l.C), [&](int64_t begin, int64_t end) {
+      rows_affine_lines<scalar_t, acc_t, Centered>(x, y, l.C, begin * l.C, end * l.C, pv.buf.p, s.buf.p, t.buf.p);
+      stream_fence();
+    });
+    return;
+  }
   Buffer<acc_t> pv(plan.P), s(plan.P), t(plan.P);
   replicate(pivot, l.C, plan.k, pv.p);
   replicate(scale, l.C, plan.k, s.p);
@@ -265,6 +379,16 @@ void rows_backward_all(
     const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Layout& l, const BackwardCoeffs<acc_t>* coeffs) {
   const RowPlan plan(l, sizeof(scalar_t));
   const int64_t C = l.C;
+  if (stream_row_lines<scalar_t, acc_t>(dx, l, plan, 3)) {
+    const ExtendedLanes<scalar_t, acc_t> m(C, [&](int64_t c) { return coeffs[c].mean; }),
+        mdy(C, [&](int64_t c) { return coeffs[c].mean_dy; }), k(C, [&](int64_t c) { return coeffs[c].k; }),
+        a(C, [&](int64_t c) { return coeffs[c].a; });
+    at::parallel_for(0, plan.R, std::max<int64_t>(1, kGrainElems / C), [&](int64_t begin, int64_t end) {
+      rows_backward_lines<scalar_t, acc_t>(dy, x, dx, C, begin * C, end * C, m.buf.p, mdy.buf.p, k.buf.p, a.buf.p);
+      stream_fence();
+    });
+    return;
+  }
   Buffer<acc_t> m(plan.P), mdy(plan.P), k(plan.P), a(plan.P);
   for (int64_t i = 0; i < plan.k; ++i) {
     for (int64_t c = 0; c < C; ++c) {
