@@ -282,10 +282,6 @@ inline void masked_row(scalar_t* out, const MaskedRuns& m, const MaskedRowRuns& 
   zero_values<scalar_t, NT>(out + row + pos, m.L - pos);
 }
 
-// The values of one cache line: the unit of masked_row_lines (one float vector, two of bfloat16).
-template <typename scalar_t>
-constexpr int64_t kLineValues = kStreamAlign / static_cast<int64_t>(sizeof(scalar_t));
-
 // Row (n, c) written line by line from the row's start where the ISA has masked loads
 // (kMaskedTails): whole lines inside a run from op.full(i) (the vector of values i .. i + W - 1,
 // offsets into the tensor), whole lines of padding as zeros, and a line that a run starts or

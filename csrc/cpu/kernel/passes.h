@@ -98,14 +98,11 @@ inline void planes_affine_lines(
 // the vector arithmetic of the row walks. Only the partial lines at the ends of the range, which a
 // neighbouring task may share, are stored one value at a time. Needs C >= one line.
 template <typename scalar_t, typename acc_t>
-constexpr int64_t kLineValuesOf = Vec<acc_t>::W * kLineVecs<scalar_t, acc_t>;
-
-template <typename scalar_t, typename acc_t>
 inline bool stream_row_lines(const scalar_t* out, const Layout& l, const RowPlan& plan, int64_t passes) {
   if constexpr (kLineVecs<scalar_t, acc_t> != 1 && kLineVecs<scalar_t, acc_t> != 2) {
     return false;
   } else {
-    return plan.k == 1 && l.C >= kLineValuesOf<scalar_t, acc_t> &&
+    return plan.k == 1 && l.C >= kLineValues<scalar_t> &&
         (l.C * static_cast<int64_t>(sizeof(scalar_t))) % kStreamAlign != 0 && stream_pass<scalar_t>(l, passes) &&
         store_aligned(out);
   }
@@ -116,8 +113,8 @@ inline bool stream_row_lines(const scalar_t* out, const Layout& l, const RowPlan
 template <typename scalar_t, typename acc_t>
 struct ExtendedLanes {
   template <typename Get>
-  ExtendedLanes(int64_t C, const Get& get) : buf(C + kLineValuesOf<scalar_t, acc_t>, Buffer<acc_t>::kUninit) {
-    for (int64_t j = 0; j < C + kLineValuesOf<scalar_t, acc_t>; ++j) {
+  ExtendedLanes(int64_t C, const Get& get) : buf(C + kLineValues<scalar_t>, Buffer<acc_t>::kUninit) {
+    for (int64_t j = 0; j < C + kLineValues<scalar_t>; ++j) {
       buf.p[j] = get(j % C);
     }
   }
@@ -128,7 +125,8 @@ struct ExtendedLanes {
 // line(i, c) for each whole line, then f again for the rest: the walk of rows_affine_lines.
 template <typename scalar_t, typename acc_t, typename One, typename Line>
 inline void row_lines_walk(const scalar_t* y, int64_t C, int64_t i, int64_t end, const One& one, const Line& line) {
-  constexpr int64_t kLine = kLineValuesOf<scalar_t, acc_t>;
+  constexpr int64_t kLine = kLineValues<scalar_t>;
+  static_assert(kLine == Vec<acc_t>::W * kLineVecs<scalar_t, acc_t>, "row_lines_walk: a line is whole vectors");
   int64_t c = i % C;
   auto step = [&](int64_t n) {
     c += n;

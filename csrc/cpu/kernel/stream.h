@@ -58,6 +58,11 @@ inline void stream_fence() {
 // of a 16-bit type (vstore2), so every streamed vector or pair is aligned to its own size.
 constexpr int64_t kStreamAlign = 64;
 
+// The values of one such line (the unit of the line-by-line passes: masked_row_lines,
+// rows_affine_lines).
+template <typename scalar_t>
+constexpr int64_t kLineValues = kStreamAlign / static_cast<int64_t>(sizeof(scalar_t));
+
 template <typename scalar_t>
 inline bool store_aligned(const scalar_t* p) {
   return reinterpret_cast<uintptr_t>(p) % kStreamAlign == 0;
