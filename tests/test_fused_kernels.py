@@ -37,6 +37,8 @@ INVERTIBLE = [a for a in ACTS if a[0] == IDENTITY or (a[0] in (LEAKY, ELU) and a
 CASES = [
     ((4, 3, 7, 7), "contiguous"),
     ((2, 5, 14, 14), "contiguous"),
+    ((2, 128, 7, 7), "contiguous"),  # channel groups of 16 7x7 planes: passes by lanes
+    ((3, 32, 14, 14), "contiguous"),  # groups of 4 14x14 planes: the forward pass by lanes
     ((3, 1, 5, 9), "contiguous"),  # C = 1, odd plane
     ((1, 17, 9, 11), "contiguous"),  # N = 1
     ((2, 3, 70, 71), "contiguous"),  # a run longer than a statistics block
@@ -244,6 +246,7 @@ def test_ops_match_float64(isa, stream, code, param, name, dtype, residual):
     ((4, 32, 5, 7), "channels_last"),
     ((3, 256, 2, 3), "channels_last"),
     ((3, 5, 7, 7), "contiguous"),  # not on lines: never streamed
+    ((2, 128, 7, 7), "contiguous"),  # groups of 16 planes are whole lines: streamed by lanes
 ], ids=str)
 def test_streaming_stores_change_no_bit(isa, monkeypatch, shape, fmt, dtype):
     ops = torch.ops.bnext
@@ -306,7 +309,8 @@ def restore_threads():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("shape,fmt", [
     ((8, 16, 40, 40), "contiguous"),  # several statistics blocks per channel
-    ((4, 64, 7, 7), "contiguous"),
+    ((4, 64, 7, 7), "contiguous"),  # one thread: groups of 16 planes by lanes; two: of 8, plane by plane
+    ((2, 128, 7, 7), "contiguous"),
     ((8, 32, 30, 30), "channels_last"),  # several chunks of rows
     ((700, 24), "contiguous"),
 ], ids=str)

@@ -39,18 +39,21 @@
 //   act_affine       act_affine_dispatch [act_ops]: y = act((x - pivot) * scale + shift + r), the
 //                    activation (act.h: vector exp/expm1 and the activations of common/act.h) and the
 //                    residual compile-time constants
-//     NCHW           act_affine_kernel [act_ops] -> run_act_affine plane by plane (SplatCoeffs)
+//     NCHW           act_affine_kernel [act_ops] -> group_act_affine: channel groups whose runs of a
+//                    sample fill whole vectors (or stream as lines) as one run with per-lane
+//                    coefficients (GroupLaneCoeffs [act_runs]), others plane by plane (SplatCoeffs)
 //     channels-last  act_affine_kernel -> run_act_affine per super-row (LaneCoeffs)
 //   act_forward      act_forward_kernel [act_ops]
 //     NCHW           where fused_channel_forward [plan]: per channel group, group_forward_coeffs
-//                    [ops] then run_act_affine while the group is in L2; elsewhere channel_stats +
+//                    [ops] then group_act_affine while the group is in L2; elsewhere channel_stats +
 //                    act_affine
 //     channels-last  channel_stats + act_affine
 //   act_backward     act_backward_kernel -> act_backward_impl [act_ops]: dz and x - mean per value
 //                    from (dy, x, r) or (dy, y, r) (GradRun)
-//     NCHW           where fused_channel_backward [plan]: per channel group, act_block_sums then
-//                    run_act_backward while the group is in L2; elsewhere act_reduce_sums ((block,
-//                    channel) tasks, run_act_reduce) + act_backward_elemt (run_act_backward)
+//     NCHW           where fused_channel_backward [plan]: per channel group, act_group_block_sums
+//                    (short planes: lane_act_block_sums, per-position sums; else act_block_sums per
+//                    channel) then group_act_backward while the group is in L2; elsewhere
+//                    act_reduce_sums ((block, channel group) tasks) + act_backward_elemt
 //     channels-last  act_reduce_sums (chunks, run_act_reduce_lanes) + act_backward_elemt
 //   masked_*         masked batch norm of (N, C, L) over runs of real positions [masked]: the
 //                    statistics and backward sums per channel over MaskedBlocks (seg_mean +
@@ -101,6 +104,7 @@
 #include "kernel/passes.h"
 #include "kernel/ops.h"
 #include "kernel/act.h"
+#include "kernel/act_runs.h"
 #include "kernel/act_ops.h"
 #include "kernel/masked.h"
 #include "kernel/entries.h"

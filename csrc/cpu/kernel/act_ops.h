@@ -7,10 +7,12 @@
 //                 pass; dz is recomputed in both passes, never stored (but as dr where a residual
 //                 is given; channels-last float/double inputs with a residual beyond the cache
 //                 store dr in the first pass and take dx from (dr, x), see act_backward_impl)
-// The passes walk runs of one channel (NCHW planes) or channels-last super-rows (RowPlan), with
-// the coefficients of a run as splats (SplatCoeffs) or per-lane arrays (LaneCoeffs), the same
-// element functions either way. Every value of a run is computed by the same code whatever the
-// thread count (runs are never split between tasks): the results are deterministic per ISA.
+// The passes walk runs of one channel (NCHW planes), of an NCHW channel group in one sample, or
+// channels-last super-rows (RowPlan), with the coefficients of a run as splats (SplatCoeffs) or
+// per-lane arrays (LaneCoeffs), the same element functions either way (kernel/act_runs.h). Every
+// value gets the same arithmetic whatever the thread count (runs are never split between tasks;
+// a plane's last values go as a masked vector, as they do in a group's run by lanes): the
+// results are deterministic per ISA.
 
 #ifndef BNEXT_CPU_ISA_NS
 #error "kernel/act_ops.h is a part of csrc/cpu/batch_norm_kernel.h, compiled per ISA by kernels_<isa>.cpp"
@@ -19,105 +21,6 @@
 namespace bnext {
 namespace cpu {
 namespace BNEXT_CPU_ISA_NS {
-
-// K per-channel coefficients of one NCHW run: the same in every lane.
-template <typename acc_t, int K>
-struct SplatCoeffs {
-  using vec = typename Vec<acc_t>::type;
-  static constexpr bool kSplat = true;  // at(k, j) for any j: runs may end in a masked vector
-  vec v[K];
-  acc_t s[K];
-  // Channel c of K per-channel arrays.
-  SplatCoeffs(const acc_t* const* arrays, int64_t c) {
-    for (int k = 0; k < K; ++k) {
-      s[k] = arrays[k][c];
-      v[k] = vec{} + s[k];
-    }
-  }
-  explicit SplatCoeffs(const NormalizeCoeffs<acc_t>& nc) : SplatCoeffs(std::array<acc_t, 3>{nc.pivot, nc.scale, nc.shift}) {}
-  explicit SplatCoeffs(const std::array<acc_t, K>& values) {
-    for (int k = 0; k < K; ++k) {
-      s[k] = values[k];
-      v[k] = vec{} + s[k];
-    }
-  }
-  vec at(int k, int64_t) const {
-    return v[k];
-  }
-  acc_t one(int k, int64_t) const {
-    return s[k];
-  }
-};
-
-// K per-lane coefficient arrays of channels-last super-rows (each per-channel array replicated
-// RowPlan::k times).
-template <typename acc_t, int K>
-struct LaneCoeffs {
-  using vec = typename Vec<acc_t>::type;
-  static constexpr bool kSplat = false;  // at(k, j) reads lanes [j, j + W): only whole vectors
-  const acc_t* p[K];
-  vec at(int k, int64_t j) const {
-    return vload_acc(p[k] + j);
-  }
-  acc_t one(int k, int64_t j) const {
-    return p[k][j];
-  }
-};
-
-// The lane arrays of LaneCoeffs from K per-channel arrays.
-template <typename acc_t, int K>
-struct LaneBuffers {
-  LaneBuffers(const acc_t* const* per_channel, int64_t C, int64_t k) : buf(K * k * C) {
-    for (int i = 0; i < K; ++i) {
-      replicate(per_channel[i], C, k, buf.p + i * k * C);
-      lanes.p[i] = buf.p + i * k * C;
-    }
-  }
-  Buffer<acc_t> buf;
-  LaneCoeffs<acc_t, K> lanes;
-};
-
-// p + o, or null for an absent tensor (the residual and its gradient; no offset of a null pointer).
-template <typename T>
-inline T* opt_at(T* p, int64_t o) {
-  return p != nullptr ? p + o : nullptr;
-}
-
-// The fewest values left at the end of a run that go as one masked vector (run_map): 14x14 runs end
-// in 4 values, which measured faster masked; 7x7 runs end in 1, which measured slower masked than
-// alone (see docs/performance.md#fused-masked-tails).
-constexpr int64_t kMinMaskedTail = 4;
-
-// f2(i) for the pairs of vectors of a run of len values, f1(i) for a last single vector, then the
-// values left: with Masked and at least kMinMaskedTail of them, fm(i, n) as one masked vector of
-// n < W values (see kMaskedTails), else fs(i) one by one.
-template <typename acc_t, bool Masked = false, typename F2, typename F1, typename FS, typename FM = std::nullptr_t>
-inline void run_map(int64_t len, const F2& f2, const F1& f1, const FS& fs, const FM& fm = nullptr) {
-  constexpr int64_t W = Vec<acc_t>::W;
-  int64_t i = 0;
-  for (; i + 2 * W <= len; i += 2 * W) {
-    f2(i);
-  }
-  for (; i + W <= len; i += W) {
-    f1(i);
-  }
-  if constexpr (Masked) {
-    if (i + kMinMaskedTail <= len) {
-      fm(i, len - i);
-      return;
-    }
-  }
-  for (; i < len; ++i) {
-    fs(i);
-  }
-}
-
-// Whether the runs of a pass with coefficients Co end in one masked vector (run_map's Masked).
-// The run functions with such tails (run_act_affine, run_act_reduce, run_act_backward) are always
-// inlined: they run once per NCHW plane, and with the masked tail GCC stopped inlining
-// run_act_backward, a call per 7x7 plane that made the bfloat16 backward about 20% slower.
-template <typename scalar_t, typename acc_t, typename Co>
-constexpr bool kMaskedRuns = kMaskedTails<scalar_t, acc_t> && Co::kSplat;
 
 // ---------------------------------------------------------------------------------------------
 // Forward: coefficients pivot, scale, shift (normalize() of math.h).
@@ -137,7 +40,7 @@ __attribute__((always_inline)) inline void run_act_affine(
     return vact_forward<A, acc_t>(z, p);
   };
   auto rvec = [&](int64_t i) { return Res ? vload<scalar_t, acc_t>(r + i) : vec{}; };
-  run_map<acc_t, kMaskedRuns<scalar_t, acc_t, Co>>(
+  run_map<acc_t, kMaskedRuns<scalar_t, acc_t, Co>, kMaskAll>(
       len,
       [&](int64_t i) {
         vec a, b;
@@ -161,38 +64,25 @@ __attribute__((always_inline)) inline void run_act_affine(
       });
 }
 
-// f(nt, offset, len, c) for every NCHW plane (c: its channel), in parallel, the output streamed
-// (nt) where `stream` says so.
-template <typename F>
-inline void for_planes(const Layout& l, bool stream, const F& f) {
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, l.HxW));
-  with_constant(stream, [&](auto nt) {
-    at::parallel_for(0, l.N * l.C, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t q = begin, c = begin % l.C; q < end; ++q, c = c + 1 == l.C ? 0 : c + 1) {
-        f(nt, q * l.HxW, l.HxW, c);
-      }
-      end_streaming<nt.value>();
+// act_affine of NCHW channels c0 .. c0 + G - 1 (k[g]: channel c0 + g's coefficients), by lanes
+// where group_by_lanes says so, else plane by plane.
+template <typename scalar_t, typename acc_t, Act A, bool Res, bool NT>
+inline void group_act_affine(
+    const scalar_t* x, const scalar_t* r, scalar_t* y, const Layout& l, int64_t c0, int64_t G,
+    const NormalizeCoeffs<acc_t>* k, acc_t p, GroupLaneCoeffs<acc_t, kFwdCoeffs>& lanes) {
+  if (group_by_lanes<scalar_t, acc_t, NT>(l, G)) {
+    const auto& co = lanes.spread(l.HxW, G, [&](int j, int64_t g) {
+      return j == kPivot ? k[g].pivot : (j == kScale ? k[g].scale : k[g].shift);
     });
-  });
-}
-
-// f(nt, offset, width) for every channels-last super-row of the plan, in parallel (streamed where
-// `stream` says so), then for the tail rows as one row (not streamed).
-template <typename F>
-inline void for_super_rows_all(const RowPlan& plan, bool stream, const F& f) {
-  const int64_t nsuper = plan.R / plan.k;
-  with_constant(stream, [&](auto nt) {
-    at::parallel_for(0, nsuper, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, plan.P)), [&](int64_t begin, int64_t end) {
-      for (int64_t s = begin; s < end; ++s) {
-        f(nt, s * plan.P, plan.P);
-      }
-      end_streaming<nt.value>();
+    group_samples(l, c0, [&](int64_t off) {
+      run_act_affine<scalar_t, acc_t, A, Res, NT>(x + off, opt_at(r, off), y + off, G * l.HxW, co, p);
     });
-  });
-  const int64_t tail = (plan.R - nsuper * plan.k) * plan.C;
-  if (tail > 0) {
-    f(std::false_type(), nsuper * plan.P, tail);
+    return;
   }
+  group_planes(l, c0, G, [&](int64_t off, int64_t g) {
+    run_act_affine<scalar_t, acc_t, A, Res, NT>(
+        x + off, opt_at(r, off), y + off, l.HxW, SplatCoeffs<acc_t, kFwdCoeffs>(k[g]), p);
+  });
 }
 
 template <typename scalar_t, typename acc_t, Act A, bool Res>
@@ -209,37 +99,21 @@ void act_affine_kernel(
     });
     return;
   }
+  if (const GroupPass gp = lanes_pass<scalar_t, acc_t>(y, l, passes); gp.G > 0) {
+    using Lanes = GroupLaneCoeffs<acc_t, kFwdCoeffs>;
+    for_channel_groups<Lanes>(l, gp, std::max<int64_t>(1, channel_grain(l) / gp.G), [&](auto nt, int64_t c0, int64_t G, Lanes& lanes) {
+      NormalizeCoeffs<acc_t> k[kMaxGroup];
+      for (int64_t g = 0; g < G; ++g) {
+        k[g] = {pivot[c0 + g], scale[c0 + g], shift[c0 + g]};
+      }
+      group_act_affine<scalar_t, acc_t, A, Res, nt.value>(x, r, y, l, c0, G, k, p, lanes);
+    });
+    return;
+  }
   for_planes(l, stream_planes(y, l, passes), [&](auto nt, int64_t off, int64_t len, int64_t c) {
     run_act_affine<scalar_t, acc_t, A, Res, nt.value>(
         x + off, opt_at(r, off), y + off, len, SplatCoeffs<acc_t, kFwdCoeffs>(arrays, c), p);
   });
-}
-
-// f(nt, c0, G) for the NCHW channel groups of the fused per-group tasks (see
-// fused_channel_forward), in parallel, streamed where the planes start on lines (the line groups
-// of fused_group_pass stream runs that share lines with per-lane coefficients; these passes go
-// plane by plane).
-template <typename scalar_t, typename F>
-inline void for_channel_groups(const Layout& l, bool stream, int64_t grain, const F& f) {
-  const int64_t G = channel_group<scalar_t>(l), groups = (l.C + G - 1) / G;
-  with_constant(stream, [&](auto nt) {
-    at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t q = begin; q < end; ++q) {
-        f(nt, q * G, std::min(G, l.C - q * G));
-      }
-      end_streaming<nt.value>();
-    });
-  });
-}
-
-// The planes of channels c0 .. c0 + G - 1, sample by sample: f(offset, g).
-template <typename F>
-inline void group_planes(const Layout& l, int64_t c0, int64_t G, const F& f) {
-  for (int64_t n = 0; n < l.N; ++n) {
-    for (int64_t g = 0; g < G; ++g) {
-      f((n * l.C + c0 + g) * l.HxW, g);
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -512,7 +386,7 @@ __attribute__((always_inline)) inline void run_act_backward(
     g.vec_terms(i, d, m);
     return elemt(i, d, m);
   };
-  run_map<acc_t, kMaskedRuns<scalar_t, acc_t, Co>>(
+  run_map<acc_t, kMaskedRuns<scalar_t, acc_t, Co>, kMaskAll>(
       len,
       [&](int64_t i) {
         vec d0, d1;
@@ -549,6 +423,40 @@ __attribute__((always_inline)) inline void run_act_backward(
       });
 }
 
+// Whether the backward pass may stream by groups (fused_group_pass, lanes_pass) where they say so:
+// dr (if any) must start where dx does in a line, and planes that do not start on lines stream
+// only by lanes, which the backward takes only for planes shorter than kLanePlane (see
+// group_by_lanes): streaming 14x14 planes by lanes measured slower than writing them plane by
+// plane through the cache (see docs/performance.md#fused-short-planes-by-lanes).
+template <typename scalar_t>
+inline bool backward_streams(const Layout& l, const scalar_t* dr) {
+  return (dr == nullptr || store_aligned(dr)) && (planes_on_lines<scalar_t>(l) || l.HxW < kLanePlane);
+}
+
+// dx (and dr) of NCHW channels c0 .. c0 + G - 1 (coefficients arrays[k][c], see kGradCoeffs), by
+// lanes where group_by_lanes says so, else plane by plane.
+template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut, bool NT>
+inline void group_act_backward(
+    const scalar_t* dy, const scalar_t* s, const scalar_t* r, scalar_t* dx, scalar_t* dr, const Layout& l, int64_t c0,
+    int64_t G, const acc_t* const* arrays, acc_t p, GroupLaneCoeffs<acc_t, kGradCoeffs>& lanes) {
+  if (group_by_lanes<scalar_t, acc_t, NT, true>(l, G)) {
+    // (The coefficients the terms do not read are spread all the same: a few stores per lane.)
+    const auto& co = lanes.spread(l.HxW, G, [&](int k, int64_t g) { return arrays[k][c0 + g]; });
+    using Run = GradRun<scalar_t, acc_t, A, Res, FromOut, LaneCoeffs<acc_t, kGradCoeffs>>;
+    group_samples(l, c0, [&](int64_t off) {
+      run_act_backward<scalar_t, acc_t, A, Res, FromOut, NT>(
+          Run{dy + off, s + off, opt_at(r, off), co, p}, dx + off, opt_at(dr, off), G * l.HxW);
+    });
+    return;
+  }
+  using Run = GradRun<scalar_t, acc_t, A, Res, FromOut, SplatCoeffs<acc_t, kGradCoeffs>>;
+  group_planes(l, c0, G, [&](int64_t off, int64_t g) {
+    const SplatCoeffs<acc_t, kGradCoeffs> co(arrays, c0 + g);
+    run_act_backward<scalar_t, acc_t, A, Res, FromOut, NT>(
+        Run{dy + off, s + off, opt_at(r, off), co, p}, dx + off, opt_at(dr, off), l.HxW);
+  });
+}
+
 // The sums of block j (BlockPlan) of NCHW channel c.
 template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut>
 inline GradSums act_block_sums(
@@ -563,6 +471,92 @@ inline GradSums act_block_sums(
     run_act_reduce(Run{dy + o, s + o, opt_at(r, o), co, p}, h1 - h0, acc);
   }
   return {acc.dz(), static_cast<merge_t>(acc.dz_xmu())};
+}
+
+// act_block_sums of channels c0 .. c0 + G - 1 where lane_reductions applies (short planes that end
+// in a partial vector: 7x7, 5x5), as lane_block_reduce does for batch norm: one accumulator per
+// position of the group's span in a sample (its G * HxW adjacent values), the block's samples
+// added into them in sample order (four at a time: dz as two pair sums, as act_rows_reduce), then
+// each channel's HxW positions folded in a fixed order. A channel's terms are added in an order
+// set by HxW alone, whatever G (which follows the thread count) is: the same bits for any G.
+// Run by run, each 7x7 run cost three vectors, a scalar fourth and the run's setup, twice (the
+// sums, then dx).
+template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut>
+inline void lane_act_block_sums(
+    const scalar_t* dy, const scalar_t* s, const scalar_t* r, const Layout& l, int64_t n0, int64_t n1, int64_t c0,
+    int64_t G, const acc_t* const* arrays, acc_t p, GradSums* out) {
+  using vec = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::W;
+  const LaneSpan ls(l.HxW, G, W);
+  alignas(64) acc_t mv[kLaneSpan], sv[kLaneSpan], tv[kLaneSpan], iv[kLaneSpan], b[kLaneSpan];
+  alignas(64) merge_t a[kLaneSpan];
+  ls.spread([&](int64_t g) { return arrays[kMean][c0 + g]; }, mv);
+  ls.spread([&](int64_t g) { return arrays[kGScale][c0 + g]; }, sv);
+  ls.spread([&](int64_t g) { return arrays[kGShift][c0 + g]; }, tv);
+  ls.spread([&](int64_t g) { return arrays[kInvScale][c0 + g]; }, iv);
+  ls.zero(a);
+  ls.zero(b);
+  // dz (zero past n) and x - mean of the n values at i of the span at offset o.
+  auto terms = [&](int64_t o, int64_t i, int64_t n, vec& d, vec& m) {
+    grad_terms_vec<A, Res, FromOut, acc_t>(
+        span_load<scalar_t, acc_t>(dy + o + i, n), span_load<scalar_t, acc_t>(s + o + i, n),
+        Res ? span_load<scalar_t, acc_t>(r + o + i, n) : vec{}, vload_acc(mv + i), vload_acc(sv + i),
+        vload_acc(tv + i), vload_acc(iv + i), p, d, m);
+    if (n < W) {
+      d = first_lanes<acc_t>(d, n);
+    }
+  };
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    int64_t o[4];
+    for (int k = 0; k < 4; ++k) {
+      o[k] = ((n + k) * l.C + c0) * l.HxW;
+    }
+    span_vectors<acc_t>(ls.span, [&](int64_t i, int64_t cnt) {
+      vec d[4], m[4];
+      for (int k = 0; k < 4; ++k) {
+        terms(o[k], i, cnt, d[k], m[k]);
+      }
+      WideVec lo, hi;
+      wide_load<acc_t>(a + i, lo, hi);
+      wide_add<acc_t>(lo, hi, d[0] + d[1]);
+      wide_add<acc_t>(lo, hi, d[2] + d[3]);
+      wide_store<acc_t>(a + i, lo, hi);
+      lane_add(b + i, (rounded(d[0] * m[0]) + rounded(d[1] * m[1])) + (rounded(d[2] * m[2]) + rounded(d[3] * m[3])));
+    });
+  }
+  for (; n < n1; ++n) {
+    const int64_t o = (n * l.C + c0) * l.HxW;
+    span_vectors<acc_t>(ls.span, [&](int64_t i, int64_t cnt) {
+      vec d, m;
+      terms(o, i, cnt, d, m);
+      wide_lane_add<acc_t>(a + i, d);
+      lane_add(b + i, rounded(d * m));
+    });
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    out[g] = {lane_fold(a + g * l.HxW, l.HxW), static_cast<merge_t>(lane_fold(b + g * l.HxW, l.HxW))};
+  }
+}
+
+// The sums of block j of NCHW channels c0 .. c0 + G - 1: by lanes where lane_reductions applies,
+// else channel by channel (act_block_sums).
+template <typename scalar_t, typename acc_t, Act A, bool Res, bool FromOut>
+inline void act_group_block_sums(
+    const scalar_t* dy, const scalar_t* s, const scalar_t* r, const Layout& l, const BlockPlan& plan, int64_t c0,
+    int64_t G, int64_t j, const acc_t* const* arrays, acc_t p, GradSums* out) {
+  if constexpr (kMaskedTails<scalar_t, acc_t>) {  // (lane_reductions needs them)
+    if (lane_reductions<scalar_t, acc_t>(l)) {
+      int64_t n0, n1, h0, h1;
+      plan.range(l, j, n0, n1, h0, h1);
+      lane_act_block_sums<scalar_t, acc_t, A, Res, FromOut>(dy, s, r, l, n0, n1, c0, G, arrays, p, out);
+      return;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    out[g] = act_block_sums<scalar_t, acc_t, A, Res, FromOut>(
+        dy, s, r, l, plan, c0 + g, j, SplatCoeffs<acc_t, kGradCoeffs>(arrays, c0 + g), p);
+  }
 }
 
 // A channel's block sums added in block order.
@@ -630,12 +624,16 @@ void act_reduce_sums(
     return;
   }
   const BlockPlan plan(l);
+  const int64_t G = channel_group<scalar_t>(l), groups = (C + G - 1) / G;
   Buffer<GradSums> part(C * plan.nblocks);
-  at::parallel_for(0, C * plan.nblocks, plan.task_grain(l), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, groups * plan.nblocks, std::max<int64_t>(1, plan.task_grain(l) / G), [&](int64_t begin, int64_t end) {
+    GradSums out[kMaxGroup];
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t j = t / C, c = t % C;
-      part.p[c * plan.nblocks + j] =
-          act_block_sums<scalar_t, acc_t, A, Res, FromOut>(dy, s, r, l, plan, c, j, SplatCoeffs<acc_t, kGradCoeffs>(arrays, c), p);
+      const int64_t j = t / groups, c0 = (t % groups) * G, g_n = std::min(G, C - c0);
+      act_group_block_sums<scalar_t, acc_t, A, Res, FromOut>(dy, s, r, l, plan, c0, g_n, j, arrays, p, out);
+      for (int64_t g = 0; g < g_n; ++g) {
+        part.p[(c0 + g) * plan.nblocks + j] = out[g];
+      }
     }
   });
   for (int64_t c = 0; c < C; ++c) {
@@ -658,6 +656,13 @@ void act_backward_elemt(
     for_super_rows_all(plan, nt, [&](auto nt_c, int64_t off, int64_t len) {
       run_act_backward<scalar_t, acc_t, A, Res, FromOut, nt_c.value>(
           Run{dy + off, s + off, opt_at(r, off), co.lanes, p}, dx + off, opt_at(dr, off), len);
+    });
+    return;
+  }
+  if (const GroupPass gp = lanes_pass<scalar_t, acc_t>(dx, l, passes); gp.G > 0 && (!gp.nt || backward_streams<scalar_t>(l, dr))) {
+    using Lanes = GroupLaneCoeffs<acc_t, kGradCoeffs>;
+    for_channel_groups<Lanes>(l, gp, std::max<int64_t>(1, channel_grain(l) / gp.G), [&](auto nt, int64_t c0, int64_t G, Lanes& lanes) {
+      group_act_backward<scalar_t, acc_t, A, Res, FromOut, nt.value>(dy, s, r, dx, dr, l, c0, G, arrays, p, lanes);
     });
     return;
   }
@@ -697,14 +702,12 @@ void act_forward_kernel(
     const BlockPlan plan(l);
     with_act(act, [&](auto a) {
       with_constant(r != nullptr, [&](auto res) {
-        const bool stream = stream_planes(y, l, res.value ? 3 : 2);
-        for_channel_groups<scalar_t>(l, stream, 1, [&](auto nt, int64_t c0, int64_t G) {
+        using Lanes = GroupLaneCoeffs<acc_t, kFwdCoeffs>;
+        const GroupPass gp = fused_group_pass<scalar_t, acc_t>(y, l, res.value ? 3 : 2);
+        for_channel_groups<Lanes>(l, gp, 1, [&](auto nt, int64_t c0, int64_t G, Lanes& lanes) {
           NormalizeCoeffs<acc_t> k[kMaxGroup];
           group_forward_coeffs<scalar_t, acc_t>(x, l, plan, c0, G, finish, k);
-          group_planes(l, c0, G, [&](int64_t off, int64_t g) {
-            run_act_affine<scalar_t, acc_t, decltype(a)::value, res.value, nt.value>(
-                x + off, opt_at(r, off), y + off, l.HxW, SplatCoeffs<acc_t, kFwdCoeffs>(k[g]), p);
-          });
+          group_act_affine<scalar_t, acc_t, decltype(a)::value, res.value, nt.value>(x, r, y, l, c0, G, k, p, lanes);
         });
       });
     });
@@ -744,25 +747,26 @@ void act_backward_impl(
     // Per channel group: the sums (the blocks of act_reduce_sums, merged in the same order: the
     // same bits), then dx while the group's (dy, saved) are still in L2 (as backward_kernel).
     const BlockPlan plan(l);
-    const bool stream = (!Res || store_aligned(dr)) && stream_planes(dx, l, Res ? 5 : 3);
-    using Run = GradRun<scalar_t, acc_t, A, Res, FromOut, SplatCoeffs<acc_t, kGradCoeffs>>;
-    const int64_t grain = std::max<int64_t>(1, channel_grain(l) / channel_group<scalar_t>(l) / 2);
-    for_channel_groups<scalar_t>(l, stream, grain, [&](auto nt, int64_t c0, int64_t G) {
-      for (int64_t c = c0; c < c0 + G; ++c) {
-        const SplatCoeffs<acc_t, kGradCoeffs> co(arrays, c);
-        merge_t sa = 0, sb = 0;
-        for (int64_t j = 0; j < plan.nblocks; ++j) {
-          const GradSums b = act_block_sums<scalar_t, acc_t, A, Res, FromOut>(dy, s, r, l, plan, c, j, co, p);
-          sa += b.dy;
-          sb += b.dy_xmu;
+    GroupPass gp = fused_group_pass<scalar_t, acc_t>(dx, l, Res ? 5 : 3);
+    if (gp.nt && !backward_streams<scalar_t>(l, dr)) {
+      gp = {channel_group<scalar_t>(l), false};
+    }
+    using Lanes = GroupLaneCoeffs<acc_t, kGradCoeffs>;
+    const int64_t grain = std::max<int64_t>(1, channel_grain(l) / gp.G / 2);
+    for_channel_groups<Lanes>(l, gp, grain, [&](auto nt, int64_t c0, int64_t G, Lanes& lanes) {
+      merge_t sa[kMaxGroup] = {}, sb[kMaxGroup] = {};
+      for (int64_t j = 0; j < plan.nblocks; ++j) {
+        GradSums part[kMaxGroup];
+        act_group_block_sums<scalar_t, acc_t, A, Res, FromOut>(dy, s, r, l, plan, c0, G, j, arrays, p, part);
+        for (int64_t g = 0; g < G; ++g) {
+          sa[g] += part[g].dy;
+          sb[g] += part[g].dy_xmu;
         }
-        coeffs(c, GradSums{sa, sb});
       }
-      group_planes(l, c0, G, [&](int64_t off, int64_t g) {
-        const SplatCoeffs<acc_t, kGradCoeffs> co(arrays, c0 + g);
-        run_act_backward<scalar_t, acc_t, A, Res, FromOut, nt.value>(
-            Run{dy + off, s + off, opt_at(r, off), co, p}, dx + off, opt_at(dr, off), l.HxW);
-      });
+      for (int64_t g = 0; g < G; ++g) {
+        coeffs(c0 + g, GradSums{sa[g], sb[g]});
+      }
+      group_act_backward<scalar_t, acc_t, A, Res, FromOut, nt.value>(dy, s, r, dx, dr, l, c0, G, arrays, p, lanes);
     });
     return;
   }
