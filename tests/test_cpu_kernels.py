@@ -36,6 +36,9 @@ CASES = [
     # Above 1 MiB in float32 and wider: below AVX-512 the NCHW forward takes the memory-order
     # passes instead of per-channel tasks (16-bit dtypes keep the tasks).
     ((8, 64, 24, 24), "contiguous"),
+    # C = 4096: the elementwise passes' coefficient arrays (48 KiB and more) exceed half of any L1
+    # data cache, so wide rows go four at a time per column block: 27 rows, a group of 3 last.
+    ((3, 4096, 3, 3), "channels_last"),
     ((4, 6, 10, 12), "strided"),
     # Planes / super-rows that start on 64-byte lines, so the streaming-store paths run when
     # BNEXT_CPU_STREAM_BYTES=0 (pairs of vectors, single vectors and scalar tails).

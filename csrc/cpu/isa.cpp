@@ -114,6 +114,35 @@ int64_t sysfs_cache_bytes(int index) {
   return unit == 'K' ? value << 10 : unit == 'M' ? value << 20 : value;
 }
 
+// The first cache level's data cache: the sysfs entry of level 1 and type Data, else sysconf,
+// else 32 KiB (the smallest L1D of the x86-64 cores this runs on).
+int64_t l1d_bytes() {
+  for (int index = 0; index < 4; ++index) {
+    char path[96];
+    std::snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu0/cache/index%d/type", index);
+    std::FILE* f = std::fopen(path, "r");
+    if (f == nullptr) {
+      break;
+    }
+    char type[16] = {};
+    const int got = std::fscanf(f, "%15s", type);
+    std::fclose(f);
+    if (got == 1 && std::strcmp(type, "Data") == 0) {
+      const int64_t bytes = sysfs_cache_bytes(index);
+      if (bytes > 0) {
+        return bytes;
+      }
+    }
+  }
+#if defined(_SC_LEVEL1_DCACHE_SIZE)
+  const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+  if (l1 > 0) {
+    return l1;
+  }
+#endif
+  return int64_t(32) << 10;
+}
+
 int64_t last_level_cache_bytes() {
   for (int index = 4; index >= 2; --index) {
     const int64_t bytes = sysfs_cache_bytes(index);
@@ -164,6 +193,11 @@ int64_t stream_threshold_bytes() {
   return share / 4 * 3;
 }
 }  // namespace
+
+int64_t l1_data_cache_bytes() {
+  static const int64_t bytes = l1d_bytes();
+  return bytes;
+}
 
 bool stream_outputs(int64_t bytes) {
   const char* forced = std::getenv("BNEXT_CPU_STREAM_BYTES");

@@ -105,6 +105,9 @@ const KernelTable& table();
 // so tests can exercise both paths on small tensors).
 bool stream_outputs(int64_t bytes);
 
+// This CPU's level-1 data cache in bytes (sysfs, else sysconf, else 32 KiB), read once.
+int64_t l1_data_cache_bytes();
+
 // The table of the variant in use: BNEXT_CPU_ISA (baseline|avx2|avx512|avx512bf16) when set, else the best
 // one this CPU supports. The variable is read at every call so tests can switch variants.
 const KernelTable& kernels();

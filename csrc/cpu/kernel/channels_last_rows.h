@@ -424,22 +424,30 @@ inline void rows_backward_group(
 // backward's column blocks going down a group of 2 KiB rows were much slower than row by row (see
 // docs/performance.md#wide-rows). Likely cause: the strided walk loads x[r + 1] 2 KiB after
 // storing dx[r], which 4 KiB store-to-load alias checks can stall; not proven.
+// Except where the pass's per-lane coefficient arrays (coeff_bytes in all) take more than half of
+// the L1 data cache: row by row, the rows streaming through L1 evict them, and every row reloads
+// all of them from L2; kWideRowGroup rows per column block load them once per group (see
+// docs/performance.md#wide-coefficient-rows).
 constexpr int64_t kRowGroupValues = 8192;
+constexpr int64_t kWideRowGroup = 4;
 
-inline int64_t row_group(int64_t width, bool wide) {
-  return wide ? 1 : std::max<int64_t>(1, kRowGroupValues / std::max<int64_t>(1, width));
+inline int64_t row_group(int64_t width, bool wide, int64_t coeff_bytes) {
+  if (wide) {
+    return 2 * coeff_bytes > l1_data_cache_bytes() ? kWideRowGroup : 1;
+  }
+  return std::max<int64_t>(1, kRowGroupValues / std::max<int64_t>(1, width));
 }
 
 template <typename scalar_t, typename acc_t, bool NT = false, bool Centered = true>
 inline void rows_affine(
     const scalar_t* x, scalar_t* y, int64_t nrows, int64_t width, bool wide, const acc_t* pivot, const acc_t* scale,
     const acc_t* shift) {
-  const int64_t group = row_group(width, wide);
+  const int64_t group = row_group(width, wide, (Centered ? 3 : 2) * width * static_cast<int64_t>(sizeof(acc_t)));
   const int64_t row_bytes = width * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t ahead = prefetch_ahead(row_bytes);
   for (int64_t r = 0; r < nrows; r += group) {
     if (wide) {
-      prefetch_lines(reinterpret_cast<uintptr_t>(x + r * width) + ahead, row_bytes);
+      prefetch_lines(reinterpret_cast<uintptr_t>(x + r * width) + ahead, row_bytes * std::min(group, nrows - r));
     }
     rows_affine_group<scalar_t, acc_t, NT, Centered>(x + r * width, y + r * width, std::min(group, nrows - r), width, pivot, scale, shift);
   }
@@ -449,14 +457,15 @@ template <typename scalar_t, typename acc_t, bool NT = false>
 inline void rows_backward(
     const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t nrows, int64_t width, bool wide, const acc_t* m,
     const acc_t* mdy, const acc_t* k, const acc_t* a) {
-  const int64_t group = row_group(width, wide);
+  const int64_t group = row_group(width, wide, 4 * width * static_cast<int64_t>(sizeof(acc_t)));
   const int64_t row_bytes = width * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t ahead = prefetch_ahead(row_bytes);
   for (int64_t r = 0; r < nrows; r += group) {
     const int64_t off = r * width;
     if (wide) {
-      prefetch_lines(reinterpret_cast<uintptr_t>(dy + off) + ahead, row_bytes);
-      prefetch_lines(reinterpret_cast<uintptr_t>(x + off) + ahead, row_bytes);
+      const int64_t bytes = row_bytes * std::min(group, nrows - r);
+      prefetch_lines(reinterpret_cast<uintptr_t>(dy + off) + ahead, bytes);
+      prefetch_lines(reinterpret_cast<uintptr_t>(x + off) + ahead, bytes);
     }
     rows_backward_group<scalar_t, acc_t, NT>(dy + off, x + off, dx + off, std::min(group, nrows - r), width, m, mdy, k, a);
   }
