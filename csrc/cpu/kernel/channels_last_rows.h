@@ -33,11 +33,21 @@ inline void for_column_blocks(int64_t width, const F4& f4, const F1& f1, const F
 // Software prefetch distance of the row walks and per-channel tasks (see rows_wide_by4).
 constexpr int64_t kPrefetchBytes = 8192;
 
-// Prefetches the lines of [p, p + nbytes) (p as an integer: it may lie past the tensor, which a
-// prefetch never faults on).
+// Prefetches the lines of [p, p + nbytes) into L2 (p as an integer: it may lie past the tensor,
+// which a prefetch never faults on). An asm prefetch: GCC 12 -O3 dropped the __builtin_prefetch
+// of this loop from every row walk that inlined it (no prefetch instruction left in rows_mean,
+// rows_moments, rows_reduce), the same as masked.h's prefetch_run; tests/test_cpu_binary.py
+// checks the built code. Into L2 (prefetcht1), not L1: the line is read kPrefetchBytes later, and
+// the L1 prefetch measured slower for the wide backward passes (see
+// docs/performance.md#prefetch-instructions).
 inline void prefetch_lines(uintptr_t p, int64_t nbytes) {
   for (int64_t b = 0; b < nbytes; b += 64) {
-    __builtin_prefetch(reinterpret_cast<const void*>(p + static_cast<uintptr_t>(b)));
+    const char* line = reinterpret_cast<const char*>(p + static_cast<uintptr_t>(b));
+#if defined(__x86_64__)
+    asm volatile("prefetcht1 %0" : : "m"(*line));
+#else
+    __builtin_prefetch(line, 0, 2);
+#endif
   }
 }
 
