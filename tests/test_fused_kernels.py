@@ -274,6 +274,7 @@ def test_streaming_stores_change_no_bit(isa, monkeypatch, shape, fmt, dtype):
     ((3, 130, 7, 9), "channels_last"),  # four at a time with lanes past the last vector, 189 rows
     ((3, 17, 6, 5), "channels_last"),  # super-rows of k rows and a tail row
     ((8, 64, 48, 48), "channels_last"),  # 4.5 MiB: a row at a time
+    ((4, 1024, 17, 17), "channels_last"),  # 4.5 MiB, rows whose lane arrays exceed 16 KiB: four at a time
     ((8, 16, 40, 40), "contiguous"),
 ], ids=str)
 def test_sum_dz_exact_for_constant_dy(isa, shape, fmt):
@@ -312,6 +313,7 @@ def restore_threads():
     ((4, 64, 7, 7), "contiguous"),  # one thread: groups of 16 planes by lanes; two: of 8, plane by plane
     ((2, 128, 7, 7), "contiguous"),
     ((8, 32, 30, 30), "channels_last"),  # several chunks of rows
+    ((4, 1024, 17, 17), "channels_last"),  # over 4 MiB, wide rows: the fused sums four rows at a time
     ((700, 24), "contiguous"),
 ], ids=str)
 def test_deterministic_across_thread_counts(isa, restore_threads, shape, fmt, dtype):

@@ -303,13 +303,29 @@ inline void run_act_reduce_lanes(
 
 // Inputs up to this size take act_rows_reduce four rows at a time (see there).
 constexpr int64_t kActReduceBy4Bytes = int64_t(4) << 20;
+// ... and so do inputs of any size whose super-rows' per-lane coefficient and sum arrays take more
+// than this: half of a 32 KiB L1 data cache, the smallest of the x86 CPUs this runs on. A fixed
+// size, not this CPU's L1, so which rows go by four (and the sums' bits) depends on the shape alone.
+constexpr int64_t kActReduceBy4LaneBytes = int64_t(16) << 10;
+
+// Whether act_reduce_sums walks four rows at a time: inputs of at most kActReduceBy4Bytes, and
+// wide rows whose arrays (mean, scale, shift and, from the output, 1 / scale; the sums a and b)
+// exceed kActReduceBy4LaneBytes. Row by row, the rows streaming through L1 evict those arrays and
+// each row reloads all of them from L2; by four, once per four rows: the fused backward of
+// (16, 2048, 7, 7) channels_last float32 took 0.74x the time (see
+// docs/performance.md#fused-channels-last-sums).
+template <typename acc_t, bool FromOut>
+inline bool act_reduce_by4(const Layout& l, const RowPlan& plan, int64_t value_bytes) {
+  const int64_t lane_bytes = (FromOut ? 4 : 3) * sizeof(acc_t) + sizeof(acc_t) + sizeof(merge_t);
+  return l.rows() * l.C * value_bytes <= kActReduceBy4Bytes || plan.P * lane_bytes > kActReduceBy4LaneBytes;
+}
 
 // The sums of nrows channels-last (super-)rows of `width` lanes from s (their dy and r at the same
-// offsets). With by4 (inputs of at most kActReduceBy4Bytes), four rows at a time: a vector of the
+// offsets). With by4 (act_reduce_by4), four rows at a time: a vector of the
 // lane sums (three vectors of a and b) is loaded and stored once per four rows, not once per row;
 // those loads and stores, not the data, bounded the row-at-a-time loop on inputs that stay in
-// cache. Larger inputs go a row at a time, three sequential streams (dy, s, r): walking four rows
-// together was slower there, with or without rows_wide_by4's software prefetch (see
+// cache. Larger inputs of narrower rows go a row at a time, three sequential streams (dy, s, r):
+// walking four rows together was slower there, with or without rows_wide_by4's software prefetch (see
 // docs/performance.md#fused-channels-last-sums). dz goes into a as two pair sums taken in acc_t,
 // (d0 + d1) and (d2 + d3), each exact for a constant dy as in GradAcc, never a sum of three or four
 // values in acc_t. Which rows go by four depends on the shape alone: the same bits for any thread
@@ -581,14 +597,16 @@ void act_reduce_sums(
   if (l.channels_last) {
     const RowPlan plan(l, sizeof(scalar_t));
     const LaneBuffers<acc_t, kGradCoeffs> co(arrays, C, plan.k);
-    const bool by4 = l.rows() * C * static_cast<int64_t>(sizeof(scalar_t)) <= kActReduceBy4Bytes;
-    Buffer<merge_t> pa(plan.nchunks * C), pb(plan.nchunks * C);
+    const bool by4 = act_reduce_by4<acc_t, FromOut>(l, plan, sizeof(scalar_t));
+    // Every chunk writes all of its C partials (fold).
+    Buffer<merge_t> pa(plan.nchunks * C, Buffer<merge_t>::kUninit);
+    Buffer<acc_t> pb(plan.nchunks * C, Buffer<acc_t>::kUninit);
     // dz streams where it and x, which the elementwise pass reads back, exceed the cache share.
     const bool stream = StoreDz && stream_rows<scalar_t, acc_t>(dzo, l, plan, 2);
     with_constant(stream, [&](auto nt) {
       at::parallel_for(0, plan.nchunks, plan.chunk_grain(), [&](int64_t begin, int64_t end) {
         Buffer<merge_t> a(plan.P);
-        Buffer<acc_t> b(plan.P), tb(C);
+        Buffer<acc_t> b(plan.P);
         for (int64_t q = begin; q < end; ++q) {
           const int64_t r0 = q * plan.rows_per_chunk, r1 = r0 + plan.chunk_rows(q);
           std::fill(a.p, a.p + plan.P, merge_t(0));
@@ -605,22 +623,12 @@ void act_reduce_sums(
             }
           });
           fold(a.p, C, plan.k, pa.p + q * C);
-          fold(b.p, C, plan.k, tb.p);
-          for (int64_t c = 0; c < C; ++c) {
-            pb.p[q * C + c] = tb.p[c];
-          }
+          fold(b.p, C, plan.k, pb.p + q * C);
         }
         end_streaming<nt.value>();
       });
     });
-    for (int64_t c = 0; c < C; ++c) {
-      merge_t sa = 0, sb = 0;
-      for (int64_t q = 0; q < plan.nchunks; ++q) {
-        sa += pa.p[q * C + c];
-        sb += pb.p[q * C + c];
-      }
-      sums[c] = {sa, sb};
-    }
+    merge_chunk_sums(pa.p, pb.p, plan.nchunks, C, sums);
     return;
   }
   const BlockPlan plan(l);

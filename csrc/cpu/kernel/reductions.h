@@ -644,6 +644,25 @@ void rows_stats(const scalar_t* x, const Layout& l, ChannelStats<acc_t>& st) {
   });
 }
 
+// The backward sums of every channel from the chunk partials pa[q * C + c], pb[q * C + c], added
+// in merge_t in chunk order. Chunk by chunk across the channels, not channel by channel down the
+// chunks: the latter strides C partials per load, a cache (and 4 KiB alias) miss per load for
+// wide rows, which took about a tenth of the fused backward of (16, 2048, 7, 7) channels_last.
+template <typename B>
+inline void merge_chunk_sums(const merge_t* pa, const B* pb, int64_t nchunks, int64_t C, GradSums* sums) {
+  Buffer<merge_t> sa(C), sb(C);
+  for (int64_t q = 0; q < nchunks; ++q) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      sa.p[c] += pa[q * C + c];
+      sb.p[c] += pb[q * C + c];
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    sums[c] = {sa.p[c], sb.p[c]};
+  }
+}
+
 // The backward sums of every channel (chunk partials merged in merge_t, in chunk order).
 template <typename scalar_t, typename acc_t>
 void rows_reduce_all(const scalar_t* dy, const scalar_t* x, const Layout& l, const acc_t* mean, GradSums* sums) {
@@ -667,17 +686,7 @@ void rows_reduce_all(const scalar_t* dy, const scalar_t* x, const Layout& l, con
       fold(b.p, C, plan.k, pb.p + q * C);
     }
   });
-  Buffer<merge_t> sa(C), sb(C);
-  for (int64_t q = 0; q < plan.nchunks; ++q) {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      sa.p[c] += pa.p[q * C + c];
-      sb.p[c] += pb.p[q * C + c];
-    }
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    sums[c] = {sa.p[c], sb.p[c]};
-  }
+  merge_chunk_sums(pa.p, pb.p, plan.nchunks, C, sums);
 }
 
 // The sums of a channel group, its blocks added in block order (as backward_reduce_sums adds them).
