@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 
 #include <unistd.h>
 
@@ -114,8 +115,15 @@ int64_t sysfs_cache_bytes(int index) {
   return unit == 'K' ? value << 10 : unit == 'M' ? value << 20 : value;
 }
 
-// The first cache level's data cache: the sysfs entry of level 1 and type Data, else sysconf,
-// else 32 KiB (the smallest L1D of the x86-64 cores this runs on).
+// sysconf(name) where the C library knows it, else 0.
+int64_t sysconf_bytes(int name) {
+  const long bytes = sysconf(name);
+  return bytes > 0 ? bytes : 0;
+}
+
+// The first cache level's data cache: the first sysfs entry of type Data (the entries go by
+// level, so it is level 1's), else sysconf, else 32 KiB (the smallest L1D of the x86-64 cores
+// this runs on).
 int64_t l1d_bytes() {
   for (int index = 0; index < 4; ++index) {
     char path[96];
@@ -135,9 +143,8 @@ int64_t l1d_bytes() {
     }
   }
 #if defined(_SC_LEVEL1_DCACHE_SIZE)
-  const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-  if (l1 > 0) {
-    return l1;
+  if (const int64_t bytes = sysconf_bytes(_SC_LEVEL1_DCACHE_SIZE); bytes > 0) {
+    return bytes;
   }
 #endif
   return int64_t(32) << 10;
@@ -150,16 +157,11 @@ int64_t last_level_cache_bytes() {
       return bytes;
     }
   }
-#if defined(_SC_LEVEL3_CACHE_SIZE)
-  const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-  if (l3 > 0) {
-    return l3;
-  }
-#endif
-#if defined(_SC_LEVEL2_CACHE_SIZE)
-  const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-  if (l2 > 0) {
-    return l2;
+#if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+  for (const int name : {_SC_LEVEL3_CACHE_SIZE, _SC_LEVEL2_CACHE_SIZE}) {
+    if (const int64_t bytes = sysconf_bytes(name); bytes > 0) {
+      return bytes;
+    }
   }
 #endif
   return int64_t(32) << 20;
