@@ -23,6 +23,7 @@ CASES = [
     # vectors, one of 8 or 4 ends in a masked vector, which must round as a whole one does.
     ((16, 96, 7, 7), "contiguous"),
     ((4, 64, 40, 40), "channels_last"),  # 25 row chunks
+    ((1, 2048, 10, 10), "channels_last"),  # 100 rows in four even chunks of 25 (not 32 + 32 + 32 + 4)
     ((8, 3, 50, 50), "channels_last"),  # C = 3: super-rows
     ((2, 16, 6, 20, 20), "channels_last"),  # channels_last_3d
     ((3000, 24), "contiguous"),  # BatchNorm1d (N, C)

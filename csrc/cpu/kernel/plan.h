@@ -71,8 +71,14 @@ struct RowPlan {
       k = k0 * ((kMinLanes + k0 * C - 1) / (k0 * C));
     }
     P = k * C;
-    // At least kMinChunkRows super-rows: each chunk costs a few passes over its C partials.
-    rows_per_chunk = k * std::max<int64_t>(kMinChunkRows, kChunkValues / P);
+    // At least kMinChunkRows super-rows: each chunk costs a few passes over its C partials. The
+    // rows are then spread evenly over that many chunks: with 100 rows of 2048 lanes, chunks of 32
+    // rows were 32, 32, 32 and 4, and two threads took 64 and 36 of them; chunks of 25 split 50 / 50.
+    // The chunks follow from the shape alone (the same sums for any thread count).
+    const int64_t supers = (R + k - 1) / k;
+    const int64_t most = std::max<int64_t>(kMinChunkRows, kChunkValues / P);
+    const int64_t even = (supers + most - 1) / most;
+    rows_per_chunk = k * std::max<int64_t>(1, (supers + even - 1) / std::max<int64_t>(1, even));
     nchunks = (R + rows_per_chunk - 1) / rows_per_chunk;
     wide = P >= kWideRow ||
         (kNativeBytes < 64 && P > 4 * Vec<float>::W && l.traffic_numel() * value_bytes >= kWideBytes);
